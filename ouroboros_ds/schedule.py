@@ -1,0 +1,176 @@
+"""The Ouroboros schedule as data: pure Python, no torch.
+
+Placement (the ring). ``G`` pipeline stages hold ``K = G + 1`` modules, numbered 1..K as in
+the paper. Stage 0 holds module 1 (embedding and the first blocks) *and* module K (the last
+blocks, the tied output projection and the loss); stage s >= 1 holds module s + 1. A batch
+travels stage 0 (module 1) -> 1 -> ... -> G-1 -> stage 0 (module K).
+
+Delays. At step t module k applies the gradient of batch ``t - (K - k)``: module K is fresh,
+module 1 is the stalest (delay G). Module k < K learns that gradient by *features replay*:
+it recomputes its forward from the stashed input with the current weights and backprops the
+error gradient that module k + 1 computed for that batch one step earlier.
+
+One step (one ``train_batch()``) runs M micro-batches. Each stage runs the per-stage list of
+:class:`Action` returned by :func:`ouroboros_schedule` once per step, the same list every step;
+the engine maps each action to one DeepSpeed ``PipeInstruction``. Text form ``<module><KIND><mb>``
+(``1F0``, ``3B2``, ``2SEND_F1``) or ``STEP``; :meth:`Action.parse` reads it back.
+
+The actions, their pseudo-code, and what each pairs with (k < K unless said):
+
+``kLOADj``   (k = 1) load micro-batch j of batch t: token ids for module 1, labels for module K.
+``kRECV_Fj`` post a receive of module k's input for micro-batch j of batch t.  Pairs with (k-1)SEND_Fj.
+``kFj``      x = input(k, j); stash (x, dropout key of (t, j)); y = module_k(x) without a graph.
+             Waits on kRECV_Fj (k > 1) or kLOADj (k = 1).
+``kSEND_Fj`` send y downstream.  Pairs with (k+1)RECV_Fj on the next stage, in the same step.
+``kRECV_Bj`` post a receive of dL/dy for micro-batch j, for the batch that module k replays *next*
+             step (t + 1 - delay(k)).  Pairs with (k+1)SEND_Bj (or KSEND_Bj) in the same step.
+``kBj``      the replay: b = t - delay(k); (x, key) = stash(k, b, j); y = module_k(x) under key,
+             with the current weights; y.backward(dL/dy of (b, j)), received last step.
+             Does nothing while b < 0 (warm-up: the module has no gradient yet).
+``kSEND_Bj`` send dL/dx of (b, j) upstream (k > 1).  Pairs with (k-1)RECV_Bj, same step.
+``KLj``      module K, fresh: x = input(K, j); loss = module_K(x) vs labels; (loss / M).backward().
+             Waits on KRECV_Fj.  ``KSEND_Bj`` sends dL/dx to module K-1 (used there next step).
+``STEP``     reduce the stage's gradients over its data-parallel group, clip the stage's norm,
+             optimizer step; modules without a gradient yet keep their weights.
+
+Between stages only point-to-point messages flow. When both ends of a hand-off live on one
+stage (G = 1: modules 1 and 2 both on stage 0) there is no SEND/RECV: the hand-off is local.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+LOAD, F, B, L = "LOAD", "F", "B", "L"
+SEND_F, RECV_F, SEND_B, RECV_B = "SEND_F", "RECV_F", "SEND_B", "RECV_B"
+STEP = "STEP"
+COMPUTE = (F, B, L)
+SENDS = (SEND_F, SEND_B)
+RECVS = (RECV_F, RECV_B)
+KINDS = (LOAD, F, B, L, SEND_F, RECV_F, SEND_B, RECV_B, STEP)
+
+_TEXT = re.compile(r"^(\d+)(LOAD|SEND_F|RECV_F|SEND_B|RECV_B|F|B|L)(\d+)$")
+
+
+@dataclass(frozen=True)
+class Action:
+    """One instruction of one stage: ``kind`` done by ``module`` (1..K) on micro-batch ``mb``."""
+
+    kind: str
+    module: int = 0
+    mb: int = 0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown action kind {self.kind!r}; expected one of {KINDS}")
+
+    def __str__(self) -> str:
+        return STEP if self.kind == STEP else f"{self.module}{self.kind}{self.mb}"
+
+    __repr__ = __str__
+
+    @classmethod
+    def parse(cls, text: str) -> "Action":
+        text = text.strip()
+        if text == STEP:
+            return cls(STEP)
+        m = _TEXT.match(text)
+        if not m:
+            raise ValueError(f"cannot parse action {text!r}: expected e.g. '1F0', '2SEND_B3' or 'STEP'")
+        return cls(m.group(2), int(m.group(1)), int(m.group(3)))
+
+
+# ---------------------------------------------------------------- placement and delays
+def num_modules(stages: int) -> int:
+    """K = G + 1: the ring's modules."""
+    return stages + 1
+
+
+def stage_of(module: int, stages: int) -> int:
+    """The stage that holds ``module``: K sits on stage 0 beside module 1."""
+    K = num_modules(stages)
+    if not 1 <= module <= K:
+        raise ValueError(f"module {module} out of range 1..{K}")
+    return 0 if module == K else module - 1
+
+
+def modules_of(stage: int, stages: int) -> list[int]:
+    """Modules held by ``stage``: [1, K] on stage 0, [stage + 1] elsewhere."""
+    if not 0 <= stage < stages:
+        raise ValueError(f"stage {stage} out of range 0..{stages - 1}")
+    return [1, num_modules(stages)] if stage == 0 else [stage + 1]
+
+
+def delay(module: int, stages: int) -> int:
+    """Steps between a batch's forward through ``module`` and the update that uses its gradient."""
+    return num_modules(stages) - module
+
+
+def stash_depth(module: int, stages: int) -> int:
+    """Batches whose inputs module k keeps stashed at the end of a step: K - k + 1 during the
+    step (SPEC section 2), K - k between steps; module K keeps none."""
+    return delay(module, stages) + (1 if module < num_modules(stages) else 0)
+
+
+# ---------------------------------------------------------------- the schedule
+def ouroboros_schedule(stages: int, micro_batches: int) -> list[list[Action]]:
+    """Per-stage action lists of one Ouroboros step, for G = ``stages`` and M = ``micro_batches``.
+
+    Every stage first forwards all M micro-batches, then replays its delayed batch; stage 0
+    computes module K's losses last. Forwarding first sends the work that the next stage waits
+    for as early as possible and costs no memory (the forward keeps no graph, and the inputs are
+    stashed for the replay anyway); the replays, whose error gradients are already local, fill
+    the time until the micro-batches come back around the ring. The simulator chose this order
+    over interleaved ones (``docs/`` and ``tests/test_schedule.py`` show the numbers).
+    """
+    G, M = stages, micro_batches
+    if isinstance(G, bool) or not isinstance(G, int) or G < 1:
+        raise ValueError(f"stages (pipeline-parallel size) must be an integer >= 1, got {G!r}")
+    if isinstance(M, bool) or not isinstance(M, int) or M < 1:
+        raise ValueError(f"micro_batches (gradient_accumulation_steps) must be an integer >= 1, got {M!r}")
+    K = num_modules(G)
+    plan: list[list[Action]] = []
+    for s in range(G):
+        k = s + 1
+        remote_down = stage_of(k + 1, G) != s  # False only for G = 1: module 2 is module K
+        acts: list[Action] = []
+        if s > 0:
+            acts += [Action(RECV_F, k, j) for j in range(M)]
+        elif remote_down:
+            acts += [Action(RECV_F, K, j) for j in range(M)]
+        for j in range(M):
+            if s == 0:
+                acts.append(Action(LOAD, 1, j))
+            acts.append(Action(F, k, j))
+            if remote_down:
+                acts += [Action(SEND_F, k, j), Action(RECV_B, k, j)]
+        for j in range(M):
+            acts.append(Action(B, k, j))
+            if k > 1:
+                acts.append(Action(SEND_B, k, j))
+        if s == 0:
+            for j in range(M):
+                acts.append(Action(L, K, j))
+                if remote_down:
+                    acts.append(Action(SEND_B, K, j))
+        acts.append(Action(STEP))
+        plan.append(acts)
+    return plan
+
+
+def format_schedule(plan: list[list[Action]], mark: tuple[int, int] | None = None) -> str:
+    """The grid as text, one row per stage; ``mark=(stage, index)`` brackets one action."""
+    rows = []
+    for s, acts in enumerate(plan):
+        cells = [f"[{a}]" if mark == (s, i) else str(a) for i, a in enumerate(acts)]
+        rows.append(f"{'>' if mark and mark[0] == s else ' '} stage {s}: " + " ".join(cells))
+    return "\n".join(rows)
+
+
+def parse_schedule(text: str) -> list[list[Action]]:
+    """Read back what :func:`format_schedule` wrote (without a mark)."""
+    plan = []
+    for line in text.strip().splitlines():
+        _, _, body = line.partition(":")
+        plan.append([Action.parse(tok) for tok in body.split()])
+    return plan
