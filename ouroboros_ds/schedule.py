@@ -107,8 +107,8 @@ def delay(module: int, stages: int) -> int:
 
 
 def stash_depth(module: int, stages: int) -> int:
-    """Batches whose inputs module k keeps stashed at the end of a step: K - k + 1 during the
-    step (SPEC section 2), K - k between steps; module K keeps none."""
+    """Batches whose inputs module k keeps stashed during a step: K - k + 1 (SPEC section 2);
+    one fewer between steps, after the replay has consumed the oldest. Module K keeps none."""
     return delay(module, stages) + (1 if module < num_modules(stages) else 0)
 
 

@@ -14,6 +14,13 @@ its stage is free and what it waits for has arrived:
 
 If no stage can move and some have work left, the schedule deadlocks: :class:`ScheduleError`
 names the stage, the step, the action, what it waits for, and prints the grid.
+
+Also here: :func:`balanced_costs` (1.0 of work per micro-batch on every stage),
+:func:`steady_steps` (the steady-state window, steps 2K..2K+3: warm-up replays are charged in full,
+so the timeline is periodic after about K steps), the 1F1B model :func:`onef1b_step_time` and
+:func:`bubble_bound`, :func:`draw` (a Gantt chart, PNG), and a CLI:
+``python -m ouroboros_ds.simulate --stages G --micro-batches M [--forward 1 --replay 3 --loss 4
+--balanced --png out.png]``; several values of G and M print a utilization table.
 """
 from __future__ import annotations
 
@@ -28,15 +35,17 @@ class ScheduleError(Exception):
 
     def __init__(self, plan, stage: int, index: int, step: int, reason: str):
         self.stage, self.index, self.step, self.reason = stage, index, step, reason
-        action = plan[stage][index] if index < len(plan[stage]) else "<end>"
+        row = plan[stage] if 0 <= stage < len(plan) else []
+        action = row[index] if 0 <= index < len(row) else "<end>"
         super().__init__(f"stage {stage}, step {step}, action {index} ({action}): {reason}\n"
                          + format_schedule(plan, mark=(stage, index)))
 
 
 @dataclass
 class Costs:
-    """Seconds per action kind. ``forward[k]``/``replay[k]`` per module (a missing module gets
-    the plain value); ``loss`` is module K's forward + loss + backward; ``step`` the optimizer."""
+    """Seconds per action kind. ``forward``/``replay``: one value for every module, or a dict per
+    module (a module missing from the dict costs 0); ``loss`` is module K's forward + loss +
+    backward; ``step`` the optimizer; ``latency`` a message's flight time."""
 
     forward: float | dict = 1.0
     replay: float | dict = 3.0
@@ -76,6 +85,8 @@ class Timeline:
     def window(self, steps: range) -> tuple[float, float]:
         """Start and end of the given steps over all stages."""
         sel = [(s, e) for ev in self.events for t, _, s, e in ev if t in steps]
+        if not sel:
+            raise ValueError(f"no events in steps {steps}: simulate at least {steps.stop} steps")
         return min(s for s, _ in sel), max(e for _, e in sel)
 
     def utilization(self, steps: range | None = None) -> list[float]:
@@ -152,4 +163,173 @@ def stage_costs(stages: int, forward: dict, replay: dict, loss: float, step: flo
     return out
 
 
-__all__ = ["Costs", "Timeline", "ScheduleError", "simulate", "stage_costs", "LOAD", "RECV_B", "RECV_F"]
+# ---------------------------------------------------------------- models, picture, CLI
+def balanced_costs(stages: int) -> Costs:
+    """Costs with the same work, 1.0 per micro-batch, on every stage. A middle module forwards in
+    0.25 and replays (recompute + backward) in 0.75. Stage 0 holds 8/7 of a middle stage's blocks,
+    half in module 1 (forward 1/7, replay 3/7) and half in module K, whose loss action (forward +
+    backward, no recompute) takes 3/7."""
+    K = num_modules(stages)
+    forward = {k: 0.25 for k in range(2, K)}
+    replay = {k: 0.75 for k in range(2, K)}
+    forward[1], replay[1] = 1 / 7, 3 / 7
+    return Costs(forward=forward, replay=replay, loss=3 / 7)
+
+
+def steady_steps(stages: int, n: int = 4) -> range:
+    """The steps whose timeline we call steady state: ``2K .. 2K + n - 1``. The simulator charges
+    warm-up replays in full, so the timeline is periodic once the first batch has been around the
+    ring (K steps); starting at 2K leaves a margin. Simulate at least ``2K + n`` steps."""
+    K = num_modules(stages)
+    return range(2 * K, 2 * K + n)
+
+
+def onef1b_step_time(stages: int, micro_batches: int, f: float, b: float) -> float:
+    """DeepSpeed's synchronous 1F1B (``TrainSchedule``) with a flush at the end of every step:
+    ``(M + G - 1)(f + b)`` for per-stage, per-micro-batch forward ``f`` and backward ``b`` (with
+    the same recompute setting as the Ouroboros replay it is compared with)."""
+    return (micro_batches + stages - 1) * (f + b)
+
+
+def bubble_bound(stages: int, micro_batches: int) -> float:
+    """The most a bubble-free schedule gains over 1F1B at equal per-micro-batch cost: (M+G-1)/M."""
+    return (micro_batches + stages - 1) / micro_batches
+
+
+def _stage_fb(stages: int, costs: Costs) -> list[tuple[float, float]]:
+    """Per stage, per micro-batch: (forward work, backward work); the loss counts as backward."""
+    K = num_modules(stages)
+    out = [[0.0, 0.0] for _ in range(stages)]
+    for k in range(1, K):
+        out[stage_of(k, stages)][0] += costs.of(Action(F, k))
+        out[stage_of(k, stages)][1] += costs.of(Action(B, k))
+    out[stage_of(K, stages)][1] += costs.loss
+    return [tuple(x) for x in out]
+
+
+_COLORS = {F: "#4c9be8", B: "#f5a742", L: "#d9534f", STEP: "#222222"}
+
+
+def draw(timeline: Timeline, path: str, title: str | None = None, steps: range | None = None) -> None:
+    """Gantt chart of ``timeline`` into ``path`` (PNG): one row per stage, one box per action
+    coloured by kind (F, B, L, STEP) and labelled with its text where it fits, a vertical bar at
+    each stage's STEP (the step boundary), the step number in the middle of each step's span.
+    ``steps``: draw only the time those steps span (with whatever overlaps it)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    G = timeline.stages
+    t0, t1 = timeline.window(steps) if steps is not None else (0.0, timeline.makespan)
+    span = (t1 - t0) or 1.0
+    shown = [[e for e in timeline.events[s] if e[3] >= t0 and e[2] <= t1] for s in range(G)]
+    n = max((len(ev) for ev in shown), default=1)
+    width, height = min(max(10.0, 0.32 * n), 22.0), 1.4 + 0.95 * G
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    char = span / (width * 0.85) * (7 * 0.6 / 72)  # data units per character at 7 pt
+    for s, ev in enumerate(shown):
+        y = G - 1 - s
+        first, ends = {}, {}
+        for step, a, start, end in ev:
+            first.setdefault(step, start)
+            if a.kind == STEP:
+                ends[step] = end
+                ax.plot([end, end], [y - 0.45, y + 0.45], color=_COLORS[STEP], lw=2.5, solid_capstyle="butt")
+                if end > start:
+                    ax.broken_barh([(start, end - start)], (y - 0.3, 0.6), color=_COLORS[STEP])
+                continue
+            ax.broken_barh([(start, end - start)], (y - 0.3, 0.6), facecolor=_COLORS[a.kind],
+                           edgecolor="white", linewidth=0.8, alpha=1.0 if step % 2 == 0 else 0.65)
+            lo, hi = max(start, t0), min(end, t1)  # the visible part
+            if hi - lo >= (len(str(a)) + 0.5) * char:
+                ax.text((lo + hi) / 2, y, str(a), ha="center", va="center", fontsize=7)
+        for step, start in first.items():
+            lo, hi = max(start, t0), min(ends.get(step, t1), t1)
+            if hi - lo >= 8 * char:
+                ax.text((lo + hi) / 2, y + 0.33, f"step {step}", ha="center", va="bottom", fontsize=6.5,
+                        color="#444444")
+    ax.set_xlim(t0, t1)
+    ax.set_ylim(-0.55, G - 0.4)
+    ax.set_yticks(range(G))
+    K = num_modules(G)
+    ax.set_yticklabels([f"stage {s}\n(module{'s 1, %d' % K if s == 0 else ' %d' % (s + 1)})"
+                        for s in reversed(range(G))], fontsize=8)
+    ax.set_xlabel("time")
+    fig.legend(handles=[Patch(color=_COLORS[F], label="F forward"), Patch(color=_COLORS[B], label="B replay"),
+                        Patch(color=_COLORS[L], label="L loss (module K)"),
+                        Patch(color=_COLORS[STEP], label="STEP: end of the stage's step")],
+               loc="lower center", ncol=4, fontsize=8, frameon=False, borderaxespad=0.2)
+    ax.set_title(title or f"Ouroboros schedule, G={G}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.35 / height, 1, 1))
+    fig.savefig(path, dpi=130)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .schedule import ouroboros_schedule
+
+    p = argparse.ArgumentParser(
+        prog="python -m ouroboros_ds.simulate",
+        description="Simulate the Ouroboros schedule: per-stage utilization and steady-state step time "
+                    "(steps 2K..2K+3, after warm-up), next to DeepSpeed 1F1B's (M+G-1)(f+b). "
+                    "Several --stages/--micro-batches values print a table of the slowest stage's utilization.")
+    p.add_argument("--stages", "-G", type=int, nargs="+", required=True)
+    p.add_argument("--micro-batches", "-M", type=int, nargs="+", required=True)
+    p.add_argument("--forward", type=float, default=1.0, help="forward cost of each module k < K")
+    p.add_argument("--replay", type=float, default=3.0, help="replay (recompute + backward) cost of each module k < K")
+    p.add_argument("--loss", type=float, default=4.0, help="module K: forward + loss + backward")
+    p.add_argument("--step", type=float, default=0.0, help="optimizer step")
+    p.add_argument("--latency", type=float, default=0.0, help="point-to-point message latency")
+    p.add_argument("--balanced", action="store_true",
+                   help="ignore the costs above: every stage does 1.0 per micro-batch (balanced_costs)")
+    p.add_argument("--png", help="draw the timeline of the first --draw-steps steady-state steps")
+    p.add_argument("--draw-steps", type=int, default=3)
+    args = p.parse_args(argv)
+
+    def run(G, M):
+        costs = balanced_costs(G) if args.balanced else Costs(args.forward, args.replay, args.loss, args.step,
+                                                              args.latency)
+        window = steady_steps(G)
+        tl = simulate(ouroboros_schedule(G, M), costs, steps=window.stop)
+        fb = _stage_fb(G, costs)
+        f, b = max(fb, key=sum)
+        return costs, tl, window, tl.utilization(window), tl.step_time(window), onef1b_step_time(G, M, f, b)
+
+    if len(args.stages) == 1 and len(args.micro_batches) == 1:
+        G, M = args.stages[0], args.micro_batches[0]
+        costs, tl, window, util, st, ref = run(G, M)
+        work = [sum(x) for x in _stage_fb(G, costs)]
+        print(f"G={G} M={M} K={G + 1}; per-micro-batch work by stage: " + ", ".join(f"{w:.4g}" for w in work))
+        print(f"steady state: steps {window.start}..{window.stop - 1} (2K..2K+3, warm-up skipped)")
+        for s, u in enumerate(util):
+            print(f"  stage {s}: utilization {u:.3f}")
+        print(f"step time {st:.4g}; 1F1B model (M+G-1)(f+b) with the slowest stage's f, b: {ref:.4g} "
+              f"(ratio {ref / st:.3f}; bubble bound (M+G-1)/M = {bubble_bound(G, M):.3f})")
+        if args.png:
+            draw(tl, args.png, title=f"Ouroboros G={G} M={M}: steps {window.start}.."
+                 f"{window.start + args.draw_steps - 1} (steady state)",
+                 steps=range(window.start, window.start + args.draw_steps))
+            print(f"wrote {args.png}")
+        return 0
+    print("| G \\ M | " + " | ".join(str(M) for M in args.micro_batches) + " |")
+    print("|---|" + "---|" * len(args.micro_batches))
+    for G in args.stages:
+        cells = []
+        for M in args.micro_batches:
+            _, _, _, util, st, ref = run(G, M)
+            cells.append(f"{min(util):.3f} ({ref / st:.2f}x)")
+        print(f"| {G} | " + " | ".join(cells) + " |")
+    print("cells: the slowest stage's steady-state utilization (Ouroboros speed-up over the 1F1B model; "
+          "bound (M+G-1)/M)")
+    return 0
+
+
+__all__ = ["Costs", "Timeline", "ScheduleError", "simulate", "stage_costs", "balanced_costs", "steady_steps",
+           "onef1b_step_time", "bubble_bound", "draw", "LOAD", "RECV_B", "RECV_F"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
