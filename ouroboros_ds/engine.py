@@ -1,0 +1,403 @@
+"""The Ouroboros engine: DeepSpeed's ``PipelineEngine`` running the delayed-gradient ring.
+
+What changes against the stock engine, and why:
+
+- The schedule is :func:`ouroboros_ds.schedule.ouroboros_schedule`; :class:`OuroborosSchedule`
+  only indexes into it, one DeepSpeed instruction per action. The new instructions are added to
+  ``_INSTRUCTION_MAP`` (the stock entries stay; ``STEP`` maps to the stock ``ReduceGrads`` and
+  ``OptimizerStep``).
+- Work spans steps. The stock engine keeps one ``grad_layer`` and flushes every step; here the
+  stashed inputs and the received error gradients live in dicts keyed by ``(module, batch,
+  micro-batch)`` and stay across ``train_batch()`` calls: that dict *is* the in-flight state.
+- Point-to-point is non-blocking (``isend``/``irecv``), posted early, waited for at first use,
+  each message with its own tag so nothing depends on the order of unrelated messages.
+- No collective crosses stages in the steady state: the loss stays on stage 0 (no broadcast),
+  gradients are clipped per stage, tied weights live on one stage.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as tdist
+from deepspeed import comm as dist
+from deepspeed.runtime.config import DeepSpeedConfig
+from deepspeed.runtime.pipe import schedule as ds_schedule
+from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.runtime.pipe.module import PipelineModule
+from deepspeed.runtime.pipe.schedule import PipeInstruction, PipeSchedule
+
+from . import schedule as S
+from .models import dropout_key
+from .module import OuroborosPipelineModule
+
+# Message tags: one per (kind, module, micro-batch), so every message matches its own receive.
+_ACT, _GRAD, _META, _EVAL, _EVAL_META = 1, 2, 3, 4, 5
+
+
+def _tag(kind: int, module: int, mb: int) -> int:
+    return (kind * 128 + module) * 4096 + mb
+
+
+class _Recv:
+    """A posted (or queued, while the edge's shape is unknown) receive."""
+
+    def __init__(self, stage, tag, meta_tag):
+        self.stage, self.tag, self.meta_tag = stage, tag, meta_tag
+        self.buf = self.req = None
+
+
+# ------------------------------------------------------------------ DeepSpeed-facing schedule
+class RingInstruction(PipeInstruction):
+    """One action of the Ouroboros schedule; ``module`` and ``mb`` as in :class:`schedule.Action`."""
+
+
+class RingLoad(RingInstruction): pass  # noqa: E701
+class RingForward(RingInstruction): pass  # noqa: E701
+class RingReplay(RingInstruction): pass  # noqa: E701
+class RingLoss(RingInstruction): pass  # noqa: E701
+class RingSendActivation(RingInstruction): pass  # noqa: E701
+class RingRecvActivation(RingInstruction): pass  # noqa: E701
+class RingSendGrad(RingInstruction): pass  # noqa: E701
+class RingRecvGrad(RingInstruction): pass  # noqa: E701
+
+
+_INSTRUCTION_OF = {
+    S.LOAD: RingLoad, S.F: RingForward, S.B: RingReplay, S.L: RingLoss,
+    S.SEND_F: RingSendActivation, S.RECV_F: RingRecvActivation,
+    S.SEND_B: RingSendGrad, S.RECV_B: RingRecvGrad,
+}
+
+
+def instructions_of(action: S.Action) -> list[PipeInstruction]:
+    if action.kind == S.STEP:
+        return [ds_schedule.ReduceGrads(), ds_schedule.OptimizerStep()]
+    return [_INSTRUCTION_OF[action.kind](module=action.module, mb=action.mb)]
+
+
+class OuroborosSchedule(PipeSchedule):
+    """DeepSpeed's view of one stage's Ouroboros step: one atomic instruction list per action."""
+
+    def __init__(self, micro_batches, stages, stage_id):
+        super().__init__(micro_batches, stages, stage_id)
+        self.actions = S.ouroboros_schedule(stages, micro_batches)[stage_id]
+
+    def steps(self):
+        for action in self.actions:
+            yield instructions_of(action)
+
+    def num_pipe_buffers(self):
+        return 0  # the engine keeps its in-flight state in dicts, not in DeepSpeed's pipe buffers
+
+
+# ------------------------------------------------------------------ the engine
+class OuroborosEngine(PipelineEngine):
+    """Trains an :class:`OuroborosPipelineModule` with Ouroboros delayed gradients.
+
+    ``train_batch()`` is one step t over ``gradient_accumulation_steps`` micro-batches and returns
+    the mean loss of batch t on stage 0 (``None`` on other stages: the loss is not broadcast).
+    """
+
+    def __init__(self, *args, seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.module, OuroborosPipelineModule):
+            raise TypeError("OuroborosEngine needs an OuroborosPipelineModule")
+        if self.is_pipe_partitioned or self.is_grad_partitioned:
+            raise ValueError("pipeline.pipe_partitioned / grad_partitioned: not supported by the Ouroboros ring; "
+                             "set them to false")
+        if self.module.activation_checkpoint_interval > 0:
+            raise ValueError("activation_checkpoint_interval: the Ouroboros replay already recomputes the "
+                             "forward; set it to 0")
+        self.seed = seed
+        self.K = S.num_modules(self.num_stages)
+        self.local_modules = S.modules_of(self.stage_id, self.num_stages)
+        self.stash: dict = {}      # (module, batch, mb) -> stashed input of the forward
+        self.grads_in: dict = {}   # (module, batch, mb) -> dL/d(output): tensor or _Recv
+        self.acts_in: dict = {}    # (module, mb) -> input of this step: tensor or _Recv
+        self.outbox: dict = {}     # (kind, module, mb) -> tensor to send
+        self.labels: dict = {}     # mb -> labels of this step (stage 0)
+        self.step_losses: list = []
+        self._sends: list = []     # (request, tensor) of the previous and the current step
+        self._prev_sends: list = []
+        self._queued: dict = {}     # (peer stage, kind) -> receives waiting for the edge's shape
+        self._edge_meta: dict = {}  # ("in"|"out", peer stage, kind) -> (shape, dtype) on that edge
+        self._work_params = {k: self.module.module_parameters(k) for k in self.local_modules}
+
+    # ---------------------------------------------------------- DeepSpeed hooks we change
+    def _train_schedule(self):
+        return OuroborosSchedule(micro_batches=self.micro_batches, stages=self.num_stages, stage_id=self.stage_id)
+
+    # Overridden: the data loader lives on stage 0 only (it feeds module 1 and module K's labels);
+    # the stock engine also gives one to the topologically last stage.
+    def set_dataiterator(self, iterator):
+        if self.stage_id == 0:
+            self.training_dataloader = None
+            self.data_iterator = iterator
+
+    def set_dataloader(self, loader):
+        if self.stage_id == 0:
+            self.training_dataloader = loader
+            self.data_iterator = iter(loader)
+
+    # Overridden: the stock clip all-reduces the norm over all stages (a cross-stage collective);
+    # Ouroboros clips each stage's gradient by its own norm. After the data-parallel reduction the
+    # gradients agree across replicas, so the local norm is the stage's norm.
+    def clip_fp32_gradients(self):
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if params:
+            torch.nn.utils.clip_grad_norm_(params, max_norm=self.gradient_clipping())
+
+    # Overridden: the stock reduction turns a missing gradient into zeros, which would make Adam
+    # move a module that has no delayed gradient yet (warm-up). Reduce only gradients that exist;
+    # all replicas of a stage are in the same warm-up state, so they reduce the same list.
+    def _exec_reduce_grads(self):
+        if not self.is_data_parallel:
+            return
+        grads = [p.grad.data for p in self.module.parameters() if p.grad is not None]
+        if grads:
+            self._force_grad_boundary = True
+            self.buffered_allreduce_fallback(grads=grads)
+            self._force_grad_boundary = False
+
+    def train_batch(self, data_iter=None):
+        """One Ouroboros step. Stage 0 returns the batch's mean loss, other stages ``None``."""
+        if not torch.is_grad_enabled():
+            raise RuntimeError("train_batch() requires gradients enabled; use eval_batch() instead")
+        if data_iter is not None:
+            self.set_dataiterator(data_iter)
+        self.module.train()
+        self.step_losses = []
+        self.timers("train_batch").start()
+        self._exec_schedule(self._train_schedule())
+        # Sends of the previous step have long been received; keep this step's alive until next.
+        for req, _ in self._prev_sends:
+            req.wait()
+        self._prev_sends, self._sends = self._sends, []
+        self.timers("train_batch").stop()
+        self.agg_train_loss = None
+        if self.stage_id == 0:
+            loss = torch.stack(self.step_losses).mean()
+            if self.is_data_parallel:
+                dist.all_reduce(loss, group=self.mpu.get_data_parallel_group())
+                loss /= self.dp_world_size
+            self.agg_train_loss = loss
+            if self.global_rank == 0 and self.monitor.enabled:
+                self.monitor.write_events([("Train/Samples/train_loss", loss.item(), self.global_samples)])
+        return self.agg_train_loss
+
+    # ---------------------------------------------------------- helpers
+    @property
+    def batch_id(self) -> int:
+        """t: the step being run (``global_steps`` counts finished optimizer steps)."""
+        return self.global_steps
+
+    def _peer(self, stage: int) -> int:
+        return self.grid.stage_to_global(stage_id=stage)
+
+    def _isend(self, tensor, stage, tag, meta_tag):
+        key = ("out", stage, meta_tag)
+        if key not in self._edge_meta:  # first message on this edge: tell the peer shape and dtype
+            self._edge_meta[key] = (tuple(tensor.shape), tensor.dtype)
+            meta = torch.zeros(8, dtype=torch.long)
+            meta[:2 + tensor.dim()] = torch.tensor([self.DTYPE_TO_ID[tensor.dtype], tensor.dim(), *tensor.shape])
+            meta = meta.to(self.device)
+            # Non-blocking like the data: a blocking send would wait for the peer to reach the
+            # receive, which it may only do after work that waits on this stage (a deadlock).
+            self._sends.append((tdist.isend(meta, self._peer(stage), tag=_tag(meta_tag, 0, 0)), meta))
+        tensor = tensor.contiguous()
+        self._sends.append((tdist.isend(tensor, self._peer(stage), tag=tag), tensor))
+
+    def _irecv(self, stage, tag, meta_tag) -> "_Recv":
+        """Post a receive. While the edge's shape is unknown (its first message is preceded by a
+        metadata message) the receive waits in line; posting order decides which message a
+        receive gets, so every later receive on the edge first posts the waiting ones in order."""
+        r = _Recv(stage, tag, meta_tag)
+        self._queued.setdefault((stage, meta_tag), []).append(r)
+        if ("in", stage, meta_tag) in self._edge_meta:
+            self._post_queued(stage, meta_tag)
+        return r
+
+    def _post_queued(self, stage, meta_tag):
+        shape, dtype = self._edge_meta[("in", stage, meta_tag)]
+        for r in self._queued.pop((stage, meta_tag), []):
+            r.buf = torch.empty(shape, dtype=dtype, device=self.device)
+            r.req = tdist.irecv(r.buf, self._peer(stage), tag=r.tag)
+
+    def _wait(self, entry):
+        """The tensor of a posted receive, or a local tensor as is."""
+        if torch.is_tensor(entry):
+            return entry
+        if entry.req is None:  # the edge's first message: read its metadata, then post in order
+            key = ("in", entry.stage, entry.meta_tag)
+            meta = torch.zeros(8, dtype=torch.long, device=self.device)
+            tdist.recv(meta, self._peer(entry.stage), tag=_tag(entry.meta_tag, 0, 0))
+            ndim = int(meta[1])
+            self._edge_meta[key] = (tuple(int(d) for d in meta[2:2 + ndim]), self.ID_TO_DTYPE[int(meta[0])])
+            self._post_queued(entry.stage, entry.meta_tag)
+        entry.req.wait()
+        return entry.buf
+
+    # ---------------------------------------------------------- the instructions
+    def _exec_ring_load(self, module, mb):
+        """``1LOADj``: micro-batch j of batch t from the data iterator (stage 0)."""
+        batch = self._next_batch()
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError("the data iterator must yield (input_ids, labels) pairs")
+        inputs, labels = (t.to(self.device) for t in batch)
+        self.acts_in[(1, mb)] = inputs
+        self.labels[mb] = labels
+
+    def _exec_ring_recv_activation(self, module, mb):
+        """``kRECV_Fj``: post the receive of module k's input (pairs with (k-1)SEND_Fj)."""
+        src = S.stage_of(module - 1, self.num_stages)
+        self.acts_in[(module, mb)] = self._irecv(src, _tag(_ACT, module, mb), _ACT)
+
+    def _exec_ring_forward(self, module, mb):
+        """``kFj``: forward batch t through module k without a graph; stash the input for the replay."""
+        t = self.batch_id
+        x = self._wait(self.acts_in.pop((module, mb)))
+        with torch.no_grad(), dropout_key(self.seed, t, mb):
+            y = self.module.forward_module(module, x)
+        self.stash[(module, t, mb)] = x
+        if S.stage_of(module + 1, self.num_stages) == self.stage_id:
+            self.acts_in[(module + 1, mb)] = y  # G = 1: module K is local
+        else:
+            self.outbox[(S.SEND_F, module, mb)] = y
+
+    def _exec_ring_send_activation(self, module, mb):
+        """``kSEND_Fj``: send module k's output downstream (pairs with (k+1)RECV_Fj)."""
+        y = self.outbox.pop((S.SEND_F, module, mb))
+        self._isend(y, S.stage_of(module + 1, self.num_stages), _tag(_ACT, module + 1, mb), _ACT)
+
+    def _exec_ring_recv_grad(self, module, mb):
+        """``kRECV_Bj``: post the receive of dL/d(output of k) for the batch module k replays next
+        step (pairs with (k+1)SEND_Bj; nothing is sent while that batch does not exist yet)."""
+        b = self.batch_id + 1 - S.delay(module, self.num_stages)
+        if b >= 0:
+            src = S.stage_of(module + 1, self.num_stages)
+            self.grads_in[(module, b, mb)] = self._irecv(src, _tag(_GRAD, module, mb), _GRAD)
+
+    def _exec_ring_replay(self, module, mb):
+        """``kBj``: features replay of batch b = t - delay(k): recompute module k from the stashed
+        input with the current weights and the forward's dropout masks, backprop the received
+        error gradient. Nothing to do while b < 0 (warm-up)."""
+        b = self.batch_id - S.delay(module, self.num_stages)
+        if b < 0:
+            return
+        x = self.stash.pop((module, b, mb))
+        g = self._wait(self.grads_in.pop((module, b, mb)))
+        if x.is_floating_point():
+            x = x.detach().requires_grad_()
+        with dropout_key(self.seed, b, mb):
+            y = self.module.forward_module(module, x)
+        torch.autograd.backward(y, g)
+        if module > 1:
+            self.outbox[(S.SEND_B, module, mb)] = x.grad
+
+    def _exec_ring_send_grad(self, module, mb):
+        """``kSEND_Bj``: send dL/d(input of k) upstream (pairs with (k-1)RECV_Bj)."""
+        g = self.outbox.pop((S.SEND_B, module, mb), None)
+        if g is not None:  # None: the replay was a warm-up no-op, and the peer expects nothing
+            self._isend(g, S.stage_of(module - 1, self.num_stages), _tag(_GRAD, module - 1, mb), _GRAD)
+
+    def _exec_ring_loss(self, module, mb):
+        """``KLj``: module K's forward, loss and backward of batch t, at once (no delay)."""
+        t = self.batch_id
+        x = self._wait(self.acts_in.pop((module, mb))).detach().requires_grad_()
+        with dropout_key(self.seed, t, mb):
+            out = self.module.forward_module(module, x)
+            loss = self.module.loss_fn(out, self.labels.pop(mb))
+        torch.autograd.backward(loss / self.micro_batches)
+        self.step_losses.append(loss.detach())
+        if self.num_stages == 1:  # module 1 replays batch t next step, from this local gradient
+            self.grads_in[(1, t, mb)] = x.grad
+        else:
+            self.outbox[(S.SEND_B, module, mb)] = x.grad
+
+    _INSTRUCTION_MAP = {
+        **PipelineEngine._INSTRUCTION_MAP,
+        ds_schedule.ReduceGrads: _exec_reduce_grads,
+        RingLoad: _exec_ring_load,
+        RingForward: _exec_ring_forward,
+        RingReplay: _exec_ring_replay,
+        RingLoss: _exec_ring_loss,
+        RingSendActivation: _exec_ring_send_activation,
+        RingRecvActivation: _exec_ring_recv_activation,
+        RingSendGrad: _exec_ring_send_grad,
+        RingRecvGrad: _exec_ring_recv_grad,
+    }
+
+    # ---------------------------------------------------------- evaluation and state
+    @torch.no_grad()
+    def eval_batch(self, data_iter=None, num_micro_batches: int = 1):
+        """Forward ``num_micro_batches`` micro-batches around the ring with dropout off.
+
+        Every rank calls it with the same ``num_micro_batches``; stage 0 reads them from
+        ``data_iter`` and returns the mean loss (other stages return ``None``). Messages use
+        their own tags, so in-flight training messages are untouched; no barrier.
+        """
+        was_training = self.module.training
+        self.module.eval()
+        G, losses, local, labels = self.num_stages, [], {}, {}
+        try:
+            for k in self.local_modules:  # stage 0: all of module 1 first, then all of module K
+                src, dst = S.stage_of(max(k - 1, 1), G), S.stage_of(min(k + 1, self.K), G)
+                for mb in range(num_micro_batches):
+                    if k == 1:
+                        x, labels[mb] = (t.to(self.device) for t in next(data_iter))
+                    elif src == self.stage_id:
+                        x = local.pop(mb)
+                    else:
+                        x = self._wait(self._irecv(src, _tag(_EVAL, k, mb), _EVAL_META))
+                    y = self.module.forward_module(k, x)
+                    if k == self.K:
+                        losses.append(self.module.loss_fn(y, labels.pop(mb)))
+                    elif dst == self.stage_id:
+                        local[mb] = y
+                    else:
+                        self._isend(y, dst, _tag(_EVAL, k + 1, mb), _EVAL_META)
+        finally:
+            self.module.train(was_training)
+        if self.stage_id != 0:
+            return None
+        loss = torch.stack(losses).mean()
+        if self.is_data_parallel:
+            dist.all_reduce(loss, group=self.mpu.get_data_parallel_group())
+            loss /= self.dp_world_size
+        return loss
+
+    def in_flight_bytes(self) -> int:
+        """Bytes held across steps: stashed inputs and received error gradients."""
+        n = sum(x.numel() * x.element_size() for x in self.stash.values())
+        for g in self.grads_in.values():
+            t = g if torch.is_tensor(g) else g.buf
+            n += 0 if t is None else t.numel() * t.element_size()
+        return n
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
+               lr_scheduler=None, config=None, seed: int = 0):
+    """``deepspeed.initialize`` for pipelines: an :class:`OuroborosPipelineModule` gets the
+    :class:`OuroborosEngine`, any other ``PipelineModule`` DeepSpeed's stock engine.
+
+    Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if not isinstance(model, PipelineModule):
+        raise TypeError("ouroboros_ds.initialize needs a deepspeed PipelineModule (e.g. OuroborosPipelineModule)")
+    dist.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    if config is None and getattr(args, "deepspeed_config", None):
+        config = args.deepspeed_config
+    if config is None:
+        raise ValueError("no DeepSpeed config: pass config= or --deepspeed_config")
+    config_class = DeepSpeedConfig(config, model.mpu())  # a dict or a JSON path, as DeepSpeed takes
+    deepspeed.set_optimizer_flags(config_class, model)
+    kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                  training_data=training_data, lr_scheduler=lr_scheduler, mpu=model.mpu(),
+                  config=config, config_class=config_class)
+    if isinstance(model, OuroborosPipelineModule):
+        engine = OuroborosEngine(seed=seed, **kwargs)
+    else:
+        from .baseline import KeyedPipelineEngine
+        engine = KeyedPipelineEngine(seed=seed, **kwargs)
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

@@ -1,0 +1,203 @@
+"""GPT-2-style language model as a list of pipeline layers, built from ``transformers`` blocks.
+
+The layer list is ``[Embedding, Block x L, FinalNorm, Head]``; the head is the embedding's
+``wte`` matrix (a ``TiedLayerSpec``), so input embedding and output projection are one
+parameter. Every engine (Ouroboros, DeepSpeed's stock 1F1B, the single-process reference)
+builds these same layers, so one seed gives them identical weights:
+
+- **Seeded init per layer**: layer i initializes under seed ``seed + i`` whatever stage builds it.
+- **Keyed dropout**: a layer's dropout masks depend only on ``(seed, batch, micro-batch, layer)``,
+  set by the engine with :func:`dropout_key` around each forward. That is what makes features
+  replay exact (the replay sees the forward's masks), and makes the stock engine draw the same
+  masks as the Ouroboros engine for the same batch, whatever their stage boundaries.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F_
+from transformers import GPT2Config
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+# Named sizes for --model. Anything else: a JSON object or a path to a JSON file of GPT2Config fields.
+SIZES = {
+    "tiny": dict(n_layer=4, n_embd=64, n_head=4, n_positions=256),
+    "small": dict(n_layer=8, n_embd=256, n_head=8, n_positions=512),  # the benchmark's CPU shape
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024),
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, n_positions=1024),
+}
+
+
+def gpt2_config(model: str | dict, vocab_size: int, dropout: float | None = None) -> GPT2Config:
+    """A ``GPT2Config`` from a named size, a JSON string, a JSON file, or a dict of fields."""
+    if isinstance(model, dict):
+        fields = dict(model)
+    elif model in SIZES:
+        fields = dict(SIZES[model])
+    elif os.path.isfile(model):
+        with open(model) as f:
+            fields = json.load(f)
+    else:
+        try:
+            fields = json.loads(model)
+        except json.JSONDecodeError:
+            raise ValueError(f"--model: {model!r} is neither a named size ({', '.join(SIZES)}), "
+                             "a JSON object of GPT2Config fields, nor a JSON file") from None
+    fields.setdefault("vocab_size", vocab_size)
+    if dropout is not None:
+        fields.update(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    # GPT-2's default token ids (50256) mean nothing for a byte vocabulary.
+    fields.setdefault("bos_token_id", None)
+    fields.setdefault("eos_token_id", None)
+    cfg = GPT2Config(**fields)
+    cfg._attn_implementation = "sdpa"  # causal without a mask; eager would need one
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"--model: n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}")
+    return cfg
+
+
+# ------------------------------------------------------------------ keyed dropout
+_KEY: list = [None]
+
+
+@contextlib.contextmanager
+def dropout_key(seed: int, batch: int, micro_batch: int):
+    """Dropout in the layers run inside this context depends only on these three and the layer."""
+    prev, _KEY[0] = _KEY[0], (seed, batch, micro_batch)
+    try:
+        yield
+    finally:
+        _KEY[0] = prev
+
+
+def current_dropout_key():
+    return _KEY[0]
+
+
+def _mix(*xs: int) -> int:
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+@contextlib.contextmanager
+def _keyed_rng(layer: nn.Module, device: torch.device):
+    key = _KEY[0]
+    if not layer.training or key is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed(_mix(*key, layer.layer_idx))
+        yield
+
+
+def _seeded_init(seed: int):
+    return torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+
+
+def _init_weights(module: nn.Module, cfg: GPT2Config) -> None:
+    """GPT-2's init: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer), zero biases."""
+    for name, p in module.named_parameters():
+        if name.endswith("bias"):
+            nn.init.zeros_(p)
+        elif "ln" in name:
+            nn.init.ones_(p)
+        else:
+            std = cfg.initializer_range
+            if name.endswith("c_proj.weight"):
+                std /= math.sqrt(2 * cfg.n_layer)
+            nn.init.normal_(p, mean=0.0, std=std)
+
+
+# ------------------------------------------------------------------ the layers
+class Embedding(nn.Module):
+    """Token + position embedding and dropout. Its ``wte`` is also the output projection."""
+
+    def __init__(self, cfg: GPT2Config, init_seed: int | None = None):
+        super().__init__()
+        self.layer_idx = 0
+        with _seeded_init(init_seed):
+            if init_seed is not None:
+                torch.manual_seed(init_seed)
+            self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+            self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+            _init_weights(self, cfg)
+        self.drop = nn.Dropout(cfg.embd_pdrop)
+        self.n_positions = cfg.n_positions
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        T = input_ids.shape[-1]
+        if T > self.n_positions:
+            raise ValueError(f"sequence length {T} exceeds the model's n_positions={self.n_positions}; "
+                             "use a shorter --seq-len or a model with more positions")
+        pos = torch.arange(T, device=input_ids.device)
+        h = self.wte(input_ids) + self.wpe(pos)
+        with _keyed_rng(self, h.device):
+            return self.drop(h)
+
+
+def lm_head(embedding: Embedding, hidden: torch.Tensor) -> torch.Tensor:
+    """The tied output projection: logits = h @ wte^T (the ``forward_fn`` of the head's TiedLayerSpec)."""
+    return F_.linear(hidden, embedding.wte.weight)
+
+
+class Block(nn.Module):
+    """One ``transformers`` GPT2Block (causal self-attention + MLP) as a pipeline layer."""
+
+    def __init__(self, cfg: GPT2Config, layer_idx: int, init_seed: int | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        with _seeded_init(init_seed):
+            if init_seed is not None:
+                torch.manual_seed(init_seed)
+            self.block = GPT2Block(cfg, layer_idx=layer_idx)
+            _init_weights(self.block, cfg)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        with _keyed_rng(self, h.device):
+            out = self.block(h)
+        return out if torch.is_tensor(out) else out[0]
+
+
+class FinalNorm(nn.Module):
+    def __init__(self, cfg: GPT2Config, init_seed: int | None = None):
+        super().__init__()
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.ln_f(h)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy in nats (labels are already shifted by the data)."""
+    return F_.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+@dataclass
+class LayerPlan:
+    """What :func:`gpt2_layer_specs` returns: the specs and which of them are blocks."""
+
+    specs: list
+    block_indices: list[int]
+    config: GPT2Config
+
+
+def gpt2_layer_specs(cfg: GPT2Config, seed: int = 1234) -> LayerPlan:
+    """``[Embedding, Block x n_layer, FinalNorm, Head]`` as DeepSpeed LayerSpecs, layer i seeded ``seed + i``."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    specs = [TiedLayerSpec("embed", Embedding, cfg, init_seed=seed, tied_weight_attr=["wte.weight"])]
+    for i in range(cfg.n_layer):
+        specs.append(LayerSpec(Block, cfg, i + 1, init_seed=seed + i + 1))
+    specs.append(LayerSpec(FinalNorm, cfg, init_seed=seed + cfg.n_layer + 1))
+    specs.append(TiedLayerSpec("embed", Embedding, cfg, init_seed=seed, forward_fn=lm_head,
+                               tied_weight_attr=["wte.weight"]))
+    return LayerPlan(specs, list(range(1, cfg.n_layer + 1)), cfg)

@@ -1,0 +1,170 @@
+"""The Ouroboros update rule in one process, in plain PyTorch: the specification the engine is
+tested against (SPEC section 4).
+
+All K modules live in this process; the delays are kept in dicts exactly as SPEC section 2 says:
+module k < K forwards batch t without a graph and stashes its input; at step t it replays batch
+``t - (K - k)`` with its current weights and the same dropout masks, and backprops the error
+gradient that module k + 1 produced for that batch one step earlier. Module K is fresh. Each
+stage (modules of ``modules_of(s)``) has its own optimizer, clip and LR schedule, built from the
+same DeepSpeed config the engine reads. With ``synchronous=True`` every delay is 0: each module
+backprops the current batch, which is ordinary training.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import schedule as S
+from .models import LayerPlan, dropout_key
+from .module import ring_partition
+
+
+def build_layers(plan: LayerPlan) -> list:
+    """The layer list as callables, building each tied module once (one parameter, like stage 0)."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    tied, out = {}, []
+    for spec in plan.specs:
+        if isinstance(spec, TiedLayerSpec):
+            if spec.key not in tied:
+                tied[spec.key] = spec.build()
+            m = tied[spec.key]
+            out.append(functools.partial(spec.forward_fn, m) if spec.forward_fn else m)
+        elif isinstance(spec, LayerSpec):
+            out.append(spec.build())
+        else:
+            out.append(spec)
+    return out
+
+
+def _modules(layers) -> list[torch.nn.Module]:
+    return [x if isinstance(x, torch.nn.Module) else x.args[0] for x in layers
+            if isinstance(x, torch.nn.Module) or isinstance(x, functools.partial)]
+
+
+def make_optimizer(params, ds_config: dict):
+    """The optimizer DeepSpeed builds for ``{"type": "Adam"|"AdamW", "params": {..., "torch_adam": true}}``."""
+    opt = ds_config.get("optimizer", {})
+    kind = opt.get("type", "AdamW").lower()
+    p = {k: v for k, v in opt.get("params", {}).items() if k not in ("torch_adam", "adam_w_mode", "foreach")}
+    if kind not in ("adam", "adamw") or not opt.get("params", {}).get("torch_adam", False):
+        raise ValueError("the reference reproduces DeepSpeed's torch Adam/AdamW only: set optimizer.type "
+                         "to Adam or AdamW and optimizer.params.torch_adam to true")
+    return torch.optim.AdamW(params, **p)
+
+
+def make_scheduler(optimizer, ds_config: dict):
+    from deepspeed.runtime import lr_schedules
+
+    sch = ds_config.get("scheduler")
+    return getattr(lr_schedules, sch["type"])(optimizer, **sch.get("params", {})) if sch else None
+
+
+class Reference:
+    """Ouroboros on one process. ``step(micro_batches)`` runs one step t and returns the mean loss."""
+
+    def __init__(self, plan: LayerPlan, stages: int, ds_config: dict, loss_fn, seed: int = 0,
+                 blocks_per_module=None, synchronous: bool = False):
+        self.G, self.K = stages, S.num_modules(stages)
+        self.seed, self.loss_fn, self.synchronous = seed, loss_fn, synchronous
+        self.layers = build_layers(plan)
+        bounds = ring_partition(len(self.layers), plan.block_indices, stages, blocks_per_module)
+        self.module_layers = {k: self.layers[a:b] for k, (a, b) in enumerate(bounds, start=1)}
+        self.clip = float(ds_config.get("gradient_clipping", 0.0))
+        self.stage_params, self.optimizers, self.schedulers = [], [], []
+        for s in range(stages):
+            seen, params = set(), []
+            for k in S.modules_of(s, stages):
+                for m in _modules(self.module_layers[k]):
+                    for p in m.parameters():
+                        if id(p) not in seen:
+                            seen.add(id(p))
+                            params.append(p)
+            opt = make_optimizer(params, ds_config)
+            self.stage_params.append(params)
+            self.optimizers.append(opt)
+            self.schedulers.append(make_scheduler(opt, ds_config))
+        self.t = 0
+        self.stash: dict = {}    # (module, batch, mb) -> input
+        self.pending: dict = {}  # (module, batch, mb) -> dL/d(output of module)
+
+    def delay(self, k: int) -> int:
+        return 0 if self.synchronous else S.delay(k, self.G)
+
+    def forward_module(self, k: int, x):
+        for layer in self.module_layers[k]:
+            x = layer(x)
+        return x
+
+    def train(self, mode: bool = True):
+        for m in _modules(self.layers):
+            m.train(mode)
+
+    def named_parameters(self):
+        """(name, parameter) in layer order, named like DeepSpeed's pipeline checkpoint layers."""
+        seen = set()
+        for i, layer in enumerate(self.layers):
+            mods = _modules([layer])
+            for m in mods:
+                for n, p in m.named_parameters():
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        yield f"{i}.{n}", p
+
+    def step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        t, K, M = self.t, self.K, len(micro_batches)
+        self.train(True)
+        # 1. forwards of batch t through modules 1..K-1, no graph; stash each module's input
+        acts = [inp for inp, _ in micro_batches]
+        for k in range(1, K):
+            for j in range(M):
+                with torch.no_grad(), dropout_key(self.seed, t, j):
+                    y = self.forward_module(k, acts[j])
+                self.stash[(k, t, j)] = acts[j]
+                acts[j] = y
+        # 2. replays: module k backprops batch t - delay(k) from its stash, current weights.
+        #    (the engine's stage 0 also replays module 1 before module K's losses: same order here)
+        if not self.synchronous:
+            self._replays(range(K - 1, 0, -1))
+        # 3. module K: forward, loss and backward of batch t
+        losses = []
+        for j, (_, labels) in enumerate(micro_batches):
+            x = acts[j].detach().requires_grad_()
+            with dropout_key(self.seed, t, j):
+                loss = self.loss_fn(self.forward_module(K, x), labels)
+            (loss / M).backward()
+            losses.append(loss.detach())
+            self.pending[(K - 1, t, j)] = x.grad
+        if self.synchronous:
+            self._replays(range(K - 1, 0, -1))
+        # 4. per stage: clip, step (modules without a gradient yet keep their weights), LR schedule
+        for params, opt, sch in zip(self.stage_params, self.optimizers, self.schedulers):
+            with_grad = [p for p in params if p.grad is not None]
+            if self.clip > 0 and with_grad:
+                torch.nn.utils.clip_grad_norm_(with_grad, self.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if sch is not None:
+                sch.step()
+        self.t += 1
+        return torch.stack(losses).mean().item()
+
+    def _replays(self, modules):
+        t = self.t
+        for k in modules:
+            b = t - self.delay(k)
+            if b < 0:
+                continue  # warm-up: no delayed gradient for module k yet
+            j = 0
+            while (k, b, j) in self.stash:
+                x = self.stash.pop((k, b, j))
+                g = self.pending.pop((k, b, j))
+                if x.is_floating_point():
+                    x = x.detach().requires_grad_()
+                with dropout_key(self.seed, b, j):
+                    y = self.forward_module(k, x)
+                torch.autograd.backward(y, g)
+                if k > 1:
+                    self.pending[(k - 1, b, j)] = x.grad
+                j += 1
