@@ -1,0 +1,288 @@
+"""The DeepSpeed Ouroboros engine equals the single-process Reference (SPEC section 4).
+
+Each G spawns G gloo ranks (CPU, one torch thread each) once and trains two engines in the same
+processes, M = 1 then M = 4, for 2K + 2 steps (K = G + 1) with dropout 0.1, AdamW with weight
+decay, WarmupCosineLR and a gradient clip that does clip on some steps. The parent then runs
+:class:`ouroboros_ds.reference.Reference` on the same batches and compares every parameter and
+every per-step loss. The same runs also record, after every step, the engine's in-flight state
+(stash and pending error gradients, SPEC section 2) and every ``c10d`` op issued during
+``train_batch()`` (no collective may cross pipeline stages; with dp = 1 no collective at all).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import pytest
+import torch
+
+from ring import run_ranks
+
+G_VALUES = (1, 2, 3)
+M_VALUES = (1, 4)
+SEED, INIT_SEED = 3, 7
+VOCAB, SEQ, MICRO = 64, 8, 2
+CLIP = {1: 1.6, 4: 0.8}  # by M: the clip acts on some steps, not all (the test checks)
+P2P_OPS = {"c10d.send.default", "c10d.recv_.default"}
+
+
+def steps_for(G: int) -> int:
+    return 2 * (G + 1) + 2
+
+
+def ds_config(M: int, steps: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": M,
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                  "weight_decay": 0.05, "torch_adam": True}},
+        "scheduler": {"type": "WarmupCosineLR",
+                      "params": {"total_num_steps": steps, "warmup_num_steps": 2, "warmup_min_ratio": 0.1,
+                                 "cos_min_ratio": 0.1}},
+        "gradient_clipping": CLIP[M],
+        "steps_per_print": 4,  # progress reports happen inside the monitored steps
+        "wall_clock_breakdown": False,
+    }
+
+
+def batches(steps: int, M: int) -> list:
+    """``steps`` lists of M (input_ids, labels) micro-batches, the same on every call."""
+    g = torch.Generator().manual_seed(0)
+    return [[(torch.randint(0, VOCAB, (MICRO, SEQ), generator=g), torch.randint(0, VOCAB, (MICRO, SEQ), generator=g))
+             for _ in range(M)] for _ in range(steps)]
+
+
+def model_plan():
+    from ouroboros_ds.models import gpt2_config, gpt2_layer_specs
+
+    cfg = gpt2_config({"n_layer": 4, "n_embd": 16, "n_head": 2, "n_positions": SEQ}, VOCAB, dropout=0.1)
+    return gpt2_layer_specs(cfg, seed=INIT_SEED)
+
+
+# ------------------------------------------------------------------ what the ranks run
+class _C10dRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every ``c10d`` op dispatched while active (catches any Python or DeepSpeed API path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith("c10d."):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+_COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "broadcast", "barrier", "monitored_barrier", "all_gather",
+                "all_gather_into_tensor", "all_gather_object", "all_gather_coalesced", "reduce_scatter",
+                "reduce_scatter_tensor", "reduce", "gather", "scatter", "all_to_all", "all_to_all_single",
+                "broadcast_object_list", "gather_object", "scatter_object_list", "new_group")
+
+
+class _ApiRecorder:
+    """Wraps torch.distributed's collective functions: (name, ranks of the group) of each call."""
+
+    def __init__(self):
+        self.calls: list = []
+        self._orig: dict = {}
+
+    def __enter__(self):
+        import torch.distributed as tdist
+
+        for name in _COLLECTIVES:
+            if hasattr(tdist, name):
+                self._orig[name] = fn = getattr(tdist, name)
+                setattr(tdist, name, self._wrap(name, fn))
+        return self
+
+    def _wrap(self, name, fn):
+        def wrapper(*args, **kwargs):
+            import torch.distributed as tdist
+
+            group = kwargs.get("group")
+            ranks = sorted(tdist.get_process_group_ranks(group)) if group is not None else "WORLD"
+            self.calls.append((name, ranks))
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def __exit__(self, *exc):
+        import torch.distributed as tdist
+
+        for name, fn in self._orig.items():
+            setattr(tdist, name, fn)
+
+
+def _in_flight(engine) -> dict:
+    """The engine's state between steps: stash and pending error-gradient keys, leftovers."""
+    return {"stash": sorted(engine.stash), "grads_in": sorted(engine.grads_in),
+            "leftover": {"acts_in": len(engine.acts_in), "outbox": len(engine.outbox), "labels": len(engine.labels)}}
+
+
+def _parameters(mod) -> dict:
+    """Every parameter of this rank's modules, named ``{layer index}.{name}`` like the Reference."""
+    state, seen = {}, set()
+    for k in mod.local_modules:
+        start, stop = mod.module_bounds[k - 1]
+        for i, layer in zip(range(start, stop), mod.module_funcs[k]):
+            if isinstance(layer, torch.nn.Module):
+                for n, p in layer.named_parameters():
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        state[f"{i}.{n}"] = p.detach().clone()
+    # nothing the engine trains is left out of the comparison
+    assert seen == {id(p) for p in mod.parameters()}, "some engine parameter is not named by its layer"
+    return state
+
+
+def worker(rank: int, G: int, Ms: tuple, out: str) -> None:
+    import deepspeed
+    import torch.distributed as tdist
+
+    from ouroboros_ds.engine import initialize
+    from ouroboros_ds.models import lm_loss
+    from ouroboros_ds.module import OuroborosPipelineModule
+
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
+    steps = steps_for(G)
+    norms: list = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(params, max_norm, *args, **kwargs):
+        total = clip(params, max_norm, *args, **kwargs)
+        norms.append(float(total))
+        return total
+
+    torch.nn.utils.clip_grad_norm_ = recording_clip
+    results = {}
+    for M in Ms:
+        plan = model_plan()
+        mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
+        engine, *_ = initialize(model=mod, model_parameters=list(mod.parameters()), config=ds_config(M, steps),
+                                seed=SEED)
+        it = iter([mb for step in batches(steps, M) for mb in step]) if engine.stage_id == 0 else None
+        losses, in_flight, step_norms = [], [], []
+        with _ApiRecorder() as api, _C10dRecorder() as c10d:
+            for _ in range(steps):
+                del norms[:]
+                loss = engine.train_batch(it)
+                losses.append(None if loss is None else loss.item())
+                in_flight.append(_in_flight(engine))
+                step_norms.append(list(norms))
+        # The recorders are not blind: a deliberate collective is seen by both.
+        with _ApiRecorder() as api_check, _C10dRecorder() as c10d_check:
+            tdist.barrier()
+        results[M] = {"losses": losses, "in_flight": in_flight, "norms": step_norms, "params": _parameters(mod),
+                      "stage": engine.stage_id, "local_modules": list(mod.local_modules),
+                      "api_calls": api.calls, "c10d_ops": c10d.ops,
+                      "check": (api_check.calls, c10d_check.ops)}
+    torch.nn.utils.clip_grad_norm_ = clip
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+
+
+# ------------------------------------------------------------------ the runs, once per G
+_RUNS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def ring_run(tmp_path_factory):
+    """``ring_run(G)``: per-rank results of the G-rank run (both M), computed once per module."""
+
+    def get(G: int) -> list:
+        if G not in _RUNS:
+            out = str(tmp_path_factory.mktemp(f"ring_g{G}"))
+            _RUNS[G] = None  # a failed run fails every test of this G without re-running
+            run_ranks(worker, G, G, M_VALUES, out, tmpdir=out, timeout=300)
+            _RUNS[G] = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(G)]
+        if _RUNS[G] is None:
+            pytest.fail(f"the G={G} ring run failed (see the first test of G={G})")
+        return _RUNS[G]
+    return get
+
+
+def _reference(G: int, M: int):
+    from ouroboros_ds.models import lm_loss
+    from ouroboros_ds.reference import Reference
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run
+    try:
+        ref = Reference(model_plan(), G, ds_config(M, steps_for(G)), lm_loss, seed=SEED)
+        losses = [ref.step(b) for b in batches(steps_for(G), M)]
+    finally:
+        torch.set_num_threads(threads)
+    return ref, losses
+
+
+@pytest.mark.parametrize("M", M_VALUES, ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("G", G_VALUES, ids=lambda g: f"G{g}")
+def test_engine_equals_reference(ring_run, G, M):
+    ranks = [r[M] for r in ring_run(G)]
+    ref, ref_losses = _reference(G, M)
+    ref_params = dict(ref.named_parameters())
+
+    # every per-step loss, on stage 0 (other stages return None: the loss is not broadcast)
+    assert [r["stage"] for r in ranks] == list(range(G))
+    assert all(x is None for r in ranks[1:] for x in r["losses"])
+    torch.testing.assert_close(torch.tensor(ranks[0]["losses"], dtype=torch.float64),
+                               torch.tensor(ref_losses, dtype=torch.float64), rtol=1e-6, atol=0)
+
+    # every parameter: the ranks' parameters partition the reference's full set
+    names = [n for r in ranks for n in r["params"]]
+    assert len(names) == len(set(names)), "a parameter lives on two stages"
+    assert set(names) == set(ref_params)
+    worst = 0.0
+    for r in ranks:
+        for name, p in r["params"].items():
+            torch.testing.assert_close(p, ref_params[name].detach(), atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+            worst = max(worst, (p - ref_params[name].detach()).abs().max().item())
+    print(f"G={G} M={M}: {len(names)} parameters, max |engine - reference| = {worst:.3g}, loss rel diff {max(abs(a - b) / abs(b) for a, b in zip(ranks[0]['losses'], ref_losses)):.3g}")
+
+    # the clip is per stage, once per step that has a gradient, and it does clip sometimes
+    steps = steps_for(G)
+    for s, r in enumerate(ranks):
+        warmup = 0 if s == 0 else G - s  # stage s >= 1 holds module s + 1, delay K - (s + 1)
+        assert [len(n) for n in r["norms"]] == [0] * warmup + [1] * (steps - warmup), f"stage {s}"
+    all_norms = [x for r in ranks for n in r["norms"] for x in n]
+    print(f"G={G} M={M}: gradient norms before the clip {min(all_norms):.3f}..{max(all_norms):.3f} (clip {CLIP[M]})")
+    assert any(x > CLIP[M] for x in all_norms), f"the clip never clips: {all_norms}"
+    assert any(x < CLIP[M] for x in all_norms), f"the clip always clips: {all_norms}"
+
+
+@pytest.mark.parametrize("G", G_VALUES, ids=lambda g: f"G{g}")
+def test_in_flight_state(ring_run, G):
+    """After step t, module k < K holds the inputs of exactly min(t + 1, K - k) batches (the last
+    ones, all M micro-batches), and the error gradient of the batch it replays at step t + 1;
+    module K holds nothing between steps (SPEC section 2)."""
+    K = G + 1
+    for M in M_VALUES:
+        for r in (run[M] for run in ring_run(G)):
+            for t, state in enumerate(r["in_flight"]):
+                where = f"G={G} M={M} stage {r['stage']} after step {t}"
+                assert state["leftover"] == {"acts_in": 0, "outbox": 0, "labels": 0}, where
+                stash = {m: sorted({(b, j) for (mm, b, j) in state["stash"] if mm == m}) for m in range(1, K + 1)}
+                grads = {m: sorted({(b, j) for (mm, b, j) in state["grads_in"] if mm == m}) for m in range(1, K + 1)}
+                assert set(m for m, _, _ in state["stash"]) <= set(r["local_modules"]) - {K}, where
+                assert set(m for m, _, _ in state["grads_in"]) <= set(r["local_modules"]) - {K}, where
+                for k in r["local_modules"]:
+                    if k == K:
+                        assert stash[k] == [] and grads[k] == [], where
+                        continue
+                    kept = range(max(0, t - (K - k) + 1), t + 1)
+                    assert stash[k] == [(b, j) for b in kept for j in range(M)], f"{where}, module {k}"
+                    assert len({b for b, _ in stash[k]}) == min(t + 1, K - k)
+                    nxt = t + 1 - (K - k)
+                    assert grads[k] == ([(nxt, j) for j in range(M)] if nxt >= 0 else []), f"{where}, module {k}"
+
+
+@pytest.mark.parametrize("G", G_VALUES, ids=lambda g: f"G{g}")
+def test_no_collective_across_stages(ring_run, G):
+    """During train_batch() only point-to-point messages flow (dp = 1: no collective at all)."""
+    for M in M_VALUES:
+        for r in (run[M] for run in ring_run(G)):
+            where = f"G={G} M={M} stage {r['stage']}"
+            assert r["api_calls"] == [], f"{where}: collectives called during training: {r['api_calls']}"
+            assert set(r["c10d_ops"]) <= P2P_OPS, f"{where}: c10d ops during training: {sorted(set(r['c10d_ops']))}"
+            if G > 1:  # G = 1 has no peer: nothing at all
+                assert r["c10d_ops"], f"{where}: no point-to-point either: is the recorder blind?"
+            api_check, c10d_check = r["check"]
+            assert [n for n, _ in api_check] == ["barrier"] and "c10d.barrier.default" in c10d_check

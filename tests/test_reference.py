@@ -1,0 +1,277 @@
+"""The single-process Reference is the update rule of SPEC section 2 (single process, a few seconds).
+
+- M = 1 is the paper's update, checked against an independent transcription of the formula that
+  keeps every step's weights and recomputes each delayed gradient from them (no queues).
+- With delays forced to 0 (``synchronous=True``) it is ordinary, non-pipelined training.
+- Warm-up: module k does not move during its first K - k steps; module K and the tied
+  embedding move from step 0.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
+from torch.func import functional_call
+
+from ouroboros_ds.models import dropout_key, gpt2_config, gpt2_layer_specs, lm_loss
+from ouroboros_ds.reference import Reference, make_optimizer, make_scheduler
+
+SEED, INIT_SEED = 5, 11
+VOCAB, SEQ, MICRO, N_LAYER = 64, 8, 2, 4
+# Explicit ring partition of the 4 blocks into modules 1..K (SPEC section 2 allows an explicit one).
+BLOCKS = {1: [2, 2], 2: [1, 2, 1], 3: [1, 1, 1, 1]}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread, as the engine's ranks run: the comparisons below are then exact."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def plan():
+    cfg = gpt2_config({"n_layer": N_LAYER, "n_embd": 16, "n_head": 2, "n_positions": SEQ}, VOCAB, dropout=0.1)
+    return gpt2_layer_specs(cfg, seed=INIT_SEED)
+
+
+def config(clip: float, steps: int | None) -> dict:
+    """AdamW with weight decay; WarmupCosineLR over ``steps`` (None: constant LR)."""
+    cfg = {"train_micro_batch_size_per_gpu": MICRO,
+            "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                      "weight_decay": 0.05, "torch_adam": True}},
+            "scheduler": {"type": "WarmupCosineLR",
+                          "params": {"total_num_steps": steps, "warmup_num_steps": 2, "warmup_min_ratio": 0.1,
+                                 "cos_min_ratio": 0.1}},
+            "gradient_clipping": clip}
+    if steps is None:
+        del cfg["scheduler"]
+    return cfg
+
+
+def batches(steps: int, M: int, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [[(torch.randint(0, VOCAB, (MICRO, SEQ), generator=g), torch.randint(0, VOCAB, (MICRO, SEQ), generator=g))
+             for _ in range(M)] for _ in range(steps)]
+
+
+def module_layers(G: int) -> dict[int, range]:
+    """Layer indices of modules 1..K in ``[Embedding, Block x 4, FinalNorm, Head]``."""
+    K, bpm = G + 1, BLOCKS[G]
+    out, start = {}, 0
+    stop = 1  # the blocks start at layer 1
+    for k in range(1, K + 1):
+        stop += bpm[k - 1]
+        if k == K:
+            stop = N_LAYER + 3
+        out[k], start = range(start, stop), stop
+    return out
+
+
+class Net(torch.nn.Module):
+    """The layer list built from the specs, the tied embedding once; ``forward(k, x)`` runs module k."""
+
+    def __init__(self, G: int):
+        super().__init__()
+        tied, self.calls, mods = {}, [], []
+        for spec in plan().specs:
+            if isinstance(spec, TiedLayerSpec):
+                if spec.key not in tied:
+                    tied[spec.key] = spec.build()
+                    mods.append(tied[spec.key])
+                m = tied[spec.key]
+                self.calls.append(functools.partial(spec.forward_fn, m) if spec.forward_fn else m)
+            else:
+                assert isinstance(spec, LayerSpec)
+                mods.append(spec.build())
+                self.calls.append(mods[-1])
+        self.mods = torch.nn.ModuleList(mods)
+        self.ranges = module_layers(G)
+        # the parameters each module's computation uses (the head uses the embedding's wte only)
+        name_of = {id(p): n for n, p in self.named_parameters()}
+        self.params_of = {}
+        for k, r in self.ranges.items():
+            names = []
+            for i in r:
+                c = self.calls[i]
+                ps = [c.args[0].wte.weight] if isinstance(c, functools.partial) else list(c.parameters())
+                names += [name_of[id(p)] for p in ps if name_of[id(p)] not in names]
+            self.params_of[k] = names
+
+    def forward(self, k: int, x):
+        for i in self.ranges[k]:
+            x = self.calls[i](x)
+        return x
+
+
+def _independent_update(G: int, cfg: dict, data: list) -> tuple[dict, list, list]:
+    """SPEC section 2 transcribed for M = 1, from a history of weights.
+
+    theta[s] are all weights at the start of step s. Batch b's forward at step b uses theta[b]:
+    x_1(b) = tokens, x_{j+1}(b) = f_j(x_j(b); theta_j[b]). Module j < K backprops batch b at step
+    b + (K - j), with theta_j of that step, on x_j(b); the error it receives is dL/dx_{j+1}(b) from
+    module j + 1's backprop of b one step earlier; module K backprops b at step b with theta_K[b]
+    and the loss. At step t module k applies the gradient of batch t - (K - k), with theta_k[t].
+    Dropout of everything about batch b uses key (seed, b, 0). Stage s clips and steps its own
+    modules (stage 0: 1 and K, the tied embedding's two parts summed).
+    """
+    K = G + 1
+    net = Net(G).train()
+    names = [n for n, _ in net.named_parameters()]
+    live = dict(net.named_parameters())
+    stages = [[1, K]] + [[s + 1] for s in range(1, G)]
+    stage_names = [[n for n in names if any(n in net.params_of[k] for k in mods)] for mods in stages]
+    opts = [make_optimizer([live[n] for n in ns], cfg) for ns in stage_names]
+    scheds = [make_scheduler(o, cfg) for o in opts]
+    theta, xs, losses, norms = [], [], [], []
+
+    def run(k, s, x, b, grads_for=()):
+        """f_k(x) with the weights of step s; the weights in ``grads_for`` as fresh leaves."""
+        w = dict(theta[s])
+        leaves = {n: w[n].clone().requires_grad_() for n in grads_for}
+        w.update(leaves)
+        with dropout_key(SEED, b, 0):
+            return functional_call(net, w, (k, x)), leaves
+
+    def error(k, b):
+        """dL/d(output of module k) for batch b: module k + 1's backprop of b, at step b + K - (k + 1)."""
+        j = k + 1
+        s = b + K - j
+        x = xs[b][j].detach().requires_grad_()
+        out, _ = run(j, s, x, b)
+        if j == K:
+            (g,) = torch.autograd.grad(lm_loss(out, data[b][0][1]), x)
+        else:
+            (g,) = torch.autograd.grad(out, x, grad_outputs=error(j, b))
+        return g
+
+    for t, [(ids, labels)] in enumerate(data):
+        theta.append({n: p.detach().clone() for n, p in net.named_parameters()})
+        x = [None, ids]  # x[j]: input of module j for batch t, forward with theta[t]
+        with torch.no_grad():
+            for j in range(1, K):
+                x.append(run(j, t, x[j], t)[0])
+        xs.append(x)
+        grads: dict = {}
+        for k in range(1, K + 1):
+            b = t - (K - k)
+            if b < 0:
+                continue  # warm-up
+            out, leaves = run(k, t, xs[b][k], b, net.params_of[k])
+            if k == K:
+                loss = lm_loss(out, labels)
+                losses.append(loss.item())
+                gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            else:
+                gs = torch.autograd.grad(out, list(leaves.values()), grad_outputs=error(k, b), allow_unused=True)
+            for n, g in zip(leaves, gs):
+                if g is not None:
+                    grads[n] = grads[n] + g if n in grads else g
+        for ns, opt, sch in zip(stage_names, opts, scheds):
+            for n in ns:
+                live[n].grad = grads.get(n)
+            with_grad = [live[n] for n in ns if n in grads]
+            if cfg["gradient_clipping"] > 0 and with_grad:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(with_grad, cfg["gradient_clipping"])))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sch.step()
+    return {n: p.detach() for n, p in zip(names, net.parameters())}, losses, norms
+
+
+def _reference_params(ref: Reference, G: int) -> dict:
+    """The Reference's parameters renamed like :class:`Net`'s (``mods.{i}.`` for layer i)."""
+    out = {}
+    for name, p in ref.named_parameters():
+        i, rest = name.split(".", 1)
+        out[f"mods.{i}.{rest}"] = p.detach()
+    return out
+
+
+def _assert_same(actual: dict, expected: dict, what: str) -> float:
+    assert set(actual) == set(expected)
+    worst = 0.0
+    for n in expected:
+        torch.testing.assert_close(actual[n], expected[n], atol=1e-6, rtol=1e-5, msg=lambda m: f"{what} {n}: {m}")
+        worst = max(worst, (actual[n] - expected[n]).abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize("G", (1, 2, 3), ids=lambda g: f"G{g}")
+def test_m1_is_the_papers_update(G):
+    steps, clip = 2 * (G + 1) + 2, 1.6
+    cfg = config(clip, steps)
+    data = batches(steps, 1)
+    expected, expected_losses, norms = _independent_update(G, cfg, data)
+    ref = Reference(plan(), G, cfg, lm_loss, seed=SEED, blocks_per_module=BLOCKS[G])
+    losses = [ref.step(b) for b in data]
+    worst = _assert_same(_reference_params(ref, G), expected, f"G={G}")
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-6, atol=0)
+    assert any(x > clip for x in norms), f"the clip {clip} never clips: {norms}"
+    print(f"G={G}: Reference vs transcription, max |diff| = {worst:.3g}")
+
+
+@pytest.mark.parametrize("M", (1, 3), ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("G", (2, 3), ids=lambda g: f"G{g}")
+def test_synchronous_limit_is_ordinary_training(G, M):
+    steps = 5
+    cfg = config(0.0, steps)  # the Reference clips per stage; ordinary training would clip globally
+    data = batches(steps, M, seed=1)
+    ref = Reference(plan(), G, cfg, lm_loss, seed=SEED, blocks_per_module=BLOCKS[G], synchronous=True)
+    ref_losses = [ref.step(b) for b in data]
+
+    net = Net(G).train()  # its module split does not matter here: all of it runs in order
+    opt = make_optimizer(list(net.parameters()), cfg)
+    sch = make_scheduler(opt, cfg)
+    losses = []
+    for t, micro_batches in enumerate(data):
+        step_losses = []
+        for j, (ids, labels) in enumerate(micro_batches):
+            with dropout_key(SEED, t, j):
+                h = ids
+                for k in range(1, G + 2):
+                    h = net(k, h)
+                loss = lm_loss(h, labels)
+            (loss / M).backward()
+            step_losses.append(loss.detach())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sch.step()
+        losses.append(torch.stack(step_losses).mean().item())
+    worst = _assert_same(_reference_params(ref, G), {n: p.detach() for n, p in net.named_parameters()},
+                         f"G={G} M={M}")
+    torch.testing.assert_close(torch.tensor(ref_losses), torch.tensor(losses), rtol=1e-6, atol=0)
+    print(f"G={G} M={M}: synchronous Reference vs plain training, max |diff| = {worst:.3g}")
+
+
+@pytest.mark.parametrize("M", (1, 2), ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("G", (1, 2, 3), ids=lambda g: f"G{g}")
+def test_warm_up(G, M):
+    """Module k keeps its weights during steps 0..K-k-1 and moves at step K-k; module K and the
+    tied embedding move from step 0. Constant LR: DeepSpeed's WarmupCosineLR gives step 0 an LR
+    of 0 whatever its warmup_min_ratio (it sets the LR of "before the first step"), so nothing
+    would move at step 0."""
+    K, steps = G + 1, G + 2
+    ref = Reference(plan(), G, config(1.0, None), lm_loss, seed=SEED, blocks_per_module=BLOCKS[G])
+    layers = module_layers(G)
+    tied = "0.wte.weight"
+
+    def snapshot():
+        return {n: p.detach().clone() for n, p in ref.named_parameters()}
+
+    def module_of(name):
+        return next(k for k, r in layers.items() if int(name.split(".")[0]) in r)
+
+    before = snapshot()
+    assert tied in before
+    for t, b in enumerate(batches(steps, M, seed=2)):
+        ref.step(b)
+        after = snapshot()
+        for n in before:
+            k = K if n == tied else module_of(n)
+            moved = not torch.equal(before[n], after[n])
+            assert moved == (t >= K - k), f"G={G} M={M} step {t}: {n} (module {k}) moved={moved}"
+        before = after
