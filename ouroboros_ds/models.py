@@ -99,8 +99,15 @@ def _keyed_rng(layer: nn.Module, device: torch.device):
         yield
 
 
-def _seeded_init(seed: int):
-    return torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+@contextlib.contextmanager
+def _seeded_init(seed: int | None):
+    """Build under ``seed`` without touching the caller's RNG (no-op for ``None``)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _init_weights(module: nn.Module, cfg: GPT2Config) -> None:
@@ -125,8 +132,6 @@ class Embedding(nn.Module):
         super().__init__()
         self.layer_idx = 0
         with _seeded_init(init_seed):
-            if init_seed is not None:
-                torch.manual_seed(init_seed)
             self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
             self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
             _init_weights(self, cfg)
@@ -156,8 +161,6 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         with _seeded_init(init_seed):
-            if init_seed is not None:
-                torch.manual_seed(init_seed)
             self.block = GPT2Block(cfg, layer_idx=layer_idx)
             _init_weights(self.block, cfg)
 
