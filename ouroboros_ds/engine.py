@@ -119,7 +119,6 @@ class OuroborosEngine(PipelineEngine):
         self._prev_sends: list = []
         self._queued: dict = {}     # (peer stage, kind) -> receives waiting for the edge's shape
         self._edge_meta: dict = {}  # ("in"|"out", peer stage, kind) -> (shape, dtype) on that edge
-        self._work_params = {k: self.module.module_parameters(k) for k in self.local_modules}
 
     # ---------------------------------------------------------- DeepSpeed hooks we change
     def _train_schedule(self):

@@ -76,10 +76,6 @@ def dropout_key(seed: int, batch: int, micro_batch: int):
         _KEY[0] = prev
 
 
-def current_dropout_key():
-    return _KEY[0]
-
-
 def _mix(*xs: int) -> int:
     h = 0x9E3779B97F4A7C15
     for x in xs:
