@@ -16,6 +16,11 @@ What changes against the stock engine, and why:
 """
 from __future__ import annotations
 
+import json
+import os
+import random
+
+import numpy as np
 import torch
 import torch.distributed as tdist
 from deepspeed import comm as dist
@@ -24,6 +29,7 @@ from deepspeed.runtime.pipe import schedule as ds_schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule
 from deepspeed.runtime.pipe.schedule import PipeInstruction, PipeSchedule
+from deepspeed.utils import logger
 
 from . import schedule as S
 from .models import dropout_key
@@ -119,6 +125,7 @@ class OuroborosEngine(PipelineEngine):
         self._prev_sends: list = []
         self._queued: dict = {}     # (peer stage, kind) -> receives waiting for the edge's shape
         self._edge_meta: dict = {}  # ("in"|"out", peer stage, kind) -> (shape, dtype) on that edge
+        self.nonfinite_events: list = []  # non-finite losses/gradients met, and what was dropped
 
     # ---------------------------------------------------------- DeepSpeed hooks we change
     def _train_schedule(self):
@@ -283,6 +290,11 @@ class OuroborosEngine(PipelineEngine):
             return
         x = self.stash.pop((module, b, mb))
         g = self._wait(self.grads_in.pop((module, b, mb)))
+        if not torch.isfinite(g).all():  # a non-finite loss or gradient downstream: drop (b, mb)
+            self._report_nonfinite("error gradient", module, b, mb)
+            if module > 1:  # pass the poison on: module k-1 drops (b, mb) when it replays it
+                self.outbox[(S.SEND_B, module, mb)] = torch.full_like(x, float("nan"))
+            return
         if x.is_floating_point():
             x = x.detach().requires_grad_()
         with dropout_key(self.seed, b, mb):
@@ -304,16 +316,46 @@ class OuroborosEngine(PipelineEngine):
         with dropout_key(self.seed, t, mb):
             out = self.module.forward_module(module, x)
             loss = self.module.loss_fn(out, self.labels.pop(mb))
-        torch.autograd.backward(loss / self.micro_batches)
         self.step_losses.append(loss.detach())
+        if torch.isfinite(loss):
+            torch.autograd.backward(loss / self.micro_batches)
+            g = x.grad
+        else:  # drop (t, mb) here and poison its error gradient so every module drops it in turn
+            self._report_nonfinite("loss", module, t, mb)
+            g = torch.full_like(x, float("nan"))
         if self.num_stages == 1:  # module 1 replays batch t next step, from this local gradient
-            self.grads_in[(1, t, mb)] = x.grad
+            self.grads_in[(1, t, mb)] = g
         else:
-            self.outbox[(S.SEND_B, module, mb)] = x.grad
+            self.outbox[(S.SEND_B, module, mb)] = g
+
+    # ---------------------------------------------------------- non-finite values
+    # No collective: a non-finite loss of (t, j) is not backpropagated; a NaN error gradient takes
+    # its place on the ring, so each module k drops (t, j) exactly when its delayed gradient
+    # arrives (step t + K - k), and the stash and receive of (t, j) are consumed as usual. A
+    # non-finite parameter gradient that appears inside a stage (an overflow in its own backward)
+    # makes that stage skip its update for the step; the LR schedule and step count still advance.
+    def _report_nonfinite(self, what, module, batch, mb, action="dropped"):
+        event = {"step": self.global_steps, "stage": self.stage_id, "what": what, "module": module,
+                 "batch": batch, "mb": mb, "action": action}
+        self.nonfinite_events.append(event)
+        logger.warning(f"ouroboros: non-finite {what} at step {event['step']} on stage {self.stage_id} "
+                       f"(module {module}, batch {batch}, micro-batch {mb}): {action}")
+
+    def _exec_ring_optimizer_step(self, lr_kwargs=None):
+        """``STEP``'s optimizer half: skip the stage's update when a gradient is non-finite (after
+        the data-parallel reduction, so all replicas of the stage decide alike), then DeepSpeed's
+        step. One read of the gradients, as the clip does."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self._report_nonfinite("parameter gradient", None, None, None, action="stage update skipped")
+            for p in self.module.parameters():
+                p.grad = None  # torch's Adam/AdamW leave a parameter without a gradient untouched
+        PipelineEngine._exec_optimizer_step(self, lr_kwargs)
 
     _INSTRUCTION_MAP = {
         **PipelineEngine._INSTRUCTION_MAP,
         ds_schedule.ReduceGrads: _exec_reduce_grads,
+        ds_schedule.OptimizerStep: _exec_ring_optimizer_step,
         RingLoad: _exec_ring_load,
         RingForward: _exec_ring_forward,
         RingReplay: _exec_ring_replay,
@@ -370,6 +412,119 @@ class OuroborosEngine(PipelineEngine):
             t = g if torch.is_tensor(g) else g.buf
             n += 0 if t is None else t.numel() * t.element_size()
         return n
+
+    # ---------------------------------------------------------- checkpoints
+    # Every dict of in-flight state kept across steps (keyed by (module, batch, mb)); a mode that
+    # keeps more across steps (e.g. weight snapshots) adds its dict's attribute name here.
+    RING_STATE = ("stash", "grads_in")
+    META_FILE = "ouroboros_meta.json"  # written last, by rank 0: its presence marks a complete save
+
+    def ring_meta(self) -> dict:
+        """What a checkpoint must agree on to be resumed exactly (checked on load)."""
+        return {"G": self.num_stages, "M": self.micro_batches,
+                "micro_batch": self.train_micro_batch_size_per_gpu(), "dp": self.dp_world_size,
+                "seed": self.seed, "replay": getattr(self, "replay", "features"),
+                "num_layers": len(self.module._layer_specs),
+                "module_bounds": [list(b) for b in self.module.module_bounds]}
+
+    def _settle(self):
+        """At a step boundary, wait on every posted receive (their sends all happen within the step
+        that posted them) and then on this rank's sends, so the in-flight state is plain tensors."""
+        for name in self.RING_STATE:
+            d = getattr(self, name)
+            for key, value in d.items():
+                if isinstance(value, _Recv):
+                    d[key] = self._wait(value)
+        for req, _ in self._prev_sends + self._sends:
+            req.wait()
+        self._prev_sends, self._sends = [], []
+
+    def ring_state_dict(self) -> dict:
+        """This rank's in-flight Ouroboros state: every ``RING_STATE`` dict, the RNG states."""
+        if self.acts_in or self.outbox or self.labels:
+            raise RuntimeError("ring_state_dict() must be called between train_batch() calls")
+        self._settle()
+        state = {name: dict(getattr(self, name)) for name in self.RING_STATE}
+        state["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "numpy": np.random.get_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        state["global_steps"] = self.global_steps
+        return state
+
+    def load_ring_state_dict(self, state: dict) -> None:
+        self._settle()
+        for name in self.RING_STATE:
+            setattr(self, name, dict(state[name]))
+        # Both ends of every edge restart, so both redo the shape handshake on its first message.
+        self._edge_meta, self._queued = {}, {}
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def _ring_file(self, ckpt_dir, tag):
+        return os.path.join(ckpt_dir, str(tag), f"ouroboros_rank{self.global_rank:05d}.pt")
+
+    def save_ring_checkpoint(self, save_dir, tag=None, client_state=None, meta=None) -> str:
+        """DeepSpeed's ``save_checkpoint`` (layers, optimizer, LR schedule, step counters,
+        ``client_state``) plus each rank's in-flight state, atomically: everything goes into the
+        tag's folder first, and only when every rank is done does rank 0 switch ``latest`` to it
+        (temp file + ``os.replace``). A crash before that leaves the previous checkpoint current.
+        ``meta`` (e.g. the model config) is stored and checked on load with :meth:`ring_meta`."""
+        tag = str(tag if tag is not None else f"global_step{self.global_steps}")
+        state = self.ring_state_dict()
+        self.save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, save_latest=False)
+        _atomic_write(self._ring_file(save_dir, tag), lambda f: torch.save(state, f))
+        dist.barrier()
+        if self.global_rank == 0:
+            record = {**self.ring_meta(), **(meta or {}), "world": dist.get_world_size(), "tag": tag}
+            _atomic_write(os.path.join(save_dir, tag, self.META_FILE),
+                          lambda f: f.write(json.dumps(record, indent=1).encode()))
+            _atomic_write(os.path.join(save_dir, "latest"), lambda f: f.write(tag.encode()))
+        dist.barrier()
+        return tag
+
+    def load_ring_checkpoint(self, load_dir, tag=None, meta=None) -> dict:
+        """Resume from ``load_dir`` (its ``latest`` unless ``tag``): checks the saved run's G, M,
+        micro-batch, replicas, seed, replay mode, partition and ``meta`` against this run (a
+        ``ValueError`` naming each mismatch), loads DeepSpeed's part, then the in-flight state.
+        Returns the ``client_state`` given at save time."""
+        if tag is None:
+            latest = os.path.join(load_dir, "latest")
+            if not os.path.isfile(latest):
+                raise FileNotFoundError(f"--load: {load_dir!r} has no 'latest' file: not a checkpoint folder, "
+                                        "or no save finished there; give the folder passed to --save")
+            with open(latest) as f:
+                tag = f.read().strip()
+        meta_path = os.path.join(load_dir, str(tag), self.META_FILE)
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"--load: checkpoint {os.path.join(load_dir, str(tag))!r} is incomplete "
+                                    f"(no {self.META_FILE}: its save did not finish); load another tag")
+        with open(meta_path) as f:
+            saved = json.load(f)
+        mine = {**self.ring_meta(), **(meta or {}), "world": dist.get_world_size()}
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in mine.items() if saved.get(k) != v]
+        if diffs:
+            raise ValueError(f"--load: checkpoint {os.path.join(load_dir, str(tag))!r} does not match this run "
+                             f"({'; '.join(diffs)}); resume with the saved settings or start without --load")
+        path, client_state = self.load_checkpoint(load_dir, tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"--load: DeepSpeed found no checkpoint files in {os.path.join(load_dir, str(tag))!r}")
+        self.load_ring_state_dict(torch.load(self._ring_file(load_dir, tag), map_location=self.device,
+                                             weights_only=False))
+        return client_state or {}
+
+
+def _atomic_write(path: str, write) -> None:
+    """Write a file aside, flush it to disk, then rename it into place."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
