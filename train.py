@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--load", default=None, help="resume from this checkpoint folder's latest save "
                    "(--steps stays the total, so the run ends where an uninterrupted one does)")
     p.add_argument("--comm-timeout", type=float, default=600.0,
-                   help="seconds before a process-group operation (or a whole step) gives up on a dead or hung peer")
+                   help="seconds before a process-group operation (start-up included) or a whole step gives up on a dead or hung peer")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 

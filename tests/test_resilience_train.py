@@ -1,0 +1,218 @@
+"""Issue 5 through train.py: bad input (in-process), preemption and resume, a killed rank."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = '{"n_layer": 2, "n_embd": 16, "n_head": 2, "n_positions": 32}'
+
+
+def _config(tmp_path, **over) -> str:
+    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+           "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 10, "warmup_num_steps": 2}},
+           "gradient_clipping": 1.0, "steps_per_print": 10 ** 9}
+    cfg.update(over)
+    path = tmp_path / f"cfg{len(list(tmp_path.glob('cfg*')))}.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def _common(cfg, steps):
+    return ["--deepspeed_config", cfg, "--model", TINY, "--seq-len", "16", "--max-bytes", "20000",
+            "--eval-every", "0", "--eval-batches", "2", "--no-progress", "--steps", str(steps)]
+
+
+# ------------------------------------------------------------------ bad input, in-process
+def _cli(argv, capsys, monkeypatch, world=None):
+    import train
+
+    if world is not None:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+    else:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    code = train.cli(argv)
+    return code, capsys.readouterr().err
+
+
+def _bad_cases(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    short = tmp_path / "short.txt"
+    short.write_bytes(b"to be or not")
+    base = _config(tmp_path)
+    return [
+        # (argv, world, words the one line must contain)
+        (["--pipeline-parallel-size", "3", "--model", TINY], 3, ["--pipeline-parallel-size: 3 exceeds", "2 blocks"]),
+        (["--deepspeed_config", _config(tmp_path, gradient_accumulation_steps=0)], None,
+         ["gradient_accumulation_steps must be an integer >= 1"]),
+        (["--deepspeed_config", _config(tmp_path, zero_optimization={"stage": 2})], None,
+         ["zero_optimization.stage 2", "set zero_optimization.stage to 0 or 1"]),
+        (["--deepspeed_config", _config(tmp_path, zero_optimization={"stage": 3})], None, ["zero_optimization.stage 3"]),
+        (["--deepspeed_config", _config(tmp_path, fp16={"enabled": True, "loss_scale": 1})], None,
+         ["fp16.loss_scale 1", "0 (dynamic)"]),
+        (["--data", str(tmp_path / "missing.txt")], None, ["--data", "missing.txt", "not found"]),
+        (["--data", str(empty)], None, ["--data", "is empty"]),
+        (["--data", str(short), "--seq-len", "16"], None, ["--data", "fewer than one", "longer text file"]),
+        (["--seq-len", "64", "--model", TINY], None, ["--seq-len 64 exceeds", "n_positions=32"]),
+        (["--pipeline-parallel-size", "2"], 3, ["--pipeline-parallel-size: 2 must divide the world size 3"]),
+        (["--save-every", "5"], None, ["--save-every", "--save DIR"]),
+        (["--load", str(tmp_path)], None, ["--load", "no 'latest' file"]),
+        (["--comm-timeout", "0"], None, ["--comm-timeout: must be > 0"]),
+    ], base
+
+
+def test_bad_input_one_line_each(tmp_path, capsys, monkeypatch):
+    cases, base = _bad_cases(tmp_path)
+    for argv, world, words in cases:
+        if "--deepspeed_config" not in argv:
+            argv = ["--deepspeed_config", base, *argv]
+        code, err = _cli(["--no-progress", "--steps", "2", *argv], capsys, monkeypatch, world)
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert code == 2, (argv, err)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (argv, err)
+        for w in words:
+            assert w in lines[0], (argv, w, lines[0])
+        import torch.distributed as tdist
+        assert not tdist.is_initialized(), f"{argv}: the check came after DeepSpeed started"
+
+
+def test_bytes_mode_takes_any_bytes(tmp_path, capsys, monkeypatch):
+    """A non-UTF-8 file trains in bytes mode (in-process, one rank, G = 1, 2 steps)."""
+    import random
+
+    rnd = random.Random(0)
+    path = tmp_path / "binary.bin"
+    path.write_bytes(bytes(rnd.randrange(256) for _ in range(20000)) + b"\xff\xfe\x80")
+    with pytest.raises(UnicodeDecodeError):
+        path.read_bytes().decode("utf-8")
+    for var in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    metrics = tmp_path / "m.jsonl"
+    code, err = _cli([*_common(_config(tmp_path), 2), "--data", str(path), "--metrics", str(metrics)],
+                     capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    assert len([x for x in metrics.read_text().splitlines() if '"loss"' in x]) == 2
+
+
+# ------------------------------------------------------------------ processes
+def _launch(args, nproc=2, stderr=subprocess.PIPE):
+    from ring import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(free_port()), os.path.join(ROOT, "train.py"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=ROOT)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                            start_new_session=True)
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of a worker of this torchrun (its child with RANK=rank in its environment)."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        children = open(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read().split()
+        for pid in children:
+            try:
+                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return int(pid)
+        time.sleep(0.2)
+    raise AssertionError("worker not found")
+
+
+def _wait_for_steps(launcher, metrics, n, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics.exists() and sum('"loss"' in x for x in metrics.read_text().splitlines()) >= n:
+            return
+        assert launcher.poll() is None, launcher.returncode
+        time.sleep(0.05)
+    raise AssertionError("no progress")
+
+
+def _losses(path):
+    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r}
+
+
+def test_preempted_run_resumes_bitwise(tmp_path):
+    """SIGUSR1 to rank 1 only: both ranks stop after the same step, save, exit 0; --load finishes
+    the run with the uninterrupted run's losses (float repr in the metrics: bitwise)."""
+    steps = 150
+    cfg = _config(tmp_path)
+    ckpt = tmp_path / "ckpt"
+    full_m, pre_m, res_m = tmp_path / "full.jsonl", tmp_path / "pre.jsonl", tmp_path / "res.jsonl"
+    full = _launch([*_common(cfg, steps), "--metrics", str(full_m)])
+    out, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err[-3000:]
+
+    pre = _launch([*_common(cfg, steps), "--metrics", str(pre_m), "--save", str(ckpt)])
+    _wait_for_steps(pre, pre_m, 3)
+    os.kill(_rank_pid(pre, 1), signal.SIGUSR1)
+    out, err = pre.communicate(timeout=120)
+    assert pre.returncode == 0, err[-3000:]
+    stopped = len(_losses(pre_m))
+    assert 3 <= stopped < steps, out
+    assert "stopped by" in out and f"global_step{stopped}" in out, out
+    assert (ckpt / "latest").read_text() == f"global_step{stopped}"
+
+    res = _launch([*_common(cfg, steps), "--metrics", str(res_m), "--load", str(ckpt)])
+    out, err = res.communicate(timeout=300)
+    assert res.returncode == 0, err[-3000:]
+    assert f"resumed from {ckpt} at step {stopped}" in out
+    a, b, c = _losses(full_m), _losses(pre_m), _losses(res_m)
+    assert sorted(c) == list(range(stopped, steps))
+    assert {**b, **c} == a, "the preempted + resumed losses differ from the uninterrupted run"
+
+
+def test_killed_rank_ends_the_job_with_a_clear_error(tmp_path):
+    """SIGKILL one rank mid-run: the job ends within a bounded time, nonzero, saying why."""
+    metrics = tmp_path / "m.jsonl"
+    job = _launch([*_common(_config(tmp_path), 100000), "--metrics", str(metrics), "--comm-timeout", "20"])
+    try:
+        _wait_for_steps(job, metrics, 3)
+        os.kill(_rank_pid(job, 1), signal.SIGKILL)
+        t0 = time.time()
+        out, err = job.communicate(timeout=90)
+        took = time.time() - t0
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode != 0
+    assert took < 60, took
+    # rank 0 says it lost its peer (or torchrun stopped it first); torchrun names the killed rank
+    assert "lost a peer" in err or "Signal 9" in err or "SIGKILL" in err, err[-3000:]
+    print(f"job ended {took:.1f} s after the kill; rank 0 said: "
+          f"{[x for x in err.splitlines() if 'lost a peer' in x][:1]}")
+
+
+def test_hung_rank_times_out(tmp_path):
+    """SIGSTOP one rank (alive, silent): its peer gives up after --comm-timeout with a clear line.
+    (torchrun then needs its own ~30 s grace to kill a stopped worker; the test does not wait.)"""
+    metrics, errfile = tmp_path / "m.jsonl", tmp_path / "err.txt"
+    job = _launch([*_common(_config(tmp_path), 100000), "--metrics", str(metrics), "--comm-timeout", "15"],
+                  stderr=open(errfile, "w"))
+    try:
+        _wait_for_steps(job, metrics, 3)
+        os.kill(_rank_pid(job, 1), signal.SIGSTOP)
+        t0 = time.time()
+        while time.time() - t0 < 60 and "error: rank 0" not in errfile.read_text():
+            time.sleep(0.2)
+        took = time.time() - t0
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    line = [x for x in errfile.read_text().splitlines() if "error: rank 0" in x]
+    assert line and ("lost a peer" in line[0] or "made no progress" in line[0]), errfile.read_text()[-3000:]
+    assert 10 < took < 45, took
+    print(f"rank 0 gave up {took:.1f} s after its peer stopped: {line[0]}")
