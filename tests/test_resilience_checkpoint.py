@@ -92,6 +92,23 @@ def _error(fn):
     return None
 
 
+def _mismatch_errors(engine, G, ckpt, other_ckpt, out):
+    """Loads that must fail before DeepSpeed loads anything (``engine`` has M = 1)."""
+    T = total_steps(G)
+    errors = {
+        "M": _error(lambda: engine.load_ring_checkpoint(os.path.join(ckpt, "m4"), meta=MODEL_META)),
+        "model": _error(lambda: engine.load_ring_checkpoint(os.path.join(ckpt, "m1"),
+                                                            meta={"model": {"n_layer": 6, "n_embd": 16}})),
+        "crashed": _error(lambda: engine.load_ring_checkpoint(os.path.join(ckpt, "m1"), tag=f"global_step{T}",
+                                                              meta=MODEL_META)),
+        "empty": _error(lambda: engine.load_ring_checkpoint(os.path.join(out, "nothing"), meta=MODEL_META)),
+    }
+    if other_ckpt:
+        errors["G"] = _error(lambda: engine.load_ring_checkpoint(os.path.join(other_ckpt, "m1"), meta=MODEL_META))
+    assert engine.global_steps == 0 and not engine.stash
+    return errors
+
+
 def resume_worker(rank, G, ckpt, other_ckpt, out):
     import deepspeed
 
@@ -102,6 +119,8 @@ def resume_worker(rank, G, ckpt, other_ckpt, out):
         folder = os.path.join(ckpt, f"m{M}")
         for tag in (f"global_step{save_steps(G)[0]}", None):  # None: `latest`, the second save
             engine, mod = _engine(G, M)
+            if not errors:  # a failed load changes nothing, so the first engine also checks the errors
+                errors = _mismatch_errors(engine, G, ckpt, other_ckpt, out)
             client = engine.load_ring_checkpoint(folder, tag=tag, meta=MODEL_META)
             start = engine.global_steps
             it = _feed(engine, G, M, start)
@@ -110,16 +129,6 @@ def resume_worker(rank, G, ckpt, other_ckpt, out):
                 loss = engine.train_batch(it)
                 losses.append(None if loss is None else loss.clone())
             results[(M, tag)] = {"losses": losses, "params": _parameters(mod), "start": start, "client": client}
-    # Mismatches: another M, another model, the crashed save, another G; all fail before DeepSpeed loads.
-    engine, _ = _engine(G, 4)
-    errors["M"] = _error(lambda: engine.load_ring_checkpoint(os.path.join(ckpt, "m1"), meta=MODEL_META))
-    errors["model"] = _error(lambda: engine.load_ring_checkpoint(os.path.join(ckpt, "m4"),
-                                                                meta={"model": {"n_layer": 6, "n_embd": 16}}))
-    errors["crashed"] = _error(lambda: engine.load_ring_checkpoint(os.path.join(ckpt, "m4"),
-                                                                  tag=f"global_step{T}", meta=MODEL_META))
-    errors["empty"] = _error(lambda: engine.load_ring_checkpoint(os.path.join(out, "nothing"), meta=MODEL_META))
-    if other_ckpt:
-        errors["G"] = _error(lambda: engine.load_ring_checkpoint(os.path.join(other_ckpt, "m4"), meta=MODEL_META))
     torch.save({"results": results, "errors": errors}, os.path.join(out, f"resume{rank}.pt"))
 
 
@@ -180,7 +189,7 @@ def test_crash_mid_save_keeps_previous_and_mismatch_errors(runs, G):
         assert not os.path.exists(os.path.join(folder, f"global_step{T}", "ouroboros_meta.json"))
     for r in range(G):
         errors = run["resume"][r]["errors"]
-        assert "M: checkpoint 1, this run 4" in errors["M"], errors
+        assert "M: checkpoint 4, this run 1" in errors["M"], errors
         assert "model: checkpoint {'n_layer': 4, 'n_embd': 16}, this run {'n_layer': 6" in errors["model"], errors
         assert "incomplete" in errors["crashed"] and f"global_step{T}" in errors["crashed"], errors
         assert "has no 'latest' file" in errors["empty"], errors
