@@ -50,7 +50,8 @@ def parse_args(argv=None):
                    "written at the end, every --save-every steps, and on SIGTERM/SIGUSR1")
     p.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: only at the end)")
     p.add_argument("--load", default=None, help="resume from this checkpoint folder's latest save "
-                   "(--steps stays the total, so the run ends where an uninterrupted one does)")
+                   "(--steps stays the total, so the run ends where an uninterrupted one does); with "
+                   "--save the same folder, a first launch without a save starts from step 0")
     p.add_argument("--comm-timeout", type=float, default=600.0,
                    help="seconds before a process-group operation (start-up included) or a whole step gives up on a dead or hung peer")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
@@ -78,6 +79,10 @@ def load_config(args) -> dict:
     return cfg
 
 
+def _same_dir(a, b) -> bool:
+    return bool(a and b) and os.path.abspath(a) == os.path.abspath(b)
+
+
 def check_args(args, cfg: dict) -> None:
     """Options and DeepSpeed config fields that would otherwise fail deep inside DeepSpeed."""
     if args.steps < 1:
@@ -88,7 +93,7 @@ def check_args(args, cfg: dict) -> None:
         raise ValueError("--save/--load: supported with --schedule ouroboros only; drop them for the baseline")
     if args.comm_timeout <= 0:
         raise ValueError(f"--comm-timeout: must be > 0 seconds (got {args.comm_timeout})")
-    if args.load and not os.path.isfile(os.path.join(args.load, "latest")):
+    if args.load and not os.path.isfile(os.path.join(args.load, "latest")) and not _same_dir(args.load, args.save):
         raise FileNotFoundError(f"--load: {args.load!r} has no 'latest' file: not a checkpoint folder, or no save "
                                 "finished there; give the folder passed to --save")
     stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
@@ -266,7 +271,11 @@ def main(argv=None) -> int:
     first = 0
     ckpt_meta = {"model": {k: getattr(mcfg, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head",
                                                          "n_inner")}}
-    if args.load:
+    # `--save DIR --load DIR` on every launch of a requeued job: the first launch finds no save yet.
+    if args.load and not os.path.isfile(os.path.join(args.load, "latest")):
+        if log:
+            print(f"no save in {args.load} yet: starting from step 0", flush=True)
+    elif args.load:
         client = engine.load_ring_checkpoint(args.load, meta=ckpt_meta)
         stream.load_state_dict(client["data"])
         first = engine.global_steps

@@ -148,7 +148,7 @@ def _losses(path):
 def test_preempted_run_resumes_bitwise(tmp_path):
     """SIGUSR1 to rank 1 only: both ranks stop after the same step, save, exit 0; --load finishes
     the run with the uninterrupted run's losses (float repr in the metrics: bitwise)."""
-    steps = 150
+    steps = 100
     cfg = _config(tmp_path)
     ckpt = tmp_path / "ckpt"
     full_m, pre_m, res_m = tmp_path / "full.jsonl", tmp_path / "pre.jsonl", tmp_path / "res.jsonl"
@@ -156,20 +156,23 @@ def test_preempted_run_resumes_bitwise(tmp_path):
     out, err = full.communicate(timeout=300)
     assert full.returncode == 0, err[-3000:]
 
-    pre = _launch([*_common(cfg, steps), "--metrics", str(pre_m), "--save", str(ckpt)])
+    # a requeued job's command line: --save and --load the same folder (the first launch has no save)
+    pre = _launch([*_common(cfg, steps), "--metrics", str(pre_m), "--save", str(ckpt), "--load", str(ckpt)])
     _wait_for_steps(pre, pre_m, 3)
     os.kill(_rank_pid(pre, 1), signal.SIGUSR1)
     out, err = pre.communicate(timeout=120)
     assert pre.returncode == 0, err[-3000:]
+    assert f"no save in {ckpt} yet: starting from step 0" in out, out
     stopped = len(_losses(pre_m))
     assert 3 <= stopped < steps, out
     assert "stopped by" in out and f"global_step{stopped}" in out, out
     assert (ckpt / "latest").read_text() == f"global_step{stopped}"
 
-    res = _launch([*_common(cfg, steps), "--metrics", str(res_m), "--load", str(ckpt)])
+    res = _launch([*_common(cfg, steps), "--metrics", str(res_m), "--save", str(ckpt), "--load", str(ckpt)])
     out, err = res.communicate(timeout=300)
     assert res.returncode == 0, err[-3000:]
     assert f"resumed from {ckpt} at step {stopped}" in out
+    assert (ckpt / "latest").read_text() == f"global_step{steps}"
     a, b, c = _losses(full_m), _losses(pre_m), _losses(res_m)
     assert sorted(c) == list(range(stopped, steps))
     assert {**b, **c} == a, "the preempted + resumed losses differ from the uninterrupted run"
