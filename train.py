@@ -140,7 +140,10 @@ def main(argv=None) -> int:
         if G > mcfg.n_layer:
             raise ValueError(f"--pipeline-parallel-size {G} exceeds the model's {mcfg.n_layer} blocks")
         model = PipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block",
-                               activation_checkpoint_interval=1 if args.activation_checkpointing else 0)
+                               activation_checkpoint_interval=1 if args.activation_checkpointing else 0,
+                               # only the blocks: reentrant checkpointing of the embedding (integer input)
+                               # would cut it off from autograd
+                               checkpointable_layers=["Block"])
     engine, *_ = initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                             config=cfg, seed=args.seed, replay=args.replay)
 
