@@ -343,7 +343,7 @@ def _predict(name, ranks, G, M):
                 step = max(step, v)
     window = steady_steps(G)
     tl = simulate(ouroboros_schedule(G, M), Costs(forward=fwd, replay=rep, loss=loss, step=step), steps=window.stop)
-    return tl.utilization(window)
+    return tl.steady_utilization(window)
 
 
 def report(args, ranks) -> str:
@@ -369,9 +369,9 @@ def report(args, ranks) -> str:
             cells.append(" / ".join(f"{u:.3f}" for u in util))
             cells.append(" / ".join(f"{u:.3f}" for u in _predict(name, ranks, G, M)))
             mem = [r[name]["memory"] for r in ranks]
-            cells.append(" / ".join(f"{m['saved_activations_peak'] / mb:.1f}" for m in mem))
-            cells.append(" / ".join(f"{m['stashed_inputs'] / mb:.2f}" for m in mem))
-            cells.append(" / ".join(f"{m['weight_snapshots'] / mb:.1f}" for m in mem))
+            cells.append(" / ".join(f"{m['saved_activations_peak'] / mb:.3g}" for m in mem))
+            cells.append(" / ".join(f"{m['stashed_inputs'] / mb:.3g}" for m in mem))
+            cells.append(" / ".join(f"{m['weight_snapshots'] / mb:.3g}" for m in mem))
         else:
             cells.append(f"{t1 / st[name]:.3f}" if t1 else "-")  # eta of a one-process run: speed-up over 1 thread
             cells += ["-"] * 5
