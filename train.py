@@ -36,6 +36,15 @@ def parse_args(argv=None):
     p.add_argument("--model", default="tiny", help="a named size (tiny, small, gpt2, ...) or JSON of GPT2Config fields")
     p.add_argument("--pipeline-parallel-size", type=int, default=None, help="G, stages (default: all ranks)")
     p.add_argument("--schedule", choices=["ouroboros", "1f1b"], default="ouroboros")
+    p.add_argument("--replay", choices=["recompute", "stash"], default="recompute",
+                   help="ouroboros: 'recompute' (features replay, recompute the forward at the current weights) "
+                        "or 'stash' (keep the forward's graph and weights: no recompute, more memory)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="1f1b: checkpoint every layer (activation_checkpoint_interval=1), the fair rival of "
+                        "--replay recompute")
+    p.add_argument("--partition", choices=["balanced", "authors"], default="balanced",
+                   help="ouroboros: 'balanced' (blocks by modelled per-stage cost, stage 0 also carries the "
+                        "head and loss) or 'authors' (L // G blocks per stage, stage 0's split half/half)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (train_batch calls)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--dropout", type=float, default=0.1)
@@ -230,13 +239,32 @@ def main(argv=None) -> int:
     G = args.pipeline_parallel_size or world
 
     plan = gpt2_layer_specs(mcfg, seed=args.seed)
+    if args.schedule != "ouroboros" and (args.replay != "recompute" or args.partition != "balanced"):
+        raise ValueError("--replay/--partition apply to --schedule ouroboros only")
+    if args.schedule == "ouroboros" and args.activation_checkpointing:
+        raise ValueError("--activation-checkpointing applies to --schedule 1f1b (the Ouroboros replay "
+                         "already recomputes; --replay stash keeps the graph instead)")
     if args.schedule == "ouroboros":
-        model = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
+        from ouroboros_ds.module import balanced_blocks_per_module, layer_costs, stage_costs_of
+        bpm, note = None, None
+        if args.partition == "balanced":
+            costs = layer_costs(mcfg.n_embd, tok.vocab_size, args.seq_len)
+            bpm = balanced_blocks_per_module(mcfg.n_layer, G, costs, args.replay)
+            work = stage_costs_of(bpm, costs, args.replay)
+            note = (f"partition balanced: blocks of modules 1..K {bpm}; modelled work per stage "
+                    f"(block forwards per micro-batch) " + ", ".join(f"{w / costs['block']:.2f}" for w in work))
+        model = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices,
+                                        blocks_per_module=bpm)
+        model.partition_note = note
     else:
         from deepspeed.pipe import PipelineModule
-        model = PipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block")
+        model = PipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block",
+                               activation_checkpoint_interval=1 if args.activation_checkpointing else 0,
+                               # only the blocks: reentrant checkpointing of the embedding (integer input)
+                               # would cut it off from autograd
+                               checkpointable_layers=["Block"])
     engine, *_ = initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                            config=cfg, seed=args.seed)
+                            config=cfg, seed=args.seed, replay=args.replay)
 
     mb, M = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     dp, dp_rank = engine.dp_world_size, engine.mpu.get_data_parallel_rank()
@@ -263,7 +291,8 @@ def main(argv=None) -> int:
 
     if log:
         stage_info = getattr(model, "describe", lambda: [])()
-        print(f"ouroboros-ds: schedule={args.schedule} G={G} dp={dp} M={M} micro-batch={mb} seq={args.seq_len} "
+        print(f"ouroboros-ds: schedule={args.schedule} replay={args.replay if args.schedule == 'ouroboros' else '-'} "
+              f"activation_checkpointing={args.activation_checkpointing} G={G} dp={dp} M={M} micro-batch={mb} seq={args.seq_len} "
               f"vocab={tok.vocab_size} layers={mcfg.n_layer} d={mcfg.n_embd} train_tokens={len(tok.train):,} "
               f"unigram_entropy={tok.unigram_entropy_bits:.3f} bits/token", flush=True)
         for line in stage_info:

@@ -13,12 +13,16 @@ What changes against the stock engine, and why:
   each message with its own tag so nothing depends on the order of unrelated messages.
 - No collective crosses stages in the steady state: the loss stays on stage 0 (no broadcast),
   gradients are clipped per stage, tied weights live on one stage.
+- ``replay="stash"`` (:mod:`ouroboros_ds.stash`): the forward of module k < K keeps its graph,
+  run through a snapshot of the module's weights; the replay backprops it (no recompute), so the
+  delayed gradient is taken at the forward's weights (PipeDream-style weight stashing).
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+from contextlib import nullcontext as _nullcontext
 
 import numpy as np
 import torch
@@ -34,6 +38,7 @@ from deepspeed.utils import logger
 from . import schedule as S
 from .models import dropout_key
 from .module import OuroborosPipelineModule
+from . import stash as W
 
 # Message tags: one per (kind, module, micro-batch), so every message matches its own receive.
 _ACT, _GRAD, _META, _EVAL, _EVAL_META = 1, 2, 3, 4, 5
@@ -102,7 +107,8 @@ class OuroborosEngine(PipelineEngine):
     the mean loss of batch t on stage 0 (``None`` on other stages: the loss is not broadcast).
     """
 
-    def __init__(self, *args, seed: int = 0, **kwargs):
+    def __init__(self, *args, seed: int = 0, replay: str = "recompute", **kwargs):
+        self.replay = W.check_replay(replay)
         super().__init__(*args, **kwargs)
         if not isinstance(self.module, OuroborosPipelineModule):
             raise TypeError("OuroborosEngine needs an OuroborosPipelineModule")
@@ -126,6 +132,11 @@ class OuroborosEngine(PipelineEngine):
         self._queued: dict = {}     # (peer stage, kind) -> receives waiting for the edge's shape
         self._edge_meta: dict = {}  # ("in"|"out", peer stage, kind) -> (shape, dtype) on that edge
         self.nonfinite_events: list = []  # non-finite losses/gradients met, and what was dropped
+        # replay="stash" only. weight_stash is state (a checkpoint holds it); graphs is a cache that
+        # _stash_graph() rebuilds from stash + weight_stash + the dropout key when it is missing.
+        self.weight_stash: dict = {}  # (module, batch) -> stash.Snapshot of the forward's weights
+        self.graphs: dict = {}        # (module, batch, mb) -> (input leaf, output) with its graph
+        self.saved_bytes = None       # a stash.SavedBytes to count the kept graphs' activations
 
     # ---------------------------------------------------------- DeepSpeed hooks we change
     def _train_schedule(self):
@@ -260,9 +271,12 @@ class OuroborosEngine(PipelineEngine):
         """``kFj``: forward batch t through module k without a graph; stash the input for the replay."""
         t = self.batch_id
         x = self._wait(self.acts_in.pop((module, mb)))
-        with torch.no_grad(), dropout_key(self.seed, t, mb):
-            y = self.module.forward_module(module, x)
         self.stash[(module, t, mb)] = x
+        if self.replay == "stash":
+            y = self._stash_graph(module, t, mb)[1].detach()
+        else:
+            with torch.no_grad(), dropout_key(self.seed, t, mb):
+                y = self.module.forward_module(module, x)
         if S.stage_of(module + 1, self.num_stages) == self.stage_id:
             self.acts_in[(module + 1, mb)] = y  # G = 1: module K is local
         else:
@@ -288,13 +302,16 @@ class OuroborosEngine(PipelineEngine):
         b = self.batch_id - S.delay(module, self.num_stages)
         if b < 0:
             return
-        x = self.stash.pop((module, b, mb))
         g = self._wait(self.grads_in.pop((module, b, mb)))
         if not torch.isfinite(g).all():  # a non-finite loss or gradient downstream: drop (b, mb)
             self._report_nonfinite("error gradient", module, b, mb)
+            x = self._release(module, b, mb)
             if module > 1:  # pass the poison on: module k-1 drops (b, mb) when it replays it
                 self.outbox[(S.SEND_B, module, mb)] = torch.full_like(x, float("nan"))
             return
+        if self.replay == "stash":
+            return self._stash_replay(module, b, mb, g)
+        x = self.stash.pop((module, b, mb))
         if x.is_floating_point():
             x = x.detach().requires_grad_()
         with dropout_key(self.seed, b, mb):
@@ -302,6 +319,52 @@ class OuroborosEngine(PipelineEngine):
         torch.autograd.backward(y, g)
         if module > 1:
             self.outbox[(S.SEND_B, module, mb)] = x.grad
+
+    def _stash_graph(self, module, b, mb):
+        """The kept graph of (module, batch b, mb): run (or, after a restore, rerun) the forward of
+        the stashed input through batch b's weight snapshot, taken at the batch's first forward."""
+        key = (module, b, mb)
+        if key not in self.graphs:
+            if (module, b) not in self.weight_stash:
+                snap = self.weight_stash[(module, b)] = W.Snapshot(self.module.module_funcs[module])
+                if self.saved_bytes is not None:
+                    self.saved_bytes.exclude |= {c.untyped_storage().data_ptr() for c, _ in snap.live}
+            hooks = self.saved_bytes.hooks() if self.saved_bytes is not None else _nullcontext()
+            with hooks, dropout_key(self.seed, b, mb):
+                self.graphs[key] = W.forward(self.module.module_funcs[module], self.weight_stash[(module, b)],
+                                             self.stash[key])
+        return self.graphs[key]
+
+    def _stash_replay(self, module, b, mb, g):
+        """``kBj`` in stash mode: backprop the kept graph of batch b with the received error
+        gradient ``g``, at the forward's weights."""
+        x, y = self._stash_graph(module, b, mb)
+        dx = W.backward(x, y, g, self.weight_stash[(module, b)])
+        self._release(module, b, mb)
+        if module > 1:
+            self.outbox[(S.SEND_B, module, mb)] = dx
+
+    def _release(self, module, b, mb):
+        """Drop (module, b, mb)'s stashed state once replayed (or dropped as non-finite); the
+        weight snapshot goes with the batch's last micro-batch. Returns the stashed input."""
+        x = self.stash.pop((module, b, mb))
+        self.graphs.pop((module, b, mb), None)
+        if (module, b) in self.weight_stash and not any(k[0] == module and k[1] == b for k in self.stash):
+            snap = self.weight_stash.pop((module, b))
+            if self.saved_bytes is not None:
+                self.saved_bytes.exclude -= {c.untyped_storage().data_ptr() for c, _ in snap.live}
+        return x
+
+    def stash_memory(self) -> dict:
+        """Bytes of this stage's stashed state now: inputs, weight snapshots, and (stash mode, when
+        ``saved_bytes`` is set) the activations the kept graphs hold."""
+        def nb(t):
+            return t.numel() * t.element_size()
+        out = {"inputs": sum(nb(x) for x in self.stash.values()),
+               "snapshots": sum(s.nbytes() for s in self.weight_stash.values())}
+        if self.saved_bytes is not None:
+            out["saved_activations"] = self.saved_bytes.live
+        return out
 
     def _exec_ring_send_grad(self, module, mb):
         """``kSEND_Bj``: send dL/d(input of k) upstream (pairs with (k-1)RECV_Bj)."""
@@ -406,17 +469,17 @@ class OuroborosEngine(PipelineEngine):
         return loss
 
     def in_flight_bytes(self) -> int:
-        """Bytes held across steps: stashed inputs and received error gradients."""
+        """Bytes held across steps: stashed inputs, received error gradients, weight snapshots."""
         n = sum(x.numel() * x.element_size() for x in self.stash.values())
         for g in self.grads_in.values():
             t = g if torch.is_tensor(g) else g.buf
             n += 0 if t is None else t.numel() * t.element_size()
-        return n
+        return n + sum(snap.nbytes() for snap in self.weight_stash.values())
 
     # ---------------------------------------------------------- checkpoints
     # Every dict of in-flight state kept across steps (keyed by (module, batch, mb)); a mode that
     # keeps more across steps (e.g. weight snapshots) adds its dict's attribute name here.
-    RING_STATE = ("stash", "grads_in")
+    RING_STATE = ("stash", "grads_in", "weight_stash")
     META_FILE = "ouroboros_meta.json"  # written last, by rank 0: its presence marks a complete save
 
     def ring_meta(self) -> dict:
@@ -528,9 +591,10 @@ def _atomic_write(path: str, write) -> None:
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
-               lr_scheduler=None, config=None, seed: int = 0):
+               lr_scheduler=None, config=None, seed: int = 0, replay: str = "recompute"):
     """``deepspeed.initialize`` for pipelines: an :class:`OuroborosPipelineModule` gets the
-    :class:`OuroborosEngine`, any other ``PipelineModule`` DeepSpeed's stock engine.
+    :class:`OuroborosEngine` (``replay``: "recompute" or "stash"), any other ``PipelineModule``
+    DeepSpeed's stock engine.
 
     Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed.
     """
@@ -550,7 +614,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                   training_data=training_data, lr_scheduler=lr_scheduler, mpu=model.mpu(),
                   config=config, config_class=config_class)
     if isinstance(model, OuroborosPipelineModule):
-        engine = OuroborosEngine(seed=seed, **kwargs)
+        engine = OuroborosEngine(seed=seed, replay=replay, **kwargs)
     else:
         from .baseline import KeyedPipelineEngine
         engine = KeyedPipelineEngine(seed=seed, **kwargs)

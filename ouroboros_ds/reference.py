@@ -7,7 +7,9 @@ module k < K forwards batch t without a graph and stashes its input; at step t i
 gradient that module k + 1 produced for that batch one step earlier. Module K is fresh. Each
 stage (modules of ``modules_of(s)``) has its own optimizer, clip and LR schedule, built from the
 same DeepSpeed config the engine reads. With ``synchronous=True`` every delay is 0: each module
-backprops the current batch, which is ordinary training.
+backprops the current batch, which is ordinary training. With ``replay="stash"`` the forward keeps
+its graph through a snapshot of the module's weights and the delayed backward uses it (the
+gradient at the forward's weights, :mod:`ouroboros_ds.stash`), as the engine's stash mode does.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import functools
 import torch
 
 from . import schedule as S
+from . import stash as W
 from .models import LayerPlan, dropout_key
 from .module import ring_partition
 
@@ -65,7 +68,8 @@ class Reference:
     """Ouroboros on one process. ``step(micro_batches)`` runs one step t and returns the mean loss."""
 
     def __init__(self, plan: LayerPlan, stages: int, ds_config: dict, loss_fn, seed: int = 0,
-                 blocks_per_module=None, synchronous: bool = False):
+                 blocks_per_module=None, synchronous: bool = False, replay: str = "recompute"):
+        self.replay = W.check_replay(replay)
         self.G, self.K = stages, S.num_modules(stages)
         self.seed, self.loss_fn, self.synchronous = seed, loss_fn, synchronous
         self.layers = build_layers(plan)
@@ -88,6 +92,8 @@ class Reference:
         self.t = 0
         self.stash: dict = {}    # (module, batch, mb) -> input
         self.pending: dict = {}  # (module, batch, mb) -> dL/d(output of module)
+        self.weight_stash: dict = {}  # replay="stash": (module, batch) -> Snapshot
+        self.graphs: dict = {}        # replay="stash": (module, batch, mb) -> (input leaf, output)
 
     def delay(self, k: int) -> int:
         return 0 if self.synchronous else S.delay(k, self.G)
@@ -119,9 +125,16 @@ class Reference:
         acts = [inp for inp, _ in micro_batches]
         for k in range(1, K):
             for j in range(M):
+                self.stash[(k, t, j)] = acts[j]
+                if self.replay == "stash":
+                    if j == 0:
+                        self.weight_stash[(k, t)] = W.Snapshot(self.module_layers[k])
+                    with dropout_key(self.seed, t, j):
+                        self.graphs[(k, t, j)] = W.forward(self.module_layers[k], self.weight_stash[(k, t)], acts[j])
+                    acts[j] = self.graphs[(k, t, j)][1].detach()
+                    continue
                 with torch.no_grad(), dropout_key(self.seed, t, j):
                     y = self.forward_module(k, acts[j])
-                self.stash[(k, t, j)] = acts[j]
                 acts[j] = y
         # 2. replays: module k backprops batch t - delay(k) from its stash, current weights.
         #    (the engine's stage 0 also replays module 1 before module K's losses: same order here)
@@ -160,6 +173,15 @@ class Reference:
             while (k, b, j) in self.stash:
                 x = self.stash.pop((k, b, j))
                 g = self.pending.pop((k, b, j))
+                if self.replay == "stash":
+                    x, y = self.graphs.pop((k, b, j))
+                    dx = W.backward(x, y, g, self.weight_stash[(k, b)])
+                    if k > 1:
+                        self.pending[(k - 1, b, j)] = dx
+                    j += 1
+                    if (k, b, j) not in self.stash:
+                        del self.weight_stash[(k, b)]
+                    continue
                 if x.is_floating_point():
                     x = x.detach().requires_grad_()
                 with dropout_key(self.seed, b, j):
