@@ -508,6 +508,8 @@ class OuroborosEngine(PipelineEngine):
             raise RuntimeError("ring_state_dict() must be called between train_batch() calls")
         self._settle()
         state = {name: dict(getattr(self, name)) for name in self.RING_STATE}
+        # snapshots point at the live parameters: save their values only (rebound on load)
+        state["weight_stash"] = {key: snap.state() for key, snap in self.weight_stash.items()}
         state["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "numpy": np.random.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -518,6 +520,9 @@ class OuroborosEngine(PipelineEngine):
         self._settle()
         for name in self.RING_STATE:
             setattr(self, name, dict(state[name]))
+        self.weight_stash = {key: W.Snapshot.restore(self.module.module_funcs[key[0]], values)
+                             for key, values in state["weight_stash"].items()}
+        self.graphs = {}  # a cache: _stash_graph() reruns each kept forward from the restored state
         # Both ends of every edge restart, so both redo the shape handshake on its first message.
         self._edge_meta, self._queued = {}, {}
         rng = state["rng"]

@@ -59,6 +59,21 @@ class Snapshot:
     def nbytes(self) -> int:
         return sum(c.numel() * c.element_size() for c, _ in self.live)
 
+    def state(self) -> list:
+        """The copies' values, for a checkpoint (the live parameters are the model's, not state)."""
+        return [c.detach() for c, _ in self.live]
+
+    @classmethod
+    def restore(cls, layers, values: list) -> "Snapshot":
+        """A snapshot of ``layers`` (the restored model's) holding the checkpointed ``values``."""
+        snap = cls(layers)
+        if len(values) != len(snap.live):
+            raise ValueError("weight snapshot: the checkpoint's module has another parameter count")
+        with torch.no_grad():
+            for (c, _), v in zip(snap.live, values):
+                c.copy_(v)
+        return snap
+
 
 def forward(layers, snap: Snapshot, x: torch.Tensor):
     """Module forward through the snapshot's copies, with a graph. Returns ``(input, output)``:
