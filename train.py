@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=None, help="override optimizer.params.lr of the config")
+    p.add_argument("--stale-lr-scale", type=float, default=0.0,
+                   help="staleness mitigation (off: 0): module k's lr / (1 + c * delay(k)); see ouroboros_ds/staleness.py")
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (0: only at the end)")
     p.add_argument("--eval-batches", type=int, default=8, help="validation micro-batches per evaluation")
     p.add_argument("--max-bytes", type=int, default=None, help="use only the first N bytes of the corpus")
@@ -116,7 +118,13 @@ def main(argv=None) -> int:
         if G > mcfg.n_layer:
             raise ValueError(f"--pipeline-parallel-size {G} exceeds the model's {mcfg.n_layer} blocks")
         model = PipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block")
-    engine, *_ = initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.stale_lr_scale:
+        if args.schedule != "ouroboros":
+            raise ValueError("--stale-lr-scale: only the ouroboros schedule has stale modules; drop it for 1f1b")
+        from ouroboros_ds.staleness import pipeline_groups
+        params = pipeline_groups(model, cfg.get("optimizer", {}).get("params", {}).get("lr", 1e-3), args.stale_lr_scale)
+    engine, *_ = initialize(model=model, model_parameters=params,
                             config=cfg, seed=args.seed)
 
     mb, M = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()

@@ -18,6 +18,7 @@ import torch
 from . import schedule as S
 from .models import LayerPlan, dropout_key
 from .module import ring_partition
+from .staleness import delay_scaled_groups
 
 
 def build_layers(plan: LayerPlan) -> list:
@@ -65,7 +66,7 @@ class Reference:
     """Ouroboros on one process. ``step(micro_batches)`` runs one step t and returns the mean loss."""
 
     def __init__(self, plan: LayerPlan, stages: int, ds_config: dict, loss_fn, seed: int = 0,
-                 blocks_per_module=None, synchronous: bool = False):
+                 blocks_per_module=None, synchronous: bool = False, stale_lr_scale: float = 0.0):
         self.G, self.K = stages, S.num_modules(stages)
         self.seed, self.loss_fn, self.synchronous = seed, loss_fn, synchronous
         self.layers = build_layers(plan)
@@ -81,7 +82,13 @@ class Reference:
                         if id(p) not in seen:
                             seen.add(id(p))
                             params.append(p)
-            opt = make_optimizer(params, ds_config)
+            groups = params
+            if stale_lr_scale:  # the optional mitigation, with the engine's own groups
+                lr = ds_config.get("optimizer", {}).get("params", {}).get("lr", 1e-3)
+                per_module = {k: [p for m in _modules(self.module_layers[k]) for p in m.parameters()]
+                              for k in S.modules_of(s, stages)}
+                groups = delay_scaled_groups(per_module, stages, lr, stale_lr_scale)
+            opt = make_optimizer(groups, ds_config)
             self.stage_params.append(params)
             self.optimizers.append(opt)
             self.schedulers.append(make_scheduler(opt, ds_config))
