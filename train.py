@@ -129,7 +129,9 @@ def main(argv=None) -> int:
 
     mb, M = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     dp, dp_rank = engine.dp_world_size, engine.mpu.get_data_parallel_rank()
-    stream = D.BatchStream(tok.train, args.seq_len, mb, M, dp_rank=dp_rank, dp_size=dp, seed=args.seed)
+    recurrent = getattr(mcfg, "arch", "gpt2") == "transfo-xl"  # memory needs each row to continue its text
+    stream = D.BatchStream(tok.train, args.seq_len, mb, M, dp_rank=dp_rank, dp_size=dp, seed=args.seed,
+                           ordered=recurrent)
     val = D.eval_batches(tok.val, args.seq_len, mb, max_batches=args.eval_batches)
     n_eval = len(val)
     tokens_per_step = mb * M * dp * args.seq_len

@@ -27,6 +27,7 @@ from deepspeed.runtime.pipe.schedule import PipeInstruction, PipeSchedule
 
 from . import schedule as S
 from .models import dropout_key
+from .models_xl import recurrent_memory
 from .module import OuroborosPipelineModule
 
 # Message tags: one per (kind, module, micro-batch), so every message matches its own receive.
@@ -114,6 +115,10 @@ class OuroborosEngine(PipelineEngine):
         self.acts_in: dict = {}    # (module, mb) -> input of this step: tensor or _Recv
         self.outbox: dict = {}     # (kind, module, mb) -> tensor to send
         self.labels: dict = {}     # mb -> labels of this step (stage 0)
+        # Recurrent models (Transformer-XL): the memory each (module, micro-batch stream) wrote in
+        # its last forward, and the memory each stashed forward read, which its replay must see.
+        self.mems: dict = {}        # (module, mb) -> {layer: memory}
+        self.stash_mems: dict = {}  # (module, batch, mb) -> {layer: memory}
         self.step_losses: list = []
         self._sends: list = []     # (request, tensor) of the previous and the current step
         self._prev_sends: list = []
@@ -253,13 +258,21 @@ class OuroborosEngine(PipelineEngine):
         """``kFj``: forward batch t through module k without a graph; stash the input for the replay."""
         t = self.batch_id
         x = self._wait(self.acts_in.pop((module, mb)))
-        with torch.no_grad(), dropout_key(self.seed, t, mb):
+        mem = self.mems.get((module, mb))
+        with torch.no_grad(), dropout_key(self.seed, t, mb), recurrent_memory(mem) as new_mem:
             y = self.module.forward_module(module, x)
         self.stash[(module, t, mb)] = x
+        self._keep_memory(module, mb, new_mem)
+        if mem:
+            self.stash_mems[(module, t, mb)] = mem
         if S.stage_of(module + 1, self.num_stages) == self.stage_id:
             self.acts_in[(module + 1, mb)] = y  # G = 1: module K is local
         else:
             self.outbox[(S.SEND_F, module, mb)] = y
+
+    def _keep_memory(self, module, mb, new_mem):
+        if new_mem:  # only recurrent layers write one (detached: no gradient flows into memory)
+            self.mems[(module, mb)] = new_mem
 
     def _exec_ring_send_activation(self, module, mb):
         """``kSEND_Fj``: send module k's output downstream (pairs with (k+1)RECV_Fj)."""
@@ -285,7 +298,7 @@ class OuroborosEngine(PipelineEngine):
         g = self._wait(self.grads_in.pop((module, b, mb)))
         if x.is_floating_point():
             x = x.detach().requires_grad_()
-        with dropout_key(self.seed, b, mb):
+        with dropout_key(self.seed, b, mb), recurrent_memory(self.stash_mems.pop((module, b, mb), None)):
             y = self.module.forward_module(module, x)
         torch.autograd.backward(y, g)
         if module > 1:
@@ -301,9 +314,10 @@ class OuroborosEngine(PipelineEngine):
         """``KLj``: module K's forward, loss and backward of batch t, at once (no delay)."""
         t = self.batch_id
         x = self._wait(self.acts_in.pop((module, mb))).detach().requires_grad_()
-        with dropout_key(self.seed, t, mb):
+        with dropout_key(self.seed, t, mb), recurrent_memory(self.mems.get((module, mb))) as new_mem:
             out = self.module.forward_module(module, x)
             loss = self.module.loss_fn(out, self.labels.pop(mb))
+        self._keep_memory(module, mb, new_mem)
         torch.autograd.backward(loss / self.micro_batches)
         self.step_losses.append(loss.detach())
         if self.num_stages == 1:  # module 1 replays batch t next step, from this local gradient
@@ -364,8 +378,10 @@ class OuroborosEngine(PipelineEngine):
         return loss
 
     def in_flight_bytes(self) -> int:
-        """Bytes held across steps: stashed inputs and received error gradients."""
+        """Bytes held across steps: stashed inputs, received error gradients, recurrent memories."""
         n = sum(x.numel() * x.element_size() for x in self.stash.values())
+        n += sum(m.numel() * m.element_size() for d in (*self.mems.values(), *self.stash_mems.values())
+                 for m in d.values())
         for g in self.grads_in.values():
             t = g if torch.is_tensor(g) else g.buf
             n += 0 if t is None else t.numel() * t.element_size()

@@ -17,6 +17,7 @@ import torch
 
 from . import schedule as S
 from .models import LayerPlan, dropout_key
+from .models_xl import recurrent_memory
 from .module import ring_partition
 from .staleness import delay_scaled_groups
 
@@ -95,6 +96,8 @@ class Reference:
         self.t = 0
         self.stash: dict = {}    # (module, batch, mb) -> input
         self.pending: dict = {}  # (module, batch, mb) -> dL/d(output of module)
+        self.mems: dict = {}        # (module, mb) -> memory its last forward wrote (Transformer-XL)
+        self.stash_mems: dict = {}  # (module, batch, mb) -> memory that forward read
 
     def delay(self, k: int) -> int:
         return 0 if self.synchronous else S.delay(k, self.G)
@@ -126,9 +129,13 @@ class Reference:
         acts = [inp for inp, _ in micro_batches]
         for k in range(1, K):
             for j in range(M):
-                with torch.no_grad(), dropout_key(self.seed, t, j):
+                mem = self.mems.get((k, j))
+                with torch.no_grad(), dropout_key(self.seed, t, j), recurrent_memory(mem) as new_mem:
                     y = self.forward_module(k, acts[j])
                 self.stash[(k, t, j)] = acts[j]
+                self.stash_mems[(k, t, j)] = mem
+                if new_mem:
+                    self.mems[(k, j)] = new_mem
                 acts[j] = y
         # 2. replays: module k backprops batch t - delay(k) from its stash, current weights.
         #    (the engine's stage 0 also replays module 1 before module K's losses: same order here)
@@ -138,8 +145,10 @@ class Reference:
         losses = []
         for j, (_, labels) in enumerate(micro_batches):
             x = acts[j].detach().requires_grad_()
-            with dropout_key(self.seed, t, j):
+            with dropout_key(self.seed, t, j), recurrent_memory(self.mems.get((K, j))) as new_mem:
                 loss = self.loss_fn(self.forward_module(K, x), labels)
+            if new_mem:
+                self.mems[(K, j)] = new_mem
             (loss / M).backward()
             losses.append(loss.detach())
             self.pending[(K - 1, t, j)] = x.grad
@@ -169,7 +178,7 @@ class Reference:
                 g = self.pending.pop((k, b, j))
                 if x.is_floating_point():
                     x = x.detach().requires_grad_()
-                with dropout_key(self.seed, b, j):
+                with dropout_key(self.seed, b, j), recurrent_memory(self.stash_mems.pop((k, b, j))):
                     y = self.forward_module(k, x)
                 torch.autograd.backward(y, g)
                 if k > 1:
