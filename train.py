@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=None, help="override optimizer.params.lr of the config")
+    p.add_argument("--stale-lr-scale", type=float, default=0.0,
+                   help="staleness mitigation (off: 0): module k's lr / (1 + c * delay(k)); see ouroboros_ds/staleness.py")
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (0: only at the end)")
     p.add_argument("--eval-batches", type=int, default=8, help="validation micro-batches per evaluation")
     p.add_argument("--max-bytes", type=int, default=None, help="use only the first N bytes of the corpus")
@@ -262,13 +264,20 @@ def main(argv=None) -> int:
                                activation_checkpoint_interval=1 if args.activation_checkpointing else 0,
                                # only the blocks: reentrant checkpointing of the embedding (integer input)
                                # would cut it off from autograd
-                               checkpointable_layers=["Block"])
-    engine, *_ = initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                            config=cfg, seed=args.seed, replay=args.replay)
+                               checkpointable_layers=["Block", "XLBlock"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.stale_lr_scale:
+        if args.schedule != "ouroboros":
+            raise ValueError("--stale-lr-scale: only the ouroboros schedule has stale modules; drop it for 1f1b")
+        from ouroboros_ds.staleness import pipeline_groups
+        params = pipeline_groups(model, cfg.get("optimizer", {}).get("params", {}).get("lr", 1e-3), args.stale_lr_scale)
+    engine, *_ = initialize(model=model, model_parameters=params, config=cfg, seed=args.seed, replay=args.replay)
 
     mb, M = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     dp, dp_rank = engine.dp_world_size, engine.mpu.get_data_parallel_rank()
-    stream = D.BatchStream(tok.train, args.seq_len, mb, M, dp_rank=dp_rank, dp_size=dp, seed=args.seed)
+    recurrent = getattr(mcfg, "arch", "gpt2") == "transfo-xl"  # memory needs each row to continue its text
+    stream = D.BatchStream(tok.train, args.seq_len, mb, M, dp_rank=dp_rank, dp_size=dp, seed=args.seed,
+                           ordered=recurrent)
     val = D.eval_batches(tok.val, args.seq_len, mb, max_batches=args.eval_batches)
     n_eval = len(val)
     tokens_per_step = mb * M * dp * args.seq_len

@@ -37,6 +37,7 @@ from deepspeed.utils import logger
 
 from . import schedule as S
 from .models import dropout_key
+from .models_xl import recurrent_memory
 from .module import OuroborosPipelineModule
 from . import stash as W
 
@@ -126,6 +127,10 @@ class OuroborosEngine(PipelineEngine):
         self.acts_in: dict = {}    # (module, mb) -> input of this step: tensor or _Recv
         self.outbox: dict = {}     # (kind, module, mb) -> tensor to send
         self.labels: dict = {}     # mb -> labels of this step (stage 0)
+        # Recurrent models (Transformer-XL): the memory each (module, micro-batch stream) wrote in
+        # its last forward, and the memory each stashed forward read, which its replay must see.
+        self.mems: dict = {}        # (module, mb) -> {layer: memory}
+        self.stash_mems: dict = {}  # (module, batch, mb) -> {layer: memory}
         self.step_losses: list = []
         self._sends: list = []     # (request, tensor) of the previous and the current step
         self._prev_sends: list = []
@@ -272,15 +277,24 @@ class OuroborosEngine(PipelineEngine):
         t = self.batch_id
         x = self._wait(self.acts_in.pop((module, mb)))
         self.stash[(module, t, mb)] = x
-        if self.replay == "stash":
-            y = self._stash_graph(module, t, mb)[1].detach()
-        else:
-            with torch.no_grad(), dropout_key(self.seed, t, mb):
-                y = self.module.forward_module(module, x)
+        mem = self.mems.get((module, mb))
+        if mem:
+            self.stash_mems[(module, t, mb)] = mem
+        with recurrent_memory(mem) as new_mem:
+            if self.replay == "stash":
+                y = self._stash_graph(module, t, mb)[1].detach()
+            else:
+                with torch.no_grad(), dropout_key(self.seed, t, mb):
+                    y = self.module.forward_module(module, x)
+        self._keep_memory(module, mb, new_mem)
         if S.stage_of(module + 1, self.num_stages) == self.stage_id:
             self.acts_in[(module + 1, mb)] = y  # G = 1: module K is local
         else:
             self.outbox[(S.SEND_F, module, mb)] = y
+
+    def _keep_memory(self, module, mb, new_mem):
+        if new_mem:  # only recurrent layers write one (detached: no gradient flows into memory)
+            self.mems[(module, mb)] = new_mem
 
     def _exec_ring_send_activation(self, module, mb):
         """``kSEND_Fj``: send module k's output downstream (pairs with (k+1)RECV_Fj)."""
@@ -314,7 +328,7 @@ class OuroborosEngine(PipelineEngine):
         x = self.stash.pop((module, b, mb))
         if x.is_floating_point():
             x = x.detach().requires_grad_()
-        with dropout_key(self.seed, b, mb):
+        with dropout_key(self.seed, b, mb), recurrent_memory(self.stash_mems.pop((module, b, mb), None)):
             y = self.module.forward_module(module, x)
         torch.autograd.backward(y, g)
         if module > 1:
@@ -338,7 +352,8 @@ class OuroborosEngine(PipelineEngine):
     def _stash_replay(self, module, b, mb, g):
         """``kBj`` in stash mode: backprop the kept graph of batch b with the received error
         gradient ``g``, at the forward's weights."""
-        x, y = self._stash_graph(module, b, mb)
+        with recurrent_memory(self.stash_mems.get((module, b, mb))):  # for a graph rebuilt after a restore
+            x, y = self._stash_graph(module, b, mb)
         dx = W.backward(x, y, g, self.weight_stash[(module, b)])
         self._release(module, b, mb)
         if module > 1:
@@ -349,6 +364,7 @@ class OuroborosEngine(PipelineEngine):
         weight snapshot goes with the batch's last micro-batch. Returns the stashed input."""
         x = self.stash.pop((module, b, mb))
         self.graphs.pop((module, b, mb), None)
+        self.stash_mems.pop((module, b, mb), None)
         if (module, b) in self.weight_stash and not any(k[0] == module and k[1] == b for k in self.stash):
             snap = self.weight_stash.pop((module, b))
             if self.saved_bytes is not None:
@@ -376,9 +392,10 @@ class OuroborosEngine(PipelineEngine):
         """``KLj``: module K's forward, loss and backward of batch t, at once (no delay)."""
         t = self.batch_id
         x = self._wait(self.acts_in.pop((module, mb))).detach().requires_grad_()
-        with dropout_key(self.seed, t, mb):
+        with dropout_key(self.seed, t, mb), recurrent_memory(self.mems.get((module, mb))) as new_mem:
             out = self.module.forward_module(module, x)
             loss = self.module.loss_fn(out, self.labels.pop(mb))
+        self._keep_memory(module, mb, new_mem)
         self.step_losses.append(loss.detach())
         if torch.isfinite(loss):
             torch.autograd.backward(loss / self.micro_batches)
@@ -469,8 +486,11 @@ class OuroborosEngine(PipelineEngine):
         return loss
 
     def in_flight_bytes(self) -> int:
-        """Bytes held across steps: stashed inputs, received error gradients, weight snapshots."""
+        """Bytes held across steps: stashed inputs, received error gradients, weight snapshots,
+        recurrent memories."""
         n = sum(x.numel() * x.element_size() for x in self.stash.values())
+        n += sum(m.numel() * m.element_size() for d in (*self.mems.values(), *self.stash_mems.values())
+                 for m in d.values())
         for g in self.grads_in.values():
             t = g if torch.is_tensor(g) else g.buf
             n += 0 if t is None else t.numel() * t.element_size()
@@ -479,7 +499,7 @@ class OuroborosEngine(PipelineEngine):
     # ---------------------------------------------------------- checkpoints
     # Every dict of in-flight state kept across steps (keyed by (module, batch, mb)); a mode that
     # keeps more across steps (e.g. weight snapshots) adds its dict's attribute name here.
-    RING_STATE = ("stash", "grads_in", "weight_stash")
+    RING_STATE = ("stash", "grads_in", "weight_stash", "mems", "stash_mems")
     META_FILE = "ouroboros_meta.json"  # written last, by rank 0: its presence marks a complete save
 
     def ring_meta(self) -> dict:
