@@ -14,9 +14,9 @@ What changes against the stock engine, and why:
 - No collective crosses stages in the steady state: the loss stays on stage 0 (no broadcast),
   gradients are clipped per stage, tied weights live on one stage.
 - Data parallelism, ZeRO-1 and bf16 stay DeepSpeed's optimizer wrappers; the engine only gives them
-  one param group per module (so a module in warm-up can be left alone) and a grid whose
-  model-parallel group is this stage (so their grad norm is the stage's, reduced over its
-  data-parallel group only). See ``_configure_optimizer``.
+  one param group per first-gradient step (so a module in warm-up can be left alone) and a grid
+  whose model-parallel group is this stage (so their grad norm is the stage's, reduced over its
+  data-parallel group only). See ``_configure_optimizer``. fp16 is refused (use bf16).
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ class OuroborosSchedule(PipeSchedule):
 
 
 # ------------------------------------------------------------------ optimizer set-up
-# Param-group key: the first step t at which the group's module has a gradient (its delay).
+# Param-group key: the first step t at which the group's parameters have a gradient.
 FIRST_STEP = "ouroboros_first_step"
 
 
@@ -212,8 +212,9 @@ class OuroborosEngine(PipelineEngine):
             self.data_iterator = iter(loader)
 
     # Overridden, to keep DeepSpeed's optimizer wrappers (ZeRO-1, bf16) as they are and change only
-    # what they are given: (1) one param group per module, when the caller passes plain parameters,
-    # and a step pre-hook that leaves a group in warm-up alone: ZeRO and BF16_Optimizer turn a
+    # what they are given: (1) one param group per first-gradient step (ring_param_groups), when the
+    # caller passes plain parameters, and a step pre-hook that leaves a group in warm-up alone:
+    # ZeRO and BF16_Optimizer turn a
     # missing gradient into zeros, and Adam would then move the module (weight decay, step count)
     # before its first delayed gradient; with the gradient set to None the torch optimizer skips it,
     # exactly as it skips the plain parameters in the ZeRO-0 fp32 path and in the Reference.
@@ -225,10 +226,10 @@ class OuroborosEngine(PipelineEngine):
             model_parameters = ring_param_groups(self.module)
             if given is not None and given != {id(p) for g in model_parameters for p in g["params"]}:
                 raise ValueError("model_parameters: pass this stage's trainable parameters (module.parameters()) "
-                                 "or None; the engine groups them per module")
+                                 "or None; the engine groups them by first-gradient step")
         elif not all(isinstance(g, dict) and FIRST_STEP in g for g in model_parameters):
             raise ValueError(f"model_parameters: param groups need the key {FIRST_STEP!r} (the first step their "
-                             "module has a gradient); pass plain parameters to get ring_param_groups(module)")
+                             "parameters have a gradient); pass plain parameters to get ring_param_groups(module)")
         mpu, self.mpu = self.mpu, _StageGrid(self.mpu)
         try:
             super()._configure_optimizer(client_optimizer, model_parameters)
@@ -252,8 +253,9 @@ class OuroborosEngine(PipelineEngine):
             torch.nn.utils.clip_grad_norm_(params, max_norm=self.gradient_clipping())
 
     # Overridden: the stock reduction turns a missing gradient into zeros, which would make Adam
-    # move a module that has no delayed gradient yet (warm-up). Reduce only gradients that exist;
-    # all replicas of a stage are in the same warm-up state, so they reduce the same list.
+    # move a module that has no delayed gradient yet (warm-up). Plain torch optimizer (ZeRO-0,
+    # fp32): reduce only gradients that exist; all replicas of a stage are in the same warm-up
+    # state, so they reduce the same list. ZeRO-1 / BF16_Optimizer: the stock path, see below.
     def _exec_reduce_grads(self):
         if self.using_bf16_optimizer:
             # The stock backward hands each backward's bf16 gradients to the fp32 accumulators;

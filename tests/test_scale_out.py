@@ -1,11 +1,13 @@
 """Issue 7: G stages x D data-parallel replicas, ZeRO-1, bf16 and evaluation on the Ouroboros ring.
 
-Two spawned runs (gloo, CPU, one thread per rank), computed once per module:
+Two spawned runs (gloo, CPU, one thread per rank), each computed once per module and training
+several engines in the same processes (the tiny model of test_equivalence, dropout 0.1, AdamW with
+weight decay, a clip that acts on some steps):
 
-- ``2x2``: 4 ranks, G = 2 stages x D = 2 replicas, ZeRO-1, fp32, M = 2 micro-batches per replica.
-  The same processes train a second engine that runs ``eval_batch`` in the middle of training.
-- ``2x1``: 2 ranks, G = 2, D = 1, ZeRO-1, fp32, M = 4 = D x 2 (the same global batch), then the
-  same run in bf16 (ZeRO-0: DeepSpeed's BF16_Optimizer; ZeRO-1: its ZeRO optimizer in bf16).
+- ``2x2``: 4 ranks, G = 2 stages x D = 2 replicas, M = 2 micro-batches per replica: ZeRO-1 fp32,
+  the same with an ``eval_batch`` before step EVAL_AT, ZeRO-0 fp32, ZeRO-1 bf16.
+- ``2x1``: 2 ranks, G = 2, D = 1, M = 4 (the same global batch): ZeRO-1 fp32, bf16 with ZeRO-0
+  (DeepSpeed's BF16_Optimizer) and with ZeRO-1 (its ZeRO optimizer in bf16); fp16 is refused.
 
 Replica r's micro-batch j is the global batch's micro-batch j*D + r (data.BatchStream's rule).
 """
@@ -24,7 +26,7 @@ G, GLOBAL_MB, STEPS, EVAL_AT = 2, 4, 7, 3  # GLOBAL_MB micro-batches of 2 sequen
 
 
 def config(M: int, zero: int, bf16: bool = False) -> dict:
-    cfg = ds_config(GLOBAL_MB, STEPS)  # its clip (0.8) acts on some steps of this run, not all
+    cfg = ds_config(GLOBAL_MB, STEPS)  # test_equivalence's clip for these batches: it clips on some steps
     cfg["gradient_accumulation_steps"] = M
     cfg["zero_optimization"] = {"stage": zero}
     if bf16:
@@ -109,7 +111,8 @@ def worker(rank: int, D: int, runs: list, out: str) -> None:
 
 M2, M1 = GLOBAL_MB // 2, GLOBAL_MB  # micro-batches per replica with D = 2 and D = 1
 RUNS = {  # name -> (world, [(engine run, (M, ZeRO stage, bf16, eval before step))])
-    "2x2": (2 * G, [("zero1", (M2, 1, False, None)), ("zero1_eval", (M2, 1, False, EVAL_AT))]),
+    "2x2": (2 * G, [("zero1", (M2, 1, False, None)), ("zero1_eval", (M2, 1, False, EVAL_AT)),
+                    ("zero0", (M2, 0, False, None)), ("bf16_zero1", (M2, 1, True, None))]),
     "2x1": (G, [("zero1", (M1, 1, False, None)), ("bf16", (M1, 0, True, None)), ("bf16_zero1", (M1, 1, True, None))]),
 }
 _DONE: dict = {}
@@ -172,12 +175,14 @@ def _assert_params_close(got: dict, want: dict, atol, rtol, what):
     return worst
 
 
-def test_2x2_zero1_equals_reference(run):
-    """G = 2, D = 2, ZeRO-1, fp32 equals the single-process Reference on the full global batch."""
-    ranks = [r["zero1"] for r in run("2x2")]
-    assert {r["optimizer"] for r in ranks} == {"DeepSpeedZeroOptimizer"}
+@pytest.mark.parametrize("name,optimizer", [("zero1", "DeepSpeedZeroOptimizer"), ("zero0", "AdamW")])
+def test_2x2_equals_reference(run, name, optimizer):
+    """G = 2, D = 2, ZeRO-1 (and 0), fp32 equals the single-process Reference on the full global batch."""
+    ranks = [r[name] for r in run("2x2")]
+    assert {r["optimizer"] for r in ranks} == {optimizer}
     assert sorted((r["stage"], r["dp_rank"]) for r in ranks) == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert [r["groups"] for r in ranks if r["stage"] == 0][0].__len__() == 2, "stage 0: one group per module"
+    # stage 0: wte and module K (from step 0), wpe and module 1 (from step G); stage 1: one group
+    assert sorted(len(r["groups"]) for r in ranks) == [1, 1, 2, 2]
     ref_params, ref_losses, _ = _reference()
     for s, rs in _by_stage(ranks).items():  # replicas of a stage hold the same weights, bit for bit
         for n in rs[0]["params"]:
@@ -189,17 +194,18 @@ def test_2x2_zero1_equals_reference(run):
                                        torch.tensor(ref_losses, dtype=torch.float64), rtol=1e-6, atol=0)
         else:
             assert r["losses"] == [None] * STEPS
-    print(f"2x2 ZeRO-1 vs reference: max |param diff| = {worst:.3g}, max loss rel diff = "
+    print(f"2x2 {name} vs reference: max |param diff| = {worst:.3g}, max loss rel diff = "
           f"{max(abs(a - b) / b for a, b in zip(ranks[0]['losses'], ref_losses)):.3g}")
 
 
-def test_2x2_collectives_stay_in_data_parallel_group(run):
+@pytest.mark.parametrize("name", ["zero1", "zero0", "bf16_zero1"])
+def test_2x2_collectives_stay_in_data_parallel_group(run, name):
     """During train_batch() the only collectives are over the rank's data-parallel group (its stage)."""
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     topo = PipeDataParallelTopology(num_pp=G, num_dp=2)
     for rank, r in enumerate(run("2x2")):
-        r = r["zero1"]
+        r = r[name]
         dp_group = sorted(topo.filter_match(pipe=r["stage"]))
         assert r["api_calls"], "ZeRO-1 with D = 2 reduces over the replicas: is the recorder blind?"
         bad = [(name, ranks) for name, ranks in r["api_calls"] if ranks != dp_group and ranks != [rank]]
@@ -233,17 +239,19 @@ def test_eval_mid_training_leaves_training_bitwise_unchanged(run):
     assert abs(e[0][0] - ref_eval) <= 1e-6 * ref_eval, (e[0][0], ref_eval)
 
 
-@pytest.mark.parametrize("name,optimizer", [("bf16", "BF16_Optimizer"), ("bf16_zero1", "DeepSpeedZeroOptimizer")])
-def test_bf16_close_to_fp32(run, name, optimizer):
+@pytest.mark.parametrize("topology,name,optimizer", [("2x1", "bf16", "BF16_Optimizer"),
+                                                     ("2x1", "bf16_zero1", "DeepSpeedZeroOptimizer"),
+                                                     ("2x2", "bf16_zero1", "DeepSpeedZeroOptimizer")])
+def test_bf16_close_to_fp32(run, topology, name, optimizer):
     """bf16 working precision with DeepSpeed's fp32 master weights: finite and close to fp32."""
-    ranks = run("2x1")
+    ranks = run(topology)
     for r in ranks:
         assert r[name]["optimizer"] == optimizer and r[name]["dtypes"] == ["torch.bfloat16"]
     lb = torch.tensor(next(r[name] for r in ranks if r[name]["stage"] == 0)["losses"], dtype=torch.float64)
     lf = torch.tensor(next(r["zero1"] for r in ranks if r["zero1"]["stage"] == 0)["losses"], dtype=torch.float64)
     assert torch.isfinite(lb).all()
     rel = ((lb - lf).abs() / lf).max().item()
-    print(f"{name}: max loss rel diff to fp32 over {STEPS} steps = {rel:.3g}")
+    print(f"{topology} {name}: max loss rel diff to fp32 over {STEPS} steps = {rel:.3g}")
     assert rel < 1e-2, (lb, lf)
     # the replay's stashed inputs and the pending error gradients are in the working precision
     assert all(r[name]["in_flight_dtypes"] == ["torch.bfloat16"] for r in ranks)
