@@ -81,16 +81,17 @@ def _train(M, zero, bf16, D, dp_rank, eval_at=None):
             "master_dtypes": sorted({str(p.dtype) for g in engine.basic_optimizer.param_groups for p in g["params"]})}
 
 
-def _fp16_error() -> str:
+def _init_error(cfg: dict, groups: bool = False) -> str:
+    """The ValueError of initialize() with this config (and user param groups without the ring's key)."""
     from ouroboros_ds.engine import initialize
     from ouroboros_ds.models import lm_loss
     from ouroboros_ds.module import OuroborosPipelineModule
 
     plan = model_plan()
     mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
-    cfg = {**config(GLOBAL_MB, 0), "fp16": {"enabled": True}}
+    params = [{"params": list(mod.parameters())}] if groups else list(mod.parameters())
     try:
-        initialize(model=mod, model_parameters=list(mod.parameters()), config=cfg, seed=SEED)
+        initialize(model=mod, model_parameters=params, config=cfg, seed=SEED)
     except ValueError as e:
         return str(e)
     return "no error"
@@ -105,7 +106,8 @@ def worker(rank: int, D: int, runs: list, out: str) -> None:
     dp_rank = PipeDataParallelTopology(num_pp=G, num_dp=D).get_coord(rank).data  # as the module's grid
     results = {name: _train(M, zero, bf16, D, dp_rank, eval_at) for name, (M, zero, bf16, eval_at) in runs}
     if D == 1:
-        results["fp16_error"] = _fp16_error()
+        results["fp16_error"] = _init_error({**config(GLOBAL_MB, 0), "fp16": {"enabled": True}})
+        results["groups_error"] = _init_error(config(GLOBAL_MB, 1), groups=True)
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 
@@ -262,7 +264,14 @@ def test_bf16_close_to_fp32(run, topology, name, optimizer):
 
 def test_fp16_is_refused(run):
     for r in run("2x1"):
-        assert "bf16" in r["fp16_error"] and "fp16" in r["fp16_error"], r["fp16_error"]
+        assert r["fp16_error"].startswith("fp16.enabled:") and '"bf16": {"enabled": true}' in r["fp16_error"], \
+            r["fp16_error"]
+
+
+def test_param_groups_without_first_step_are_refused(run):
+    for r in run("2x1"):
+        assert r["groups_error"].startswith("model_parameters:") and "ouroboros_first_step" in r["groups_error"], \
+            r["groups_error"]
 
 
 def test_global_batch_is_independent_of_dp():
