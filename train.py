@@ -7,6 +7,8 @@ Launch:
     torchrun --nproc_per_node 2 train.py --deepspeed_config ds_configs/ouroboros.json
   One process (G = 1: modules 1 and 2 share stage 0; still the delayed update):
     python train.py --deepspeed_config ds_configs/ouroboros.json
+  G = 2 stages x D = 2 data-parallel replicas (world = G x D; bf16 + ZeRO-1 config):
+    deepspeed --num_gpus 4 train.py --deepspeed_config ds_configs/ouroboros_bf16_zero1.json --pipeline-parallel-size 2
   GPUs (one rank per GPU, NCCL):
     deepspeed --num_gpus 4 train.py --deepspeed_config ds_configs/ouroboros.json --pipeline-parallel-size 4
   Baseline on the same model, data and seed:
