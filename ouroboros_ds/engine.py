@@ -13,6 +13,9 @@ What changes against the stock engine, and why:
   each message with its own tag so nothing depends on the order of unrelated messages.
 - No collective crosses stages in the steady state: the loss stays on stage 0 (no broadcast),
   gradients are clipped per stage, tied weights live on one stage.
+- Checkpoints (:meth:`OuroborosEngine.save_ring_checkpoint`) add the in-flight dicts to
+  DeepSpeed's layout and switch ``latest`` only when every rank is done; a non-finite loss or
+  gradient is dropped batch by batch around the ring with no collective (``_report_nonfinite``).
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 Per G in {2, 3}, one spawn trains M = 1 and M = 4 for T = G + 3 steps and saves at global step
 1 (inside the warm-up: module 1 first updates at step G) and at step G + 1 (after it), into one
 folder; then it tries a third save that crashes halfway (after DeepSpeed wrote its files, before
-the ring state and ``latest``). A second spawn (fresh processes) resumes each checkpoint in a new
-engine and finishes the run: losses and parameters must equal the uninterrupted run bitwise.
+the ring state and ``latest``). A second spawn (fresh processes) resumes each checkpoint and
+finishes the run: losses and parameters must equal the uninterrupted run bitwise. Each tag is
+loaded once into a fresh engine and once into an engine that has trained since.
 The resume spawn also loads checkpoints of another M, G and model and expects the errors.
 """
 from __future__ import annotations
@@ -117,8 +118,11 @@ def resume_worker(rank, G, ckpt, other_ckpt, out):
     T = total_steps(G)
     for M in M_VALUES:
         folder = os.path.join(ckpt, f"m{M}")
-        for tag in (f"global_step{save_steps(G)[0]}", None):  # None: `latest`, the second save
-            engine, mod = _engine(G, M)
+        tags = (f"global_step{save_steps(G)[0]}", None)  # None: `latest`, the second save
+        # One engine per M: its first load is into a fresh engine, its second into one that has
+        # trained since (a load must replace all state); M = 1 and M = 4 swap which tag is which.
+        engine, mod = _engine(G, M)
+        for tag in (tags if M == M_VALUES[0] else tags[::-1]):
             if not errors:  # a failed load changes nothing, so the first engine also checks the errors
                 errors = _mismatch_errors(engine, G, ckpt, other_ckpt, out)
             client = engine.load_ring_checkpoint(folder, tag=tag, meta=MODEL_META)

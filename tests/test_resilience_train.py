@@ -181,7 +181,7 @@ def test_preempted_run_resumes_bitwise(tmp_path):
 def test_killed_rank_ends_the_job_with_a_clear_error(tmp_path):
     """SIGKILL one rank mid-run: the job ends within a bounded time, nonzero, saying why."""
     metrics = tmp_path / "m.jsonl"
-    job = _launch([*_common(_config(tmp_path), 100000), "--metrics", str(metrics), "--comm-timeout", "20"])
+    job = _launch([*_common(_config(tmp_path), 100000), "--metrics", str(metrics)])
     try:
         _wait_for_steps(job, metrics, 3)
         os.kill(_rank_pid(job, 1), signal.SIGKILL)
