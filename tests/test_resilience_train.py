@@ -152,15 +152,15 @@ def test_preempted_run_resumes_bitwise(tmp_path):
     cfg = _config(tmp_path)
     ckpt = tmp_path / "ckpt"
     full_m, pre_m, res_m = tmp_path / "full.jsonl", tmp_path / "pre.jsonl", tmp_path / "res.jsonl"
-    full = _launch([*_common(cfg, steps), "--metrics", str(full_m)])
-    out, err = full.communicate(timeout=300)
-    assert full.returncode == 0, err[-3000:]
-
+    # the uninterrupted run, at the same time as the one to preempt (they share nothing)
+    full = _launch([*_common(cfg, steps), "--metrics", str(full_m)], stderr=subprocess.DEVNULL)
     # a requeued job's command line: --save and --load the same folder (the first launch has no save)
     pre = _launch([*_common(cfg, steps), "--metrics", str(pre_m), "--save", str(ckpt), "--load", str(ckpt)])
     _wait_for_steps(pre, pre_m, 3)
     os.kill(_rank_pid(pre, 1), signal.SIGUSR1)
     out, err = pre.communicate(timeout=120)
+    full.communicate(timeout=300)
+    assert full.returncode == 0
     assert pre.returncode == 0, err[-3000:]
     assert f"no save in {ckpt} yet: starting from step 0" in out, out
     stopped = len(_losses(pre_m))
