@@ -191,6 +191,14 @@ def test_crash_mid_save_keeps_previous_and_mismatch_errors(runs, G):
         assert open(os.path.join(folder, "latest")).read() == f"global_step{save_steps(G)[1]}"
         assert os.path.isdir(os.path.join(folder, f"global_step{T}"))  # the crashed save wrote part
         assert not os.path.exists(os.path.join(folder, f"global_step{T}", "ouroboros_meta.json"))
+    # the layout: DeepSpeed's files (one model/optimizer file per stage, one file per layer with
+    # weights), one ring file per rank, the meta file; no two stages share a file name
+    names = set(os.listdir(os.path.join(run["ckpt"], "m1", "global_step1")))
+    assert {f"mp_rank_{s:02d}_model_states.pt" for s in range(G)} | {f"ouroboros_rank{r:05d}.pt" for r in range(G)} \
+        | {"ouroboros_meta.json"} <= names, names
+    assert not any(n.endswith(".tmp") or ".tmp" in n for n in names), names
+    layers = {n for n in names if n.startswith("layer_")}
+    assert len(layers) == len(model_plan().specs) - 1, layers  # every layer but the tied head's lambda
     for r in range(G):
         errors = run["resume"][r]["errors"]
         assert "M: checkpoint 4, this run 1" in errors["M"], errors
