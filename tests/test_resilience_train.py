@@ -131,7 +131,7 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
     raise AssertionError("worker not found")
 
 
-def _wait_for_steps(launcher, metrics, n, timeout=240):
+def _wait_for_steps(launcher, metrics, n, timeout=600):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if metrics.exists() and sum('"loss"' in x for x in metrics.read_text().splitlines()) >= n:
@@ -158,8 +158,8 @@ def test_preempted_run_resumes_bitwise(tmp_path):
     pre = _launch([*_common(cfg, steps), "--metrics", str(pre_m), "--save", str(ckpt), "--load", str(ckpt)])
     _wait_for_steps(pre, pre_m, 3)
     os.kill(_rank_pid(pre, 1), signal.SIGUSR1)
-    out, err = pre.communicate(timeout=120)
-    full.communicate(timeout=300)
+    out, err = pre.communicate(timeout=600)
+    full.communicate(timeout=600)
     assert full.returncode == 0
     assert pre.returncode == 0, err[-3000:]
     assert f"no save in {ckpt} yet: starting from step 0" in out, out
@@ -169,7 +169,7 @@ def test_preempted_run_resumes_bitwise(tmp_path):
     assert (ckpt / "latest").read_text() == f"global_step{stopped}"
 
     res = _launch([*_common(cfg, steps), "--metrics", str(res_m), "--save", str(ckpt), "--load", str(ckpt)])
-    out, err = res.communicate(timeout=300)
+    out, err = res.communicate(timeout=600)
     assert res.returncode == 0, err[-3000:]
     assert f"resumed from {ckpt} at step {stopped}" in out
     assert (ckpt / "latest").read_text() == f"global_step{steps}"
