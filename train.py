@@ -16,6 +16,8 @@ Launch:
 
 The same --seed gives both schedules the same initial weights, the same batches and the same
 dropout masks, so their first losses are equal and later differences are the algorithm's.
+Checkpoints: --save DIR [--save-every N] saves at the end, every N steps and on SIGTERM/SIGUSR1
+(all ranks stop after the same step); --load DIR resumes exactly (--steps is the total).
 Metrics (--metrics PATH, JSON lines, written by global rank 0): one line per step
 {"step", "loss", "tokens", "seconds", "lr"} and one per evaluation {"step", "val_loss", "val_bpb"}.
 """

@@ -20,6 +20,9 @@ What changes against the stock engine, and why:
   one param group per first-gradient step (so a module in warm-up can be left alone) and a grid
   whose model-parallel group is this stage (so their grad norm is the stage's, reduced over its
   data-parallel group only). See ``_configure_optimizer``. fp16 is refused (use bf16).
+- Checkpoints (:meth:`OuroborosEngine.save_ring_checkpoint`) add the in-flight dicts to
+  DeepSpeed's layout and switch ``latest`` only when every rank is done; a non-finite loss or
+  gradient is dropped batch by batch around the ring with no collective (``_report_nonfinite``).
 """
 from __future__ import annotations
 
