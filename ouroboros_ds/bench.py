@@ -13,7 +13,7 @@ How it measures (so that the ratios come from one run):
   medians over the remaining rounds of the mean step time.
 - Utilization per stage = busy time of the compute instructions (timers around the forward,
   backward/replay, loss and optimizer handlers, minus the time an Ouroboros handler spends waiting
-  for a message) / wall time of the timed steps. Next to it, the simulator's prediction made from
+  for a message) / wall time of the timed steps, summed over the timed rounds. Next to it, the simulator's prediction made from
   the *measured* mean cost of each instruction (:mod:`ouroboros_ds.simulate`; for 1F1B the
   ``(M+G-1)(f+b)`` model).
 - Memory per stage, CPU: after the timed rounds, K + 1 more steps of each engine with
@@ -219,7 +219,7 @@ def _rank_main(rank, args, outdir):
         params = list({id(p): p for m in _modules(layers) for p in m.parameters()}.values())
         sp_opt = torch.optim.AdamW(params, lr=1e-4)
         sp_layers = layers
-    res = {name: {"step_times": [], "busy": [], "durations": {}} for name in list(engines) + single}
+    res = {name: {"step_times": [], "busy": [], "wall": [], "durations": {}} for name in list(engines) + single}
 
     def run_single(name, steps):
         t = 1 if name == "1proc-1thread" else (os.cpu_count() or 1)
@@ -254,7 +254,8 @@ def _rank_main(rank, args, outdir):
             tm.on = False
             if timed:
                 res[name]["step_times"].append(wall / args.steps)
-                res[name]["busy"].append(tm.busy() / wall)
+                res[name]["busy"].append(tm.busy())
+                res[name]["wall"].append(wall)
                 for key, v in tm.durations.items():
                     res[name]["durations"].setdefault(f"{key[0]}:{key[1]}", []).extend(v)
         if rank == 0:
@@ -365,7 +366,7 @@ def report(args, ranks) -> str:
         cells.append(f"{st['1f1b+ckpt'] / st[name]:.3f}" if "1f1b+ckpt" in st else "-")
         if name in CONFIGS:
             cells.append(f"{t1 / (G * st[name]):.3f}" if t1 else "-")
-            util = [_median(r[name]["busy"]) for r in ranks]
+            util = [sum(r[name]["busy"]) / sum(r[name]["wall"]) for r in ranks]  # over all timed rounds
             cells.append(" / ".join(f"{u:.3f}" for u in util))
             cells.append(" / ".join(f"{u:.3f}" for u in _predict(name, ranks, G, M)))
             mem = [r[name]["memory"] for r in ranks]
