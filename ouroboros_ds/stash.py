@@ -56,6 +56,20 @@ class Snapshot:
                 d[name] = seen[id(p)]
             self.copies.append(d)
 
+    def state_dict(self) -> list[dict]:
+        """The copies, per layer ``{name: tensor}``: what a checkpoint stores (no live references)."""
+        return [{n: c.detach() for n, c in d.items()} for d in self.copies]
+
+    @classmethod
+    def from_state(cls, layers, state: list[dict]) -> "Snapshot":
+        """Rebuild a snapshot of ``layers`` (the module's live layers) from :meth:`state_dict`."""
+        snap = cls(layers)
+        for d, saved in zip(snap.copies, state):
+            for name, c in d.items():
+                with torch.no_grad():
+                    c.copy_(saved[name])
+        return snap
+
     def nbytes(self) -> int:
         return sum(c.numel() * c.element_size() for c, _ in self.live)
 
