@@ -262,7 +262,8 @@ class OuroborosEngine(PipelineEngine):
         self.acts_in[(module, mb)] = self._irecv(src, _tag(_ACT, module, mb), _ACT)
 
     def _exec_ring_forward(self, module, mb):
-        """``kFj``: forward batch t through module k without a graph; stash the input for the replay."""
+        """``kFj``: forward batch t through module k without a graph; stash the input for the replay.
+        Stash mode: with a graph, through the batch's weight snapshot (kept for the replay)."""
         t = self.batch_id
         x = self._wait(self.acts_in.pop((module, mb)))
         self.stash[(module, t, mb)] = x
