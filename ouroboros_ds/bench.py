@@ -219,7 +219,8 @@ def _rank_main(rank, args, outdir):
         params = list({id(p): p for m in _modules(layers) for p in m.parameters()}.values())
         sp_opt = torch.optim.AdamW(params, lr=1e-4)
         sp_layers = layers
-    res = {name: {"step_times": [], "busy": [], "wall": [], "durations": {}} for name in list(engines) + single}
+    res = {name: {"step_times": [], "busy": [], "wall": [], "page_faults": [], "durations": {}}
+           for name in list(engines) + single}
 
     def run_single(name, steps):
         t = 1 if name == "1proc-1thread" else (os.cpu_count() or 1)
@@ -246,16 +247,19 @@ def _rank_main(rank, args, outdir):
             tm.reset()
             tm.on = timed
             sync()
+            faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 eng.train_batch(iters[name])
             sync()
             wall = time.perf_counter() - t0
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
             tm.on = False
             if timed:
                 res[name]["step_times"].append(wall / args.steps)
                 res[name]["busy"].append(tm.busy())
                 res[name]["wall"].append(wall)
+                res[name]["page_faults"].append(faults / args.steps)
                 for key, v in tm.durations.items():
                     res[name]["durations"].setdefault(f"{key[0]}:{key[1]}", []).extend(v)
         if rank == 0:
@@ -390,6 +394,10 @@ def report(args, ranks) -> str:
             per = [{k: statistics.mean(v) * 1e3 for k, v in r[name]["durations"].items()} for r in ranks]
             costs.append(f"{name}: mean ms per instruction, by stage " + "; ".join(
                 ", ".join(f"{k} {v:.1f}" for k, v in sorted(p.items())) for p in per))
+    faults = "; ".join(f"{name} " + " / ".join(f"{_median(r[name]['page_faults']):,.0f}" for r in ranks)
+                       for name in CONFIGS if name in ranks[0])
+    costs.append(f"minor page faults per step, by stage (first touch of fresh memory; a load-independent "
+                 f"hint of allocation churn): {faults}")
     rss = ", ".join(f"{r['_rank']['peak_rss_kb'] / 1024:.0f}" for r in ranks)
     return (out + "\n\n" + "\n".join(costs) + f"\n\nprocess peak RSS per rank (MB, all engines together): {rss}; "
             f"torch threads per rank: {ranks[0]['_rank']['threads']}; device: {ranks[0]['_rank']['device']}")
