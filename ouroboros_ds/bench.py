@@ -196,8 +196,9 @@ def _rank_main(rank, args, outdir):
     cuda = get_accelerator().device_name() == "cuda"
     threads = args.threads or max(1, (os.cpu_count() or 1) // G)
     torch.set_num_threads(threads)
+    # long timeout: the other ranks wait at a barrier while rank 0 runs the single-process baseline
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                               timeout=datetime.timedelta(seconds=3600))  # ranks wait while rank 0 runs the single process
+                               timeout=datetime.timedelta(seconds=3600))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     cfg = gpt2_config(args.model, VOCAB, dropout=0.1)
     plan = gpt2_layer_specs(cfg, seed=0)
