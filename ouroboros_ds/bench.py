@@ -188,7 +188,6 @@ def _rank_main(rank, args, outdir):
 
     from . import engine as E
     from .models import gpt2_config, gpt2_layer_specs
-    from .module import stage_costs_of
     from .reference import build_layers
     from .stash import SavedBytes
 

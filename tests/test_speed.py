@@ -11,7 +11,7 @@ import pytest
 
 from ouroboros_ds.module import balanced_blocks_per_module, layer_costs, ring_partition, stage_costs_of
 from ouroboros_ds.schedule import num_modules, ouroboros_schedule
-from ouroboros_ds.simulate import Costs, balanced_costs, cycle_bound, scale_table, simulate, steady_steps
+from ouroboros_ds.simulate import balanced_costs, cycle_bound, scale_table, simulate, steady_steps
 
 
 def steady(G, M, costs):
