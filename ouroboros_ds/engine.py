@@ -401,7 +401,8 @@ class OuroborosEngine(PipelineEngine):
         self.acts_in[(module, mb)] = self._irecv(src, _tag(_ACT, module, mb), _ACT)
 
     def _exec_ring_forward(self, module, mb):
-        """``kFj``: forward batch t through module k without a graph; stash the input for the replay."""
+        """``kFj``: forward batch t through module k without a graph; stash the input for the replay.
+        Stash mode: with a graph, through the batch's weight snapshot (kept for the replay)."""
         t = self.batch_id
         x = self._wait(self.acts_in.pop((module, mb)))
         self.stash[(module, t, mb)] = x
@@ -658,7 +659,7 @@ class OuroborosEngine(PipelineEngine):
         self._settle()
         state = {name: dict(getattr(self, name)) for name in self.RING_STATE}
         # snapshots point at the live parameters: save their values only (rebound on load)
-        state["weight_stash"] = {key: snap.state() for key, snap in self.weight_stash.items()}
+        state["weight_stash"] = {key: snap.state_dict() for key, snap in self.weight_stash.items()}
         state["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "numpy": np.random.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -669,7 +670,7 @@ class OuroborosEngine(PipelineEngine):
         self._settle()
         for name in self.RING_STATE:
             setattr(self, name, dict(state[name]))
-        self.weight_stash = {key: W.Snapshot.restore(self.module.module_funcs[key[0]], values)
+        self.weight_stash = {key: W.Snapshot.from_state(self.module.module_funcs[key[0]], values)
                              for key, values in state["weight_stash"].items()}
         self.graphs = {}  # a cache: _stash_graph() reruns each kept forward from the restored state
         # Both ends of every edge restart, so both redo the shape handshake on its first message.
