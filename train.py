@@ -33,7 +33,15 @@ def parse_args(argv=None):
     p.add_argument("--data", default="shakespeare",
                    help="'shakespeare' (built in), 'enwik8-sample', a local text file, or a hub data set name")
     p.add_argument("--tokenizer", default="bytes", help="'bytes' (vocab 256) or a local Hugging Face tokenizer path")
-    p.add_argument("--model", default="tiny", help="a named size (tiny, small, gpt2, ...) or JSON of GPT2Config fields")
+    p.add_argument("--model", default="tiny",
+                   help="a named size (tiny, small, gpt2, ...), JSON of GPT2Config fields, or a local Hugging Face "
+                        "model directory (config.json, and its weights if saved: they initialize the stages)")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="after training, write the model where AutoModelForCausalLM.from_pretrained loads it")
+    p.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="log to wandb through DeepSpeed's monitor (offline unless WANDB_API_KEY or a login is set)")
+    p.add_argument("--stage-stats-every", type=int, default=50,
+                   help="every N steps gather per-stage stats (in-flight bytes, step seconds) to rank 0 (0: off)")
     p.add_argument("--pipeline-parallel-size", type=int, default=None, help="G, stages (default: all ranks)")
     p.add_argument("--schedule", choices=["ouroboros", "1f1b"], default="ouroboros")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (train_batch calls)")
@@ -52,6 +60,9 @@ def parse_args(argv=None):
 
 def load_config(args) -> dict:
     path = args.deepspeed_config
+    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+    if not os.path.isfile(path) and not os.path.isabs(path) and os.path.isfile(beside):
+        path = beside  # the default ds_configs/ouroboros.json when run from another directory (Slurm jobs)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--deepspeed_config: {path!r} not found")
     with open(path) as f:
@@ -65,6 +76,8 @@ def load_config(args) -> dict:
     cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the replicas
     if args.lr is not None:
         cfg.setdefault("optimizer", {}).setdefault("params", {})["lr"] = args.lr
+    if args.wandb:
+        cfg["wandb"] = {**cfg.get("wandb", {}), "enabled": True, "project": args.wandb}
     sched = cfg.get("scheduler", {})
     if sched.get("type") in ("WarmupCosineLR", "WarmupDecayLR"):
         sched.setdefault("params", {})["total_num_steps"] = args.steps  # the schedule ends with the run
@@ -78,11 +91,13 @@ def main(argv=None) -> int:
     from deepspeed.accelerator import get_accelerator
 
     from ouroboros_ds import data as D
+    from ouroboros_ds import hf, runlog
     from ouroboros_ds.engine import initialize
     from ouroboros_ds.models import gpt2_config, gpt2_layer_specs, lm_loss
     from ouroboros_ds.module import OuroborosPipelineModule
 
     cfg = load_config(args)
+    runlog.wandb_mode_default(cfg)  # before initialize: DeepSpeed's monitor calls wandb.init
     if args.steps < 1:
         raise ValueError("--steps must be >= 1")
     if get_accelerator().device_name() == "cpu":
@@ -104,7 +119,14 @@ def main(argv=None) -> int:
                          f"(world = stages x data-parallel replicas)")
 
     tok = D.load_token_data(args.data, args.tokenizer, max_bytes=args.max_bytes)
-    mcfg = gpt2_config(args.model, tok.vocab_size, dropout=args.dropout)
+    pretrained = hf.is_pretrained_dir(args.model)
+    if pretrained:
+        mcfg = hf.config_from_pretrained(args.model, dropout=args.dropout)
+        if tok.vocab_size > mcfg.vocab_size:
+            raise ValueError(f"--tokenizer: vocabulary {tok.vocab_size} exceeds the model's vocab_size="
+                             f"{mcfg.vocab_size} in {args.model}/config.json; use the model's tokenizer")
+    else:
+        mcfg = gpt2_config(args.model, tok.vocab_size, dropout=args.dropout)
     if args.seq_len > mcfg.n_positions:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's n_positions={mcfg.n_positions}; "
                          "use a shorter --seq-len or set n_positions in --model")
@@ -116,6 +138,8 @@ def main(argv=None) -> int:
         if G > mcfg.n_layer:
             raise ValueError(f"--pipeline-parallel-size {G} exceeds the model's {mcfg.n_layer} blocks")
         model = PipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block")
+    if pretrained and hf.has_weights(args.model):
+        hf.load_pretrained_weights(model, args.model, mcfg.n_layer)  # before initialize: fp16/ZeRO copy them
     engine, *_ = initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                             config=cfg, seed=args.seed)
 
@@ -139,29 +163,47 @@ def main(argv=None) -> int:
             v = float(loss)
             rec = {"step": step, "val_loss": v, "val_bpb": tok.bits_per_byte(v)}
             emit(rec)
+            runlog.monitor_events(engine, rec)
             return rec
         return None
 
+    summary = runlog.startup_summary(engine)  # collective: every rank reports its stage
     if log:
-        stage_info = getattr(model, "describe", lambda: [])()
         print(f"ouroboros-ds: schedule={args.schedule} G={G} dp={dp} M={M} micro-batch={mb} seq={args.seq_len} "
               f"vocab={tok.vocab_size} layers={mcfg.n_layer} d={mcfg.n_embd} train_tokens={len(tok.train):,} "
               f"unigram_entropy={tok.unigram_entropy_bits:.3f} bits/token", flush=True)
-        for line in stage_info:
-            print(f"  stage 0 {line}", flush=True)
+        if pretrained:
+            print(f"  initialized from {args.model}" if hf.has_weights(args.model)
+                  else f"  config from {args.model} (no weights there: random init)", flush=True)
+        for line in summary:
+            print(line, flush=True)
+        rec = {"step": 0, "delays": runlog.delays(engine)}
+        emit(rec)
+        runlog.monitor_events(engine, rec)
     bar = None
     if log and not args.no_progress:
         from tqdm import tqdm
         bar = tqdm(total=args.steps, unit="step", dynamic_ncols=True)
     start = time.perf_counter()
     last = None
+    train_seconds, stats_from = 0.0, 0
     for step in range(args.steps):
+        t0 = time.perf_counter()
         loss = engine.train_batch(stream if (args.schedule == "1f1b" or engine.stage_id == 0) else None)
+        train_seconds += time.perf_counter() - t0
         if log:
             secs = time.perf_counter() - start
             last = float(loss)
             emit({"step": step, "loss": last, "tokens": (step + 1) * tokens_per_step, "seconds": secs,
                   "lr": engine.get_lr()[0]})
+            runlog.monitor_events(engine, {"tokens_per_s": (step + 1) * tokens_per_step / secs})
+        if args.stage_stats_every and ((step + 1) % args.stage_stats_every == 0 or step + 1 == args.steps):
+            stats = runlog.stage_stats(engine, train_seconds / (step + 1 - stats_from))  # collective
+            train_seconds, stats_from = 0.0, step + 1
+            for rec in stats or []:
+                rec = {"step": step + 1, **rec}
+                emit(rec)
+                runlog.monitor_events(engine, rec)
             if bar:
                 bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{(step + 1) * tokens_per_step / secs:,.0f}")
                 bar.update(1)
@@ -177,6 +219,12 @@ def main(argv=None) -> int:
               f"val loss {final['val_loss']:.4f} nats/token, val {final['val_bpb']:.4f} bits/byte", flush=True)
     if out:
         out.close()
+    if args.export:
+        if hf.export_pretrained(engine.module, mcfg, args.export) and log:  # collective
+            print(f"exported to {args.export} (AutoModelForCausalLM.from_pretrained loads it)", flush=True)
+    if log and engine.monitor.enabled and getattr(engine.monitor, "wandb_monitor", None) is not None:
+        import wandb
+        wandb.finish()  # flush the run now rather than in an exit hook after the process group is gone
     return 0
 
 
