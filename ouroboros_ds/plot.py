@@ -56,8 +56,9 @@ def draw(runs: dict[str, dict], out: str, title: str | None = None) -> str:
         a.plot(r["step"], r["loss"], color=color, lw=1, label=label)
         b.plot(r["seconds"], r["loss"], color=color, lw=1, label=label)
         if r["val_step"]:
-            a.plot(r["val_step"], r["val_loss"], "o", color=color, ms=4, label=f"{label} (val)")
-            # Evaluation after step s happened at the wall-clock time of step s's record.
+            # A val record's step counts steps done (s), a train record's is 0-based: eval "s"
+            # follows the train record s - 1, in steps and in time.
+            a.plot([s - 1 for s in r["val_step"]], r["val_loss"], "o", color=color, ms=4, label=f"{label} (val)")
             when = dict(zip(r["step"], r["seconds"]))
             pts = [(when[s - 1], v) for s, v in zip(r["val_step"], r["val_loss"]) if s - 1 in when]
             if pts:
