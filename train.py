@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--wandb", default=None, metavar="PROJECT",
                    help="log to wandb through DeepSpeed's monitor (offline unless WANDB_API_KEY or a login is set)")
     p.add_argument("--stage-stats-every", type=int, default=50,
-                   help="every N steps gather per-stage stats (in-flight bytes, step seconds) to rank 0 (0: off)")
+                   help="every N steps gather per-stage stats (in-flight bytes, step seconds, utilization) to rank 0 (0: off)")
     p.add_argument("--pipeline-parallel-size", type=int, default=None, help="G, stages (default: all ranks)")
     p.add_argument("--schedule", choices=["ouroboros", "1f1b"], default="ouroboros")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (train_batch calls)")
@@ -167,6 +167,7 @@ def main(argv=None) -> int:
             return rec
         return None
 
+    runlog.track_waits(engine)  # per-stage utilization for --stage-stats-every
     summary = runlog.startup_summary(engine)  # collective: every rank reports its stage
     if log:
         print(f"ouroboros-ds: schedule={args.schedule} G={G} dp={dp} M={M} micro-batch={mb} seq={args.seq_len} "
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
                   "lr": engine.get_lr()[0]})
             runlog.monitor_events(engine, {"tokens_per_s": (step + 1) * tokens_per_step / secs})
         if args.stage_stats_every and ((step + 1) % args.stage_stats_every == 0 or step + 1 == args.steps):
-            stats = runlog.stage_stats(engine, train_seconds / (step + 1 - stats_from))  # collective
+            stats = runlog.stage_stats(engine, train_seconds, step + 1 - stats_from)  # collective
             train_seconds, stats_from = 0.0, step + 1
             for rec in stats or []:
                 rec = {"step": step + 1, **rec}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import time
 
 import torch.distributed as tdist
 
@@ -82,13 +83,38 @@ def delays(engine) -> dict[int, int]:
     return {k: 0 for k in range(1, engine.num_stages + 1)}
 
 
-def stage_stats(engine, step_seconds: float) -> list[dict] | None:
-    """Collective. Rank 0 gets per-stage stats of data-parallel rank 0: in-flight bytes (stashed
-    inputs and received error gradients held across steps) and this rank's mean seconds per
-    ``train_batch`` since the last call."""
+def track_waits(engine) -> bool:
+    """Count the seconds the Ouroboros engine spends blocked on receives (its ``_wait``), for the
+    per-stage utilization. Wraps the method on this instance only, so the engine's code is
+    unchanged; returns False for an engine without ``_wait`` (DeepSpeed's stock 1F1B, whose
+    receives are blocking calls inside its instructions: no utilization is reported for it)."""
+    inner = getattr(engine, "_wait", None)
+    if inner is None:
+        return False
+    engine.wait_seconds = 0.0
+
+    def timed_wait(entry):
+        t0 = time.perf_counter()
+        try:
+            return inner(entry)
+        finally:
+            engine.wait_seconds += time.perf_counter() - t0
+
+    engine._wait = timed_wait
+    return True
+
+
+def stage_stats(engine, train_seconds: float, steps: int) -> list[dict] | None:
+    """Collective. Rank 0 gets per-stage stats of data-parallel rank 0 over the last ``steps``
+    steps: in-flight bytes now (stashed inputs and received error gradients held across steps),
+    mean seconds per ``train_batch`` on that rank, and, with :func:`track_waits`, utilization =
+    1 - (seconds blocked on receives) / (seconds in ``train_batch``)."""
     in_flight = engine.in_flight_bytes() if hasattr(engine, "in_flight_bytes") else 0
     mine = {"stage": engine.stage_id, "dp_rank": engine.mpu.get_data_parallel_rank(),
-            "in_flight_bytes": int(in_flight), "step_seconds": float(step_seconds)}
+            "in_flight_bytes": int(in_flight), "step_seconds": float(train_seconds / max(1, steps))}
+    if hasattr(engine, "wait_seconds"):
+        mine["utilization"] = max(0.0, 1.0 - engine.wait_seconds / train_seconds) if train_seconds > 0 else None
+        engine.wait_seconds = 0.0
     parts = _gather(mine)
     if parts is None:
         return None
@@ -109,6 +135,8 @@ def monitor_events(engine, rec: dict) -> None:
         s = rec["stage"]
         events += [(f"Stage/{s}/in_flight_bytes", float(rec["in_flight_bytes"]), x),
                    (f"Stage/{s}/step_seconds", float(rec["step_seconds"]), x)]
+        if rec.get("utilization") is not None:
+            events.append((f"Stage/{s}/utilization", float(rec["utilization"]), x))
     if "delays" in rec:
         events += [(f"Delay/module_{k}", float(d), x) for k, d in rec["delays"].items()]
     if events:

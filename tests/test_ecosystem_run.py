@@ -95,7 +95,7 @@ def test_hf_model_wandb_offline_export_end_to_end(tmp_path):
     stats = [x for x in recs if "in_flight_bytes" in x]
     assert len(losses) == steps and [e["step"] for e in evals] == [5, 10]
     assert [(s["step"], s["stage"]) for s in stats] == [(5, 0), (5, 1), (10, 0), (10, 1)]
-    assert all(s["in_flight_bytes"] > 0 for s in stats)
+    assert all(s["in_flight_bytes"] > 0 and 0 < s["utilization"] <= 1 for s in stats), stats
 
     # wandb ran offline (no key) and its own files hold the same numbers.
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
@@ -106,6 +106,8 @@ def test_hf_model_wandb_offline_export_end_to_end(tmp_path):
     assert [row["Eval/Samples/val_bpb"] for row in rows if "Eval/Samples/val_bpb" in row] == [e["val_bpb"] for e in evals]
     assert [row["Stage/1/in_flight_bytes"] for row in rows if "Stage/1/in_flight_bytes" in row] == \
         [s["in_flight_bytes"] for s in stats if s["stage"] == 1]
+    assert [row["Stage/0/utilization"] for row in rows if "Stage/0/utilization" in row] == \
+        [s["utilization"] for s in stats if s["stage"] == 0]
     assert sum("Train/Samples/tokens_per_s" in row for row in rows) == steps
     assert [row.get(f"Delay/module_{k}") for k in (1, 2, 3) for row in rows[:1]] == [2, 1, 0]
 
