@@ -15,7 +15,14 @@ Launch:
 The same --seed gives both schedules the same initial weights, the same batches and the same
 dropout masks, so their first losses are equal and later differences are the algorithm's.
 Metrics (--metrics PATH, JSON lines, written by global rank 0): one line per step
-{"step", "loss", "tokens", "seconds", "lr"} and one per evaluation {"step", "val_loss", "val_bpb"}.
+{"step", "loss", "tokens", "seconds", "lr"} and one per evaluation {"step", "val_loss", "val_bpb"};
+at start {"step": 0, "delays": {module: delay}}, and every --stage-stats-every steps one line per
+stage {"step", "stage", "dp_rank", "in_flight_bytes", "step_seconds", "utilization"}.
+Plot runs with: python -m ouroboros_ds.plot A.jsonl B.jsonl --out loss.png
+
+Hugging Face: --model DIR (a save_pretrained GPT-2 directory: config and weights), --export DIR.
+wandb: --wandb PROJECT (DeepSpeed's monitor; offline without an API key). Slurm:
+launch_scripts/ouroboros.sbatch.
 """
 from __future__ import annotations
 
