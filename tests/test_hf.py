@@ -119,3 +119,47 @@ def test_llama_and_untied_configs_are_refused_with_the_reason(tmp_path):
     GPT2Config(**HF_FIELDS, tie_word_embeddings=False).save_pretrained(tmp_path / "untied")
     with pytest.raises(ValueError, match="tie_word_embeddings=false"):
         hf.config_from_pretrained(str(tmp_path / "untied"))
+
+
+def _ranks_1f1b(rank, src, out, tmp):
+    import deepspeed
+    from deepspeed.pipe import PipelineModule
+
+    from ouroboros_ds import hf
+    from ouroboros_ds.engine import initialize
+    from ouroboros_ds.models import gpt2_layer_specs, lm_loss
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = hf.config_from_pretrained(src, dropout=0.0)
+    plan = gpt2_layer_specs(cfg, seed=99)
+    model = PipelineModule(plan.specs, num_stages=2, loss_fn=lm_loss, partition_method="type:Block")
+    hf.load_pretrained_weights(model, src, cfg.n_layer)
+    engine, *_ = initialize(model=model, model_parameters=list(model.parameters()), config=_ds_config(), seed=1)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, VOCAB, (MICRO, SEQ), generator=g), torch.randint(0, VOCAB, (MICRO, SEQ), generator=g))
+               for _ in range(3 * M)]
+    for s in range(2):
+        engine.train_batch(iter(batches[s * M:(s + 1) * M]))
+    loss = engine.eval_batch(iter(batches[2 * M:]), num_micro_batches=M)  # broadcast to all stages
+    hf.export_pretrained(engine.module, cfg, out)
+    if rank == 0:
+        torch.save({"loss": loss, "batches": batches[2 * M:]}, os.path.join(tmp, "eval.pt"))
+
+
+def test_stock_1f1b_pipeline_exports_too(tmp_path):
+    """DeepSpeed's stock partition (tied embedding copied on the first and last stage) maps and
+    exports the same way: the exported model's loss equals the engine's eval loss."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from ouroboros_ds.models import lm_loss
+
+    torch.manual_seed(1)
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    GPT2LMHeadModel(GPT2Config(**HF_FIELDS)).save_pretrained(src)
+    run_ranks(_ranks_1f1b, 2, src, out, str(tmp_path), tmpdir=str(tmp_path))
+    got = torch.load(tmp_path / "eval.pt")
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        losses = [lm_loss(exported(x).logits, y) for x, y in got["batches"]]
+    torch.testing.assert_close(torch.stack(losses).mean(), got["loss"].float().reshape(()), rtol=0, atol=2e-6)
+    assert exported.lm_head.weight.data_ptr() == exported.transformer.wte.weight.data_ptr()
