@@ -75,10 +75,12 @@ def _ranks(rank, G, src, out, tmp, steps):
         torch.save({"before": before, "after": after}, os.path.join(tmp, "logits.pt"))
     else:
         assert written is None
+    _stock_1f1b(rank, src, out + "_1f1b", tmp)
 
 
 @pytest.mark.parametrize("G", [2])
 def test_save_pretrained_load_train_export_round_trip(tmp_path, G):
+    """Ring: load, train, export, logits equal; then the stock partition in the same ranks."""
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -106,6 +108,17 @@ def test_save_pretrained_load_train_export_round_trip(tmp_path, G):
     assert exported.lm_head.weight.data_ptr() == exported.transformer.wte.weight.data_ptr()
     assert not torch.equal(exported.transformer.wte.weight, original.transformer.wte.weight)
 
+    # DeepSpeed's stock 1F1B partition (tied embedding copied on the first and last stage), run
+    # in the same ranks: it maps and exports the same way; the export's loss is the engine's.
+    from ouroboros_ds.models import lm_loss
+
+    got = torch.load(tmp_path / "eval.pt")
+    exported = AutoModelForCausalLM.from_pretrained(out + "_1f1b").eval()
+    with torch.no_grad():
+        losses = [lm_loss(exported(x).logits, y) for x, y in got["batches"]]
+    torch.testing.assert_close(torch.stack(losses).mean(), got["loss"].float().reshape(()), rtol=0, atol=2e-6)
+    assert exported.lm_head.weight.data_ptr() == exported.transformer.wte.weight.data_ptr()
+
 
 def test_llama_and_untied_configs_are_refused_with_the_reason(tmp_path):
     from transformers import GPT2Config, LlamaConfig
@@ -121,15 +134,14 @@ def test_llama_and_untied_configs_are_refused_with_the_reason(tmp_path):
         hf.config_from_pretrained(str(tmp_path / "untied"))
 
 
-def _ranks_1f1b(rank, src, out, tmp):
-    import deepspeed
+def _stock_1f1b(rank, src, out, tmp):
+    """DeepSpeed's stock 1F1B partition of the same saved model: load, train 2 steps, eval, export."""
     from deepspeed.pipe import PipelineModule
 
     from ouroboros_ds import hf
     from ouroboros_ds.engine import initialize
     from ouroboros_ds.models import gpt2_layer_specs, lm_loss
 
-    deepspeed.init_distributed(dist_backend="gloo")
     cfg = hf.config_from_pretrained(src, dropout=0.0)
     plan = gpt2_layer_specs(cfg, seed=99)
     model = PipelineModule(plan.specs, num_stages=2, loss_fn=lm_loss, partition_method="type:Block")
@@ -144,22 +156,3 @@ def _ranks_1f1b(rank, src, out, tmp):
     hf.export_pretrained(engine.module, cfg, out)
     if rank == 0:
         torch.save({"loss": loss, "batches": batches[2 * M:]}, os.path.join(tmp, "eval.pt"))
-
-
-def test_stock_1f1b_pipeline_exports_too(tmp_path):
-    """DeepSpeed's stock partition (tied embedding copied on the first and last stage) maps and
-    exports the same way: the exported model's loss equals the engine's eval loss."""
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
-
-    from ouroboros_ds.models import lm_loss
-
-    torch.manual_seed(1)
-    src, out = str(tmp_path / "src"), str(tmp_path / "out")
-    GPT2LMHeadModel(GPT2Config(**HF_FIELDS)).save_pretrained(src)
-    run_ranks(_ranks_1f1b, 2, src, out, str(tmp_path), tmpdir=str(tmp_path))
-    got = torch.load(tmp_path / "eval.pt")
-    exported = AutoModelForCausalLM.from_pretrained(out).eval()
-    with torch.no_grad():
-        losses = [lm_loss(exported(x).logits, y) for x, y in got["batches"]]
-    torch.testing.assert_close(torch.stack(losses).mean(), got["loss"].float().reshape(()), rtol=0, atol=2e-6)
-    assert exported.lm_head.weight.data_ptr() == exported.transformer.wte.weight.data_ptr()

@@ -17,7 +17,7 @@ import pytest
 from slurm_cluster import LocalSlurm, missing_binaries
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 40
+STEPS = 24
 
 
 @pytest.fixture
@@ -54,8 +54,8 @@ def test_sbatch_trains_writes_metrics_and_requeues_on_usr1(slurm, tmp_path):
     # 2 tasks on this 2-core node; -O (overcommit) so a busy machine does not leave it pending.
     sub = slurm.run(["sbatch", "--parsable", "-O", "--chdir", str(tmp_path), "--output", str(tmp_path / "job.out"),
                      os.path.join(ROOT, "launch_scripts", "ouroboros.sbatch"),
-                     "--steps", str(STEPS), "--seq-len", "32", "--max-bytes", "200000", "--eval-every", "20",
-                     "--eval-batches", "2", "--stage-stats-every", "20"], env=env)
+                     "--steps", str(STEPS), "--seq-len", "32", "--max-bytes", "200000", "--eval-every", "12",
+                     "--eval-batches", "2", "--stage-stats-every", "12"], env=env)
     job = sub.stdout.strip().split(";")[0]
     metrics = run_dir / "metrics.jsonl"
 
@@ -83,7 +83,7 @@ def test_sbatch_trains_writes_metrics_and_requeues_on_usr1(slurm, tmp_path):
     assert second[-1]["step"] == STEPS - 1
     assert [r["step"] for r in second] == list(range(second[0]["step"], STEPS))
     recs = [json.loads(x) for x in open(metrics)]
-    assert [r["step"] for r in recs if "val_bpb" in r][-2:] == [20, 40]
+    assert [r["step"] for r in recs if "val_bpb" in r][-2:] == [12, 24]
     assert second[-1]["loss"] < second[0]["loss"] - 0.3, (second[0], second[-1])
 
 
