@@ -205,6 +205,9 @@ def main(argv=None) -> int:
             emit({"step": step, "loss": last, "tokens": (step + 1) * tokens_per_step, "seconds": secs,
                   "lr": engine.get_lr()[0]})
             runlog.monitor_events(engine, {"tokens_per_s": (step + 1) * tokens_per_step / secs})
+            if bar:
+                bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{(step + 1) * tokens_per_step / secs:,.0f}")
+                bar.update(1)
         if args.stage_stats_every and ((step + 1) % args.stage_stats_every == 0 or step + 1 == args.steps):
             stats = runlog.stage_stats(engine, train_seconds, step + 1 - stats_from)  # collective
             train_seconds, stats_from = 0.0, step + 1
@@ -212,9 +215,6 @@ def main(argv=None) -> int:
                 rec = {"step": step + 1, **rec}
                 emit(rec)
                 runlog.monitor_events(engine, rec)
-            if bar:
-                bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{(step + 1) * tokens_per_step / secs:,.0f}")
-                bar.update(1)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             evaluate(step + 1)
     final = evaluate(args.steps)

@@ -76,9 +76,14 @@ def test_hf_model_wandb_offline_export_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(ROOT, "train.py"), "--model", str(src), "--wandb", "ouroboros-test", "--export", str(out),
            "--metrics", str(metrics), "--steps", str(steps), "--seq-len", "32", "--max-bytes", "100000",
-           "--eval-every", "5", "--eval-batches", "2", "--stage-stats-every", "5", "--no-progress"]
+           "--eval-every", "5", "--eval-batches", "2", "--stage-stats-every", "5"]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    # The progress bar (launching rank), updated every step with loss and tokens/s.
+    bar = r.stderr.replace("\r", "\n")
+    assert all(f"| {i}/{steps} [" in bar for i in range(steps + 1)), bar[-2000:]
+    assert "loss=" in bar and "tok_s=" in bar
 
     # Start-up summary: one line per stage with layers, parameters and delays.
     assert f"initialized from {src}" in r.stdout
