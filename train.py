@@ -51,16 +51,35 @@ def parse_args(argv=None):
                    help="every N steps gather per-stage stats (in-flight bytes, step seconds, utilization) to rank 0 (0: off)")
     p.add_argument("--pipeline-parallel-size", type=int, default=None, help="G, stages (default: all ranks)")
     p.add_argument("--schedule", choices=["ouroboros", "1f1b"], default="ouroboros")
+    p.add_argument("--replay", choices=["recompute", "stash"], default="recompute",
+                   help="ouroboros: 'recompute' (features replay, recompute the forward at the current weights) "
+                        "or 'stash' (keep the forward's graph and weights: no recompute, more memory)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="1f1b: checkpoint every layer (activation_checkpoint_interval=1), the fair rival of "
+                        "--replay recompute")
+    p.add_argument("--partition", choices=["balanced", "authors"], default="balanced",
+                   help="ouroboros: 'balanced' (blocks by modelled per-stage cost, stage 0 also carries the "
+                        "head and loss) or 'authors' (L // G blocks per stage, stage 0's split half/half)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (train_batch calls)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=None, help="override optimizer.params.lr of the config")
+    p.add_argument("--stale-lr-scale", type=float, default=0.0,
+                   help="staleness mitigation (off: 0): module k's lr / (1 + c * delay(k)); see ouroboros_ds/staleness.py")
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (0: only at the end)")
     p.add_argument("--eval-batches", type=int, default=8, help="validation micro-batches per evaluation")
     p.add_argument("--max-bytes", type=int, default=None, help="use only the first N bytes of the corpus")
     p.add_argument("--metrics", default=None, help="write JSON-lines metrics here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--save", default=None, help="checkpoint folder (DeepSpeed layout plus the in-flight ring state); "
+                   "written at the end, every --save-every steps, and on SIGTERM/SIGUSR1")
+    p.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: only at the end)")
+    p.add_argument("--load", default=None, help="resume from this checkpoint folder's latest save "
+                   "(--steps stays the total, so the run ends where an uninterrupted one does); with "
+                   "--save the same folder, a first launch without a save starts from step 0")
+    p.add_argument("--comm-timeout", type=float, default=600.0,
+                   help="seconds before a process-group operation (start-up included) or a whole step gives up on a dead or hung peer")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 
@@ -91,6 +110,121 @@ def load_config(args) -> dict:
     return cfg
 
 
+def _same_dir(a, b) -> bool:
+    return bool(a and b) and os.path.abspath(a) == os.path.abspath(b)
+
+
+def check_args(args, cfg: dict) -> None:
+    """Options and DeepSpeed config fields that would otherwise fail deep inside DeepSpeed."""
+    if args.steps < 1:
+        raise ValueError(f"--steps: must be >= 1 (got {args.steps})")
+    if args.save_every < 0 or (args.save_every and not args.save):
+        raise ValueError("--save-every: needs --save DIR and a value >= 1 (0 saves only at the end)")
+    if (args.save or args.load) and args.schedule != "ouroboros":
+        raise ValueError("--save/--load: supported with --schedule ouroboros only; drop them for the baseline")
+    if args.comm_timeout <= 0:
+        raise ValueError(f"--comm-timeout: must be > 0 seconds (got {args.comm_timeout})")
+    if args.load and not os.path.isfile(os.path.join(args.load, "latest")) and not _same_dir(args.load, args.save):
+        raise FileNotFoundError(f"--load: {args.load!r} has no 'latest' file: not a checkpoint folder, or no save "
+                                "finished there; give the folder passed to --save")
+    stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
+    if stage in (2, 3):
+        raise ValueError(f"--deepspeed_config: zero_optimization.stage {stage} cannot be combined with pipeline "
+                         "parallelism (DeepSpeed asserts it); set zero_optimization.stage to 0 or 1")
+    fp16 = cfg.get("fp16") or {}
+    if fp16.get("enabled") and 0 < fp16.get("loss_scale", 0) <= 1:
+        raise ValueError(f"--deepspeed_config: fp16.loss_scale {fp16['loss_scale']} is no loss scaling, so fp16 "
+                         "gradients underflow; set fp16.loss_scale to 0 (dynamic) or a power of two such as 65536, "
+                         "or use bf16.enabled instead")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    G = args.pipeline_parallel_size or world
+    if G < 1 or world % G:
+        raise ValueError(f"--pipeline-parallel-size: {G} must divide the world size {world} "
+                         f"(world = stages x data-parallel replicas); launch a multiple of {G} ranks or change it")
+
+
+def check_model(args, mcfg, tok, micro_batch: int) -> None:
+    """Model and data checks that need the loaded corpus and the model config."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    G = args.pipeline_parallel_size or world
+    if G > mcfg.n_layer:
+        raise ValueError(f"--pipeline-parallel-size: {G} exceeds the model's {mcfg.n_layer} blocks (every stage needs "
+                         f"a block); use --pipeline-parallel-size <= {mcfg.n_layer} or a deeper --model")
+    if args.seq_len > mcfg.n_positions:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's n_positions={mcfg.n_positions}; "
+                         "use a shorter --seq-len or set n_positions in --model")
+    if args.seq_len < 1:
+        raise ValueError(f"--seq-len: must be >= 1 (got {args.seq_len})")
+    width = args.seq_len + 1
+    if len(tok.train) < width:
+        raise ValueError(f"--data: the training split has {len(tok.train)} tokens, fewer than one window of "
+                         f"--seq-len + 1 = {width}; give a longer text file or a shorter --seq-len")
+    if len(tok.val) // width < micro_batch:
+        raise ValueError(f"--data: the validation split (the corpus's last 5%) has {len(tok.val)} tokens, fewer than "
+                         f"one eval batch of {micro_batch} x {width}; give a longer text file or a shorter --seq-len")
+
+
+class StopAgreement:
+    """SIGTERM/SIGUSR1 (Slurm's warning) ask for a clean stop; ranks may get it at different steps.
+
+    After step t every rank starts a one-element all-reduce (max) of its stop flag on a gloo
+    group of its own, outside ``train_batch``, and reads it after step t + 1: all ranks read the
+    same value there, so all stop after the same step, at most two steps after the first signal.
+    Cost: one 4-byte all-reduce per step, in flight while the next step computes.
+    """
+
+    def __init__(self, world: int):
+        import torch.distributed as tdist
+
+        self.signal = None
+        self.group = tdist.new_group(backend="gloo") if world > 1 else None
+        self.pending = None
+
+    def handler(self, signum, frame):
+        import signal
+        self.signal = signal.Signals(signum).name
+
+    def after_step(self) -> bool:
+        import torch
+        import torch.distributed as tdist
+
+        if self.group is None:
+            return self.signal is not None
+        stop = False
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            stop = bool(flag.item())
+        flag = torch.tensor([int(self.signal is not None)])
+        self.pending = (tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return stop
+
+    def close(self):
+        if self.pending is not None:  # every rank started the same reduces: waiting is local
+            self.pending[0].wait()
+            self.pending = None
+
+
+class Watchdog:
+    """Ends the process when one step takes longer than --comm-timeout: the process-group timeout
+    covers waits inside communication, this covers a rank stuck anywhere else in a step."""
+
+    def __init__(self, limit: float, rank: int):
+        import threading
+
+        self.limit, self.rank, self.started = limit, rank, None
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            time.sleep(min(1.0, self.limit / 4))
+            started = self.started
+            if started is not None and time.monotonic() - started > self.limit:
+                print(f"error: rank {self.rank}: a training step made no progress for {self.limit:.0f} s "
+                      "(--comm-timeout): a peer rank died or hung; exiting", file=sys.stderr, flush=True)
+                os._exit(3)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -104,9 +238,21 @@ def main(argv=None) -> int:
     from ouroboros_ds.module import OuroborosPipelineModule
 
     cfg = load_config(args)
+    check_args(args, cfg)
     runlog.wandb_mode_default(cfg)  # before initialize: DeepSpeed's monitor calls wandb.init
-    if args.steps < 1:
-        raise ValueError("--steps must be >= 1")
+    tok = D.load_token_data(args.data, args.tokenizer, max_bytes=args.max_bytes)
+    pretrained = hf.is_pretrained_dir(args.model)
+    if pretrained:
+        mcfg = hf.config_from_pretrained(args.model, dropout=args.dropout)
+        if tok.vocab_size > mcfg.vocab_size:
+            raise ValueError(f"--tokenizer: vocabulary {tok.vocab_size} exceeds the model's vocab_size="
+                             f"{mcfg.vocab_size} in {args.model}/config.json; use the model's tokenizer")
+    else:
+        mcfg = gpt2_config(args.model, tok.vocab_size, dropout=args.dropout)
+    if args.export and getattr(mcfg, "arch", "gpt2") != "gpt2":
+        raise ValueError(f"--export: writes a Hugging Face GPT-2 model; the {mcfg.arch} layers have no "
+                         "GPT2LMHeadModel counterpart; drop --export or use a GPT-2 --model")
+    check_model(args, mcfg, tok, cfg["train_micro_batch_size_per_gpu"])
     if get_accelerator().device_name() == "cpu":
         # Ranks share the cores; oversubscribed threads make steps 2-4x slower and erratic.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
@@ -118,41 +264,54 @@ def main(argv=None) -> int:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    import datetime
+    # The timeout bounds every process-group wait (gloo receives included): a dead or hung peer
+    # ends this rank with an error instead of a hang.
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               timeout=datetime.timedelta(seconds=args.comm_timeout))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     G = args.pipeline_parallel_size or world
-    if G < 1 or world % G:
-        raise ValueError(f"--pipeline-parallel-size: {G} must divide the world size {world} "
-                         f"(world = stages x data-parallel replicas)")
 
-    tok = D.load_token_data(args.data, args.tokenizer, max_bytes=args.max_bytes)
-    pretrained = hf.is_pretrained_dir(args.model)
-    if pretrained:
-        mcfg = hf.config_from_pretrained(args.model, dropout=args.dropout)
-        if tok.vocab_size > mcfg.vocab_size:
-            raise ValueError(f"--tokenizer: vocabulary {tok.vocab_size} exceeds the model's vocab_size="
-                             f"{mcfg.vocab_size} in {args.model}/config.json; use the model's tokenizer")
-    else:
-        mcfg = gpt2_config(args.model, tok.vocab_size, dropout=args.dropout)
-    if args.seq_len > mcfg.n_positions:
-        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's n_positions={mcfg.n_positions}; "
-                         "use a shorter --seq-len or set n_positions in --model")
     plan = gpt2_layer_specs(mcfg, seed=args.seed)
+    if args.schedule != "ouroboros" and (args.replay != "recompute" or args.partition != "balanced"):
+        raise ValueError("--replay/--partition apply to --schedule ouroboros only")
+    if args.schedule == "ouroboros" and args.activation_checkpointing:
+        raise ValueError("--activation-checkpointing applies to --schedule 1f1b (the Ouroboros replay "
+                         "already recomputes; --replay stash keeps the graph instead)")
     if args.schedule == "ouroboros":
-        model = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
+        from ouroboros_ds.module import balanced_blocks_per_module, layer_costs, stage_costs_of
+        bpm, note = None, None
+        if args.partition == "balanced":
+            costs = layer_costs(mcfg.n_embd, tok.vocab_size, args.seq_len)
+            bpm = balanced_blocks_per_module(mcfg.n_layer, G, costs, args.replay)
+            work = stage_costs_of(bpm, costs, args.replay)
+            note = (f"partition balanced: blocks of modules 1..K {bpm}; modelled work per stage "
+                    f"(block forwards per micro-batch) " + ", ".join(f"{w / costs['block']:.2f}" for w in work))
+        model = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices,
+                                        blocks_per_module=bpm)
+        model.partition_note = note
     else:
         from deepspeed.pipe import PipelineModule
-        if G > mcfg.n_layer:
-            raise ValueError(f"--pipeline-parallel-size {G} exceeds the model's {mcfg.n_layer} blocks")
-        model = PipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block")
+        model = PipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block",
+                               activation_checkpoint_interval=1 if args.activation_checkpointing else 0,
+                               # only the blocks: reentrant checkpointing of the embedding (integer input)
+                               # would cut it off from autograd
+                               checkpointable_layers=["Block", "XLBlock"])
     if pretrained and hf.has_weights(args.model):
         hf.load_pretrained_weights(model, args.model, mcfg.n_layer)  # before initialize: fp16/ZeRO copy them
-    engine, *_ = initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                            config=cfg, seed=args.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.stale_lr_scale:
+        if args.schedule != "ouroboros":
+            raise ValueError("--stale-lr-scale: only the ouroboros schedule has stale modules; drop it for 1f1b")
+        from ouroboros_ds.staleness import pipeline_groups
+        params = pipeline_groups(model, cfg.get("optimizer", {}).get("params", {}).get("lr", 1e-3), args.stale_lr_scale)
+    engine, *_ = initialize(model=model, model_parameters=params, config=cfg, seed=args.seed, replay=args.replay)
 
     mb, M = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     dp, dp_rank = engine.dp_world_size, engine.mpu.get_data_parallel_rank()
-    stream = D.BatchStream(tok.train, args.seq_len, mb, M, dp_rank=dp_rank, dp_size=dp, seed=args.seed)
+    recurrent = getattr(mcfg, "arch", "gpt2") == "transfo-xl"  # memory needs each row to continue its text
+    stream = D.BatchStream(tok.train, args.seq_len, mb, M, dp_rank=dp_rank, dp_size=dp, seed=args.seed,
+                           ordered=recurrent)
     val = D.eval_batches(tok.val, args.seq_len, mb, max_batches=args.eval_batches)
     n_eval = len(val)
     tokens_per_step = mb * M * dp * args.seq_len
@@ -177,53 +336,107 @@ def main(argv=None) -> int:
     runlog.track_waits(engine)  # per-stage utilization for --stage-stats-every
     summary = runlog.startup_summary(engine)  # collective: every rank reports its stage
     if log:
-        print(f"ouroboros-ds: schedule={args.schedule} G={G} dp={dp} M={M} micro-batch={mb} seq={args.seq_len} "
+        print(f"ouroboros-ds: schedule={args.schedule} replay={args.replay if args.schedule == 'ouroboros' else '-'} "
+              f"activation_checkpointing={args.activation_checkpointing} G={G} dp={dp} M={M} micro-batch={mb} seq={args.seq_len} "
               f"vocab={tok.vocab_size} layers={mcfg.n_layer} d={mcfg.n_embd} train_tokens={len(tok.train):,} "
               f"unigram_entropy={tok.unigram_entropy_bits:.3f} bits/token", flush=True)
         if pretrained:
             print(f"  initialized from {args.model}" if hf.has_weights(args.model)
                   else f"  config from {args.model} (no weights there: random init)", flush=True)
+        if getattr(model, "partition_note", None):
+            print(f"  {model.partition_note}", flush=True)
         for line in summary:
             print(line, flush=True)
         rec = {"step": 0, "delays": runlog.delays(engine)}
         emit(rec)
         runlog.monitor_events(engine, rec)
+    first = 0
+    ckpt_meta = {"model": {k: getattr(mcfg, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head",
+                                                         "n_inner")}}
+    # `--save DIR --load DIR` on every launch of a requeued job: the first launch finds no save yet.
+    if args.load and not os.path.isfile(os.path.join(args.load, "latest")):
+        if log:
+            print(f"no save in {args.load} yet: starting from step 0", flush=True)
+    elif args.load:
+        client = engine.load_ring_checkpoint(args.load, meta=ckpt_meta)
+        stream.load_state_dict(client["data"])
+        first = engine.global_steps
+        if log:
+            print(f"resumed from {args.load} at step {first}", flush=True)
+
+    def save(step, why):
+        tag = engine.save_ring_checkpoint(args.save, client_state={"data": stream.state_dict()}, meta=ckpt_meta)
+        if log:
+            print(f"saved {os.path.join(args.save, tag)} ({why}); resume with --load {args.save}", flush=True)
+
+    stopper = StopAgreement(world)
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, stopper.handler)
+    watchdog = Watchdog(args.comm_timeout, rank)
     bar = None
     if log and not args.no_progress:
         from tqdm import tqdm
-        bar = tqdm(total=args.steps, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=args.steps, initial=first, unit="step", dynamic_ncols=True)
     start = time.perf_counter()
-    last = None
-    train_seconds, stats_from = 0.0, 0
-    for step in range(args.steps):
-        t0 = time.perf_counter()
-        loss = engine.train_batch(stream if (args.schedule == "1f1b" or engine.stage_id == 0) else None)
-        train_seconds += time.perf_counter() - t0
-        if log:
-            secs = time.perf_counter() - start
-            last = float(loss)
-            emit({"step": step, "loss": last, "tokens": (step + 1) * tokens_per_step, "seconds": secs,
-                  "lr": engine.get_lr()[0]})
-            runlog.monitor_events(engine, {"tokens_per_s": (step + 1) * tokens_per_step / secs})
-            if bar:
-                bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{(step + 1) * tokens_per_step / secs:,.0f}")
-                bar.update(1)
-        if args.stage_stats_every and ((step + 1) % args.stage_stats_every == 0 or step + 1 == args.steps):
-            stats = runlog.stage_stats(engine, train_seconds, step + 1 - stats_from)  # collective
-            train_seconds, stats_from = 0.0, step + 1
-            for rec in stats or []:
-                rec = {"step": step + 1, **rec}
-                emit(rec)
-                runlog.monitor_events(engine, rec)
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            evaluate(step + 1)
+    last, seen_events, step = None, 0, first
+    train_seconds, stats_from = 0.0, first
+    try:
+        for step in range(first, args.steps):
+            watchdog.started = t0 = time.monotonic()
+            loss = engine.train_batch(stream if (args.schedule == "1f1b" or engine.stage_id == 0) else None)
+            watchdog.started = None
+            train_seconds += time.monotonic() - t0
+            events = getattr(engine, "nonfinite_events", [])[seen_events:]
+            seen_events += len(events)
+            if log:
+                secs = time.perf_counter() - start
+                last = float(loss)
+                emit({"step": step, "loss": last, "tokens": (step + 1) * tokens_per_step, "seconds": secs,
+                      "lr": engine.get_lr()[0]})
+                if events:  # this rank's part; other stages print theirs as warnings
+                    emit({"step": step, "nonfinite": events})
+                runlog.monitor_events(engine, {"tokens_per_s": (step + 1 - first) * tokens_per_step / secs})
+                if bar:
+                    bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{(step + 1 - first) * tokens_per_step / secs:,.0f}")
+                    bar.update(1)
+            if args.stage_stats_every and ((step + 1) % args.stage_stats_every == 0 or step + 1 == args.steps):
+                stats = runlog.stage_stats(engine, train_seconds, step + 1 - stats_from)  # collective
+                train_seconds, stats_from = 0.0, step + 1
+                for rec in stats or []:
+                    rec = {"step": step + 1, **rec}
+                    emit(rec)
+                    runlog.monitor_events(engine, rec)
+            if stopper.after_step():
+                stopper.close()
+                if args.save:
+                    save(step + 1, f"stopped by {stopper.signal or 'a signal on another rank'}")
+                elif log:
+                    print("stopped by a signal; no --save, so this run's progress is not kept", flush=True)
+                return 0
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+                save(step + 1, f"every {args.save_every} steps")
+            if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+                evaluate(step + 1)
+        stopper.close()
+        if args.save:
+            save(args.steps, "end of run")
+    except RuntimeError as e:
+        dist_error = getattr(torch.distributed, "DistError", ())
+        if isinstance(e, dist_error) or any(w in str(e) for w in ("gloo", "NCCL", "Connection", "imed out")):
+            line = (str(e).strip().splitlines() or [""])[0][:300]
+            raise PeerFailure(f"rank {rank} (stage {getattr(engine, 'stage_id', '?')}) lost a peer at step {step}: "
+                              f"{line}; a rank died or hung (waits give up after --comm-timeout "
+                              f"{args.comm_timeout:g} s)") from None
+        raise
     final = evaluate(args.steps)
     elapsed = time.perf_counter() - start
     if bar:
         bar.close()
     if log:
-        print(f"done: {args.steps} steps in {elapsed:.1f} s ({args.steps / elapsed:.2f} steps/s, "
-              f"{args.steps * tokens_per_step / elapsed:,.0f} tokens/s); last train loss {last:.4f}; "
+        n = args.steps - first
+        print(f"done: {n} steps in {elapsed:.1f} s ({n / elapsed:.2f} steps/s, "
+              f"{n * tokens_per_step / elapsed:,.0f} tokens/s); last train loss {last:.4f}; "
               f"val loss {final['val_loss']:.4f} nats/token, val {final['val_bpb']:.4f} bits/byte", flush=True)
     if out:
         out.close()
@@ -236,14 +449,28 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+class PeerFailure(RuntimeError):
+    """A process-group operation failed or timed out: another rank died or hung."""
+
+
+def cli(argv=None) -> int:
+    """``main`` with bad input turned into one ``error: ...`` line (exit 2) and a lost peer into
+    one line (exit 1), no stack trace."""
+    code = 0
     try:
-        code = main()
+        code = main(argv)
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no stack trace
         print(f"error: {e}", file=sys.stderr)
         code = 2
+    except PeerFailure as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # the peers are gone: tearing the process group down could wait on them
     finally:
         import torch.distributed as _d
         if _d.is_available() and _d.is_initialized():
             _d.destroy_process_group()
-    sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

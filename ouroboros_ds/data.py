@@ -492,10 +492,17 @@ class BatchStream:
     starting at ``t*B + (j*dp_size + r)*micro_batch_size``. Hence the global batch of a step does
     not depend on ``dp_size`` (for a fixed ``B``), and (r, j) with dp_size=D equals micro-batch
     ``j*D + r`` with dp_size=1. The only state is the number of micro-batches consumed.
+
+    ``ordered=True`` is for recurrent models (Transformer-XL): no shuffle; the windows are cut
+    into ``B`` contiguous streams and slot ``s`` of step ``t`` reads window ``t`` of stream ``s``,
+    so each row of a micro-batch continues the same row of that micro-batch one step earlier
+    (as Transformer-XL's ordered iterator; consecutive windows skip the one token that is only a
+    label). The streams wrap around after ``num_windows // B`` steps.
     """
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, micro_batch_size: int,
-                 micro_batches: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0) -> None:
+                 micro_batches: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                 ordered: bool = False) -> None:
         _check_positive("seq_len", seq_len)
         _check_positive("micro_batch_size", micro_batch_size)
         _check_positive("micro_batches", micro_batches)
@@ -510,6 +517,11 @@ class BatchStream:
         self.dp_size = dp_size
         self.seed = seed
         self.global_batch_size = dp_size * micro_batches * micro_batch_size
+        self.ordered = ordered
+        if ordered and self.num_windows < self.global_batch_size:
+            raise ValueError(f"ordered: the corpus has {self.num_windows} windows of seq_len+1 tokens, fewer "
+                             f"than the {self.global_batch_size} streams of a global batch; use more data, "
+                             "a shorter seq_len or a smaller batch")
         self._consumed = 0  # micro-batches this replica has returned
         self._perms: dict[int, torch.Tensor] = {}
 
@@ -537,6 +549,11 @@ class BatchStream:
         start = t * self.global_batch_size + (j * self.dp_size + self.dp_rank) * self.micro_batch_size
         rows = []
         for slot in range(start, start + self.micro_batch_size):
+            if self.ordered:
+                length = self.num_windows // self.global_batch_size
+                step, stream = divmod(slot, self.global_batch_size)
+                rows.append(stream * length + step % length)
+                continue
             epoch, i = divmod(slot, self.num_windows)
             rows.append(int(self._perm(epoch)[i]))
         return _split_window_batch(self.windows[torch.tensor(rows)])
@@ -560,13 +577,14 @@ class BatchStream:
             "micro_batch_size": self.micro_batch_size,
             "micro_batches": self.micro_batches,
             "dp_size": self.dp_size,
+            "ordered": self.ordered,
         }
 
     def load_state_dict(self, d: dict) -> None:
         """Restore the position. A checkpoint taken on a step boundary may also be resumed with a
         different dp_size/micro_batches split of the same global batch size (elastic resume)."""
-        for key in ("seed", "seq_len", "num_windows"):
-            if d[key] != getattr(self, key):
+        for key in ("seed", "seq_len", "num_windows", "ordered"):
+            if d.get(key, False) != getattr(self, key):
                 raise ValueError(
                     f"BatchStream state: {key}={d[key]} in the checkpoint but {getattr(self, key)} "
                     "now; resume with the same data, tokenizer, seq_len and seed"

@@ -13,9 +13,18 @@ What changes against the stock engine, and why:
   each message with its own tag so nothing depends on the order of unrelated messages.
 - No collective crosses stages in the steady state: the loss stays on stage 0 (no broadcast),
   gradients are clipped per stage, tied weights live on one stage.
+- ``replay="stash"`` (:mod:`ouroboros_ds.stash`): the forward of module k < K keeps its graph,
+  run through a snapshot of the module's weights; the replay backprops it (no recompute), so the
+  delayed gradient is taken at the forward's weights (PipeDream-style weight stashing).
 """
 from __future__ import annotations
 
+import json
+import os
+import random
+from contextlib import nullcontext as _nullcontext
+
+import numpy as np
 import torch
 import torch.distributed as tdist
 from deepspeed import comm as dist
@@ -24,10 +33,13 @@ from deepspeed.runtime.pipe import schedule as ds_schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule
 from deepspeed.runtime.pipe.schedule import PipeInstruction, PipeSchedule
+from deepspeed.utils import logger
 
 from . import schedule as S
 from .models import dropout_key
+from .models_xl import recurrent_memory
 from .module import OuroborosPipelineModule
+from . import stash as W
 
 # Message tags: one per (kind, module, micro-batch), so every message matches its own receive.
 _ACT, _GRAD, _META, _EVAL, _EVAL_META = 1, 2, 3, 4, 5
@@ -96,7 +108,8 @@ class OuroborosEngine(PipelineEngine):
     the mean loss of batch t on stage 0 (``None`` on other stages: the loss is not broadcast).
     """
 
-    def __init__(self, *args, seed: int = 0, **kwargs):
+    def __init__(self, *args, seed: int = 0, replay: str = "recompute", **kwargs):
+        self.replay = W.check_replay(replay)
         super().__init__(*args, **kwargs)
         if not isinstance(self.module, OuroborosPipelineModule):
             raise TypeError("OuroborosEngine needs an OuroborosPipelineModule")
@@ -114,11 +127,21 @@ class OuroborosEngine(PipelineEngine):
         self.acts_in: dict = {}    # (module, mb) -> input of this step: tensor or _Recv
         self.outbox: dict = {}     # (kind, module, mb) -> tensor to send
         self.labels: dict = {}     # mb -> labels of this step (stage 0)
+        # Recurrent models (Transformer-XL): the memory each (module, micro-batch stream) wrote in
+        # its last forward, and the memory each stashed forward read, which its replay must see.
+        self.mems: dict = {}        # (module, mb) -> {layer: memory}
+        self.stash_mems: dict = {}  # (module, batch, mb) -> {layer: memory}
         self.step_losses: list = []
         self._sends: list = []     # (request, tensor) of the previous and the current step
         self._prev_sends: list = []
         self._queued: dict = {}     # (peer stage, kind) -> receives waiting for the edge's shape
         self._edge_meta: dict = {}  # ("in"|"out", peer stage, kind) -> (shape, dtype) on that edge
+        self.nonfinite_events: list = []  # non-finite losses/gradients met, and what was dropped
+        # replay="stash" only. weight_stash is state (a checkpoint holds it); graphs is a cache that
+        # _stash_graph() rebuilds from stash + weight_stash + the dropout key when it is missing.
+        self.weight_stash: dict = {}  # (module, batch) -> stash.Snapshot of the forward's weights
+        self.graphs: dict = {}        # (module, batch, mb) -> (input leaf, output) with its graph
+        self.saved_bytes = None       # a stash.SavedBytes to count the kept graphs' activations
 
     # ---------------------------------------------------------- DeepSpeed hooks we change
     def _train_schedule(self):
@@ -253,13 +276,25 @@ class OuroborosEngine(PipelineEngine):
         """``kFj``: forward batch t through module k without a graph; stash the input for the replay."""
         t = self.batch_id
         x = self._wait(self.acts_in.pop((module, mb)))
-        with torch.no_grad(), dropout_key(self.seed, t, mb):
-            y = self.module.forward_module(module, x)
         self.stash[(module, t, mb)] = x
+        mem = self.mems.get((module, mb))
+        if mem:
+            self.stash_mems[(module, t, mb)] = mem
+        with recurrent_memory(mem) as new_mem:
+            if self.replay == "stash":
+                y = self._stash_graph(module, t, mb)[1].detach()
+            else:
+                with torch.no_grad(), dropout_key(self.seed, t, mb):
+                    y = self.module.forward_module(module, x)
+        self._keep_memory(module, mb, new_mem)
         if S.stage_of(module + 1, self.num_stages) == self.stage_id:
             self.acts_in[(module + 1, mb)] = y  # G = 1: module K is local
         else:
             self.outbox[(S.SEND_F, module, mb)] = y
+
+    def _keep_memory(self, module, mb, new_mem):
+        if new_mem:  # only recurrent layers write one (detached: no gradient flows into memory)
+            self.mems[(module, mb)] = new_mem
 
     def _exec_ring_send_activation(self, module, mb):
         """``kSEND_Fj``: send module k's output downstream (pairs with (k+1)RECV_Fj)."""
@@ -281,15 +316,71 @@ class OuroborosEngine(PipelineEngine):
         b = self.batch_id - S.delay(module, self.num_stages)
         if b < 0:
             return
-        x = self.stash.pop((module, b, mb))
         g = self._wait(self.grads_in.pop((module, b, mb)))
+        if not torch.isfinite(g).all():  # a non-finite loss or gradient downstream: drop (b, mb)
+            self._report_nonfinite("error gradient", module, b, mb)
+            x = self._release(module, b, mb)
+            if module > 1:  # pass the poison on: module k-1 drops (b, mb) when it replays it
+                self.outbox[(S.SEND_B, module, mb)] = torch.full_like(x, float("nan"))
+            return
+        if self.replay == "stash":
+            return self._stash_replay(module, b, mb, g)
+        x = self.stash.pop((module, b, mb))
         if x.is_floating_point():
             x = x.detach().requires_grad_()
-        with dropout_key(self.seed, b, mb):
+        with dropout_key(self.seed, b, mb), recurrent_memory(self.stash_mems.pop((module, b, mb), None)):
             y = self.module.forward_module(module, x)
         torch.autograd.backward(y, g)
         if module > 1:
             self.outbox[(S.SEND_B, module, mb)] = x.grad
+
+    def _stash_graph(self, module, b, mb):
+        """The kept graph of (module, batch b, mb): run (or, after a restore, rerun) the forward of
+        the stashed input through batch b's weight snapshot, taken at the batch's first forward."""
+        key = (module, b, mb)
+        if key not in self.graphs:
+            if (module, b) not in self.weight_stash:
+                snap = self.weight_stash[(module, b)] = W.Snapshot(self.module.module_funcs[module])
+                if self.saved_bytes is not None:
+                    self.saved_bytes.exclude |= {c.untyped_storage().data_ptr() for c, _ in snap.live}
+            hooks = self.saved_bytes.hooks() if self.saved_bytes is not None else _nullcontext()
+            with hooks, dropout_key(self.seed, b, mb):
+                self.graphs[key] = W.forward(self.module.module_funcs[module], self.weight_stash[(module, b)],
+                                             self.stash[key])
+        return self.graphs[key]
+
+    def _stash_replay(self, module, b, mb, g):
+        """``kBj`` in stash mode: backprop the kept graph of batch b with the received error
+        gradient ``g``, at the forward's weights."""
+        with recurrent_memory(self.stash_mems.get((module, b, mb))):  # for a graph rebuilt after a restore
+            x, y = self._stash_graph(module, b, mb)
+        dx = W.backward(x, y, g, self.weight_stash[(module, b)])
+        self._release(module, b, mb)
+        if module > 1:
+            self.outbox[(S.SEND_B, module, mb)] = dx
+
+    def _release(self, module, b, mb):
+        """Drop (module, b, mb)'s stashed state once replayed (or dropped as non-finite); the
+        weight snapshot goes with the batch's last micro-batch. Returns the stashed input."""
+        x = self.stash.pop((module, b, mb))
+        self.graphs.pop((module, b, mb), None)
+        self.stash_mems.pop((module, b, mb), None)
+        if (module, b) in self.weight_stash and not any(k[0] == module and k[1] == b for k in self.stash):
+            snap = self.weight_stash.pop((module, b))
+            if self.saved_bytes is not None:
+                self.saved_bytes.exclude -= {c.untyped_storage().data_ptr() for c, _ in snap.live}
+        return x
+
+    def stash_memory(self) -> dict:
+        """Bytes of this stage's stashed state now: inputs, weight snapshots, and (stash mode, when
+        ``saved_bytes`` is set) the activations the kept graphs hold."""
+        def nb(t):
+            return t.numel() * t.element_size()
+        out = {"inputs": sum(nb(x) for x in self.stash.values()),
+               "snapshots": sum(s.nbytes() for s in self.weight_stash.values())}
+        if self.saved_bytes is not None:
+            out["saved_activations"] = self.saved_bytes.live
+        return out
 
     def _exec_ring_send_grad(self, module, mb):
         """``kSEND_Bj``: send dL/d(input of k) upstream (pairs with (k-1)RECV_Bj)."""
@@ -301,19 +392,50 @@ class OuroborosEngine(PipelineEngine):
         """``KLj``: module K's forward, loss and backward of batch t, at once (no delay)."""
         t = self.batch_id
         x = self._wait(self.acts_in.pop((module, mb))).detach().requires_grad_()
-        with dropout_key(self.seed, t, mb):
+        with dropout_key(self.seed, t, mb), recurrent_memory(self.mems.get((module, mb))) as new_mem:
             out = self.module.forward_module(module, x)
             loss = self.module.loss_fn(out, self.labels.pop(mb))
-        torch.autograd.backward(loss / self.micro_batches)
+        self._keep_memory(module, mb, new_mem)
         self.step_losses.append(loss.detach())
+        if torch.isfinite(loss):
+            torch.autograd.backward(loss / self.micro_batches)
+            g = x.grad
+        else:  # drop (t, mb) here and poison its error gradient so every module drops it in turn
+            self._report_nonfinite("loss", module, t, mb)
+            g = torch.full_like(x, float("nan"))
         if self.num_stages == 1:  # module 1 replays batch t next step, from this local gradient
-            self.grads_in[(1, t, mb)] = x.grad
+            self.grads_in[(1, t, mb)] = g
         else:
-            self.outbox[(S.SEND_B, module, mb)] = x.grad
+            self.outbox[(S.SEND_B, module, mb)] = g
+
+    # ---------------------------------------------------------- non-finite values
+    # No collective: a non-finite loss of (t, j) is not backpropagated; a NaN error gradient takes
+    # its place on the ring, so each module k drops (t, j) exactly when its delayed gradient
+    # arrives (step t + K - k), and the stash and receive of (t, j) are consumed as usual. A
+    # non-finite parameter gradient that appears inside a stage (an overflow in its own backward)
+    # makes that stage skip its update for the step; the LR schedule and step count still advance.
+    def _report_nonfinite(self, what, module, batch, mb, action="dropped"):
+        event = {"step": self.global_steps, "stage": self.stage_id, "what": what, "module": module,
+                 "batch": batch, "mb": mb, "action": action}
+        self.nonfinite_events.append(event)
+        logger.warning(f"ouroboros: non-finite {what} at step {event['step']} on stage {self.stage_id} "
+                       f"(module {module}, batch {batch}, micro-batch {mb}): {action}")
+
+    def _exec_ring_optimizer_step(self, lr_kwargs=None):
+        """``STEP``'s optimizer half: skip the stage's update when a gradient is non-finite (after
+        the data-parallel reduction, so all replicas of the stage decide alike), then DeepSpeed's
+        step. One read of the gradients, as the clip does."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self._report_nonfinite("parameter gradient", None, None, None, action="stage update skipped")
+            for p in self.module.parameters():
+                p.grad = None  # torch's Adam/AdamW leave a parameter without a gradient untouched
+        PipelineEngine._exec_optimizer_step(self, lr_kwargs)
 
     _INSTRUCTION_MAP = {
         **PipelineEngine._INSTRUCTION_MAP,
         ds_schedule.ReduceGrads: _exec_reduce_grads,
+        ds_schedule.OptimizerStep: _exec_ring_optimizer_step,
         RingLoad: _exec_ring_load,
         RingForward: _exec_ring_forward,
         RingReplay: _exec_ring_replay,
@@ -364,18 +486,140 @@ class OuroborosEngine(PipelineEngine):
         return loss
 
     def in_flight_bytes(self) -> int:
-        """Bytes held across steps: stashed inputs and received error gradients."""
+        """Bytes held across steps: stashed inputs, received error gradients, weight snapshots,
+        recurrent memories."""
         n = sum(x.numel() * x.element_size() for x in self.stash.values())
+        n += sum(m.numel() * m.element_size() for d in (*self.mems.values(), *self.stash_mems.values())
+                 for m in d.values())
         for g in self.grads_in.values():
             t = g if torch.is_tensor(g) else g.buf
             n += 0 if t is None else t.numel() * t.element_size()
-        return n
+        return n + sum(snap.nbytes() for snap in self.weight_stash.values())
+
+    # ---------------------------------------------------------- checkpoints
+    # Every dict of in-flight state kept across steps (keyed by (module, batch, mb)); a mode that
+    # keeps more across steps (e.g. weight snapshots) adds its dict's attribute name here.
+    RING_STATE = ("stash", "grads_in", "weight_stash", "mems", "stash_mems")
+    META_FILE = "ouroboros_meta.json"  # written last, by rank 0: its presence marks a complete save
+
+    def ring_meta(self) -> dict:
+        """What a checkpoint must agree on to be resumed exactly (checked on load)."""
+        return {"G": self.num_stages, "M": self.micro_batches,
+                "micro_batch": self.train_micro_batch_size_per_gpu(), "dp": self.dp_world_size,
+                "seed": self.seed, "replay": getattr(self, "replay", "features"),
+                "num_layers": len(self.module._layer_specs),
+                "module_bounds": [list(b) for b in self.module.module_bounds]}
+
+    def _settle(self):
+        """At a step boundary, wait on every posted receive (their sends all happen within the step
+        that posted them) and then on this rank's sends, so the in-flight state is plain tensors."""
+        for name in self.RING_STATE:
+            d = getattr(self, name)
+            for key, value in d.items():
+                if isinstance(value, _Recv):
+                    d[key] = self._wait(value)
+        for req, _ in self._prev_sends + self._sends:
+            req.wait()
+        self._prev_sends, self._sends = [], []
+
+    def ring_state_dict(self) -> dict:
+        """This rank's in-flight Ouroboros state: every ``RING_STATE`` dict, the RNG states."""
+        if self.acts_in or self.outbox or self.labels:
+            raise RuntimeError("ring_state_dict() must be called between train_batch() calls")
+        self._settle()
+        state = {name: dict(getattr(self, name)) for name in self.RING_STATE}
+        # snapshots point at the live parameters: save their values only (rebound on load)
+        state["weight_stash"] = {key: snap.state() for key, snap in self.weight_stash.items()}
+        state["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "numpy": np.random.get_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        state["global_steps"] = self.global_steps
+        return state
+
+    def load_ring_state_dict(self, state: dict) -> None:
+        self._settle()
+        for name in self.RING_STATE:
+            setattr(self, name, dict(state[name]))
+        self.weight_stash = {key: W.Snapshot.restore(self.module.module_funcs[key[0]], values)
+                             for key, values in state["weight_stash"].items()}
+        self.graphs = {}  # a cache: _stash_graph() reruns each kept forward from the restored state
+        # Both ends of every edge restart, so both redo the shape handshake on its first message.
+        self._edge_meta, self._queued = {}, {}
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def _ring_file(self, ckpt_dir, tag):
+        return os.path.join(ckpt_dir, str(tag), f"ouroboros_rank{self.global_rank:05d}.pt")
+
+    def save_ring_checkpoint(self, save_dir, tag=None, client_state=None, meta=None) -> str:
+        """DeepSpeed's ``save_checkpoint`` (layers, optimizer, LR schedule, step counters,
+        ``client_state``) plus each rank's in-flight state, atomically: everything goes into the
+        tag's folder first, and only when every rank is done does rank 0 switch ``latest`` to it
+        (temp file + ``os.replace``). A crash before that leaves the previous checkpoint current.
+        ``meta`` (e.g. the model config) is stored and checked on load with :meth:`ring_meta`."""
+        tag = str(tag if tag is not None else f"global_step{self.global_steps}")
+        state = self.ring_state_dict()
+        self.save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, save_latest=False)
+        _atomic_write(self._ring_file(save_dir, tag), lambda f: torch.save(state, f))
+        dist.barrier()
+        if self.global_rank == 0:
+            record = {**self.ring_meta(), **(meta or {}), "world": dist.get_world_size(), "tag": tag}
+            _atomic_write(os.path.join(save_dir, tag, self.META_FILE),
+                          lambda f: f.write(json.dumps(record, indent=1).encode()))
+            _atomic_write(os.path.join(save_dir, "latest"), lambda f: f.write(tag.encode()))
+        dist.barrier()
+        return tag
+
+    def load_ring_checkpoint(self, load_dir, tag=None, meta=None) -> dict:
+        """Resume from ``load_dir`` (its ``latest`` unless ``tag``): checks the saved run's G, M,
+        micro-batch, replicas, seed, replay mode, partition and ``meta`` against this run (a
+        ``ValueError`` naming each mismatch), loads DeepSpeed's part, then the in-flight state.
+        Returns the ``client_state`` given at save time."""
+        if tag is None:
+            latest = os.path.join(load_dir, "latest")
+            if not os.path.isfile(latest):
+                raise FileNotFoundError(f"--load: {load_dir!r} has no 'latest' file: not a checkpoint folder, "
+                                        "or no save finished there; give the folder passed to --save")
+            with open(latest) as f:
+                tag = f.read().strip()
+        meta_path = os.path.join(load_dir, str(tag), self.META_FILE)
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"--load: checkpoint {os.path.join(load_dir, str(tag))!r} is incomplete "
+                                    f"(no {self.META_FILE}: its save did not finish); load another tag")
+        with open(meta_path) as f:
+            saved = json.load(f)
+        mine = {**self.ring_meta(), **(meta or {}), "world": dist.get_world_size()}
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in mine.items() if saved.get(k) != v]
+        if diffs:
+            raise ValueError(f"--load: checkpoint {os.path.join(load_dir, str(tag))!r} does not match this run "
+                             f"({'; '.join(diffs)}); resume with the saved settings or start without --load")
+        path, client_state = self.load_checkpoint(load_dir, tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"--load: DeepSpeed found no checkpoint files in {os.path.join(load_dir, str(tag))!r}")
+        self.load_ring_state_dict(torch.load(self._ring_file(load_dir, tag), map_location=self.device,
+                                             weights_only=False))
+        return client_state or {}
+
+
+def _atomic_write(path: str, write) -> None:
+    """Write a file aside, flush it to disk, then rename it into place."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
-               lr_scheduler=None, config=None, seed: int = 0):
+               lr_scheduler=None, config=None, seed: int = 0, replay: str = "recompute"):
     """``deepspeed.initialize`` for pipelines: an :class:`OuroborosPipelineModule` gets the
-    :class:`OuroborosEngine`, any other ``PipelineModule`` DeepSpeed's stock engine.
+    :class:`OuroborosEngine` (``replay``: "recompute" or "stash"), any other ``PipelineModule``
+    DeepSpeed's stock engine.
 
     Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed.
     """
@@ -395,7 +639,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                   training_data=training_data, lr_scheduler=lr_scheduler, mpu=model.mpu(),
                   config=config, config_class=config_class)
     if isinstance(model, OuroborosPipelineModule):
-        engine = OuroborosEngine(seed=seed, **kwargs)
+        engine = OuroborosEngine(seed=seed, replay=replay, **kwargs)
     else:
         from .baseline import KeyedPipelineEngine
         engine = KeyedPipelineEngine(seed=seed, **kwargs)

@@ -31,6 +31,10 @@ SIZES = {
     "small": dict(n_layer=8, n_embd=256, n_head=8, n_positions=512),  # the benchmark's CPU shape
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024),
     "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, n_positions=1024),
+    # Transformer-XL (models_xl.py): n_positions is the segment length, mem_len the memory
+    "xl-tiny": dict(arch="transfo-xl", n_layer=4, n_embd=64, n_head=4, n_positions=256, mem_len=64),
+    "xl-base": dict(arch="transfo-xl", n_layer=12, n_embd=512, n_head=8, n_inner=2048, n_positions=512,
+                    mem_len=512),  # the paper's enwik8 "base" shape
 }
 
 
@@ -190,8 +194,14 @@ class LayerPlan:
 
 
 def gpt2_layer_specs(cfg: GPT2Config, seed: int = 1234) -> LayerPlan:
-    """``[Embedding, Block x n_layer, FinalNorm, Head]`` as DeepSpeed LayerSpecs, layer i seeded ``seed + i``."""
+    """``[Embedding, Block x n_layer, FinalNorm, Head]`` as DeepSpeed LayerSpecs, layer i seeded ``seed + i``.
+
+    A config with ``arch="transfo-xl"`` gets the Transformer-XL layers (``models_xl.py``) instead."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    if getattr(cfg, "arch", "gpt2") == "transfo-xl":
+        from .models_xl import xl_layer_specs
+        return xl_layer_specs(cfg, seed)
 
     specs = [TiedLayerSpec("embed", Embedding, cfg, init_seed=seed, tied_weight_attr=["wte.weight"])]
     for i in range(cfg.n_layer):

@@ -55,6 +55,54 @@ def ring_partition(num_layers: int, block_indices: list[int], stages: int,
     return bounds
 
 
+def layer_costs(n_embd: int, vocab_size: int, seq_len: int) -> dict:
+    """Modelled forward FLOPs per token of the layer kinds (the cost model of the balanced partition):
+    a block 24 d^2 (QKV, projection, MLP) + 4 T d (attention scores and values), the tied head
+    2 d V plus ~5 V for softmax cross entropy; the embedding is a lookup (~0)."""
+    d, V, T = n_embd, vocab_size, seq_len
+    return {"block": 24 * d * d + 4 * T * d, "head": 2 * d * V + 5 * V, "embed": 0}
+
+
+# Work of one micro-batch in forward units: backward = 2 forwards. A delayed module (k < K) does its
+# forward and its replay (recompute "recompute": 1 + 1 + 2; "stash": 1 + 2); module K does forward,
+# loss and backward at once (1 + 2).
+_WORK = {"recompute": 4, "stash": 3, "fresh": 3}
+
+
+def stage_costs_of(blocks_per_module: list[int], costs: dict, replay: str = "recompute") -> list[float]:
+    """Modelled work per micro-batch of each stage (FLOPs per token x forward units)."""
+    G = len(blocks_per_module) - 1
+    out = [0.0] * G
+    for k, n in enumerate(blocks_per_module, start=1):
+        out[stage_of(k, G)] += n * costs["block"] * (_WORK["fresh"] if k == G + 1 else _WORK[replay])
+    out[0] += costs["head"] * _WORK["fresh"] + costs["embed"] * _WORK[replay]
+    return out
+
+
+def balanced_blocks_per_module(num_blocks: int, stages: int, costs: dict, replay: str = "recompute") -> list[int]:
+    """The block counts of modules 1..K that minimise the most loaded stage's modelled work
+    (:func:`stage_costs_of`): stage 0 carries the head and the loss on top of its blocks, so it
+    gets fewer. Stages 1..G-1 share the other blocks evenly (extra ones to the last stages); among
+    stage 0's own splits the cheapest wins (in recompute mode a block costs less in module K, which
+    is not replayed), ties broken towards the authors' half/half split."""
+    G, L = stages, num_blocks
+    if G == 1:
+        candidates = [[m1, L - m1] for m1 in range(L + 1)]
+    else:
+        if G - 1 > L:
+            raise ValueError(f"pipeline-parallel size G={G} exceeds the model's {L} blocks")
+        candidates = []
+        for b0 in range(0, L - (G - 1) + 1):
+            rest = [(L - b0) // (G - 1)] * (G - 1)
+            for i in range((L - b0) % (G - 1)):
+                rest[G - 2 - i] += 1
+            candidates += [[m1] + rest + [b0 - m1] for m1 in range(b0 + 1)]
+
+    def key(bpm):
+        return (max(stage_costs_of(bpm, costs, replay)), abs(bpm[0] - (bpm[0] + bpm[-1]) // 2))
+    return min(candidates, key=key)
+
+
 class OuroborosPipelineModule(PipelineModule):
     """A ``PipelineModule`` cut into the Ouroboros ring.
 
@@ -137,8 +185,11 @@ class OuroborosPipelineModule(PipelineModule):
             super().load_state_dir(*args, **kwargs)
 
     def describe(self) -> list[str]:
-        """One line per local module: its layers and parameter count (for the start-up summary)."""
+        """One line per local module: its layers and parameter count (for the start-up summary);
+        with ``stage_costs`` set (e.g. by train.py's balanced partition), the modelled per-stage work."""
         lines = []
+        if getattr(self, "partition_note", None):
+            lines.append(self.partition_note)
         for k in self.local_modules:
             start, stop = self.module_bounds[k - 1]
             n = sum(p.numel() for p in self.module_parameters(k))

@@ -7,7 +7,9 @@ module k < K forwards batch t without a graph and stashes its input; at step t i
 gradient that module k + 1 produced for that batch one step earlier. Module K is fresh. Each
 stage (modules of ``modules_of(s)``) has its own optimizer, clip and LR schedule, built from the
 same DeepSpeed config the engine reads. With ``synchronous=True`` every delay is 0: each module
-backprops the current batch, which is ordinary training.
+backprops the current batch, which is ordinary training. With ``replay="stash"`` the forward keeps
+its graph through a snapshot of the module's weights and the delayed backward uses it (the
+gradient at the forward's weights, :mod:`ouroboros_ds.stash`), as the engine's stash mode does.
 """
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ import functools
 import torch
 
 from . import schedule as S
+from . import stash as W
 from .models import LayerPlan, dropout_key
+from .models_xl import recurrent_memory
 from .module import ring_partition
+from .staleness import delay_scaled_groups
 
 
 def build_layers(plan: LayerPlan) -> list:
@@ -65,7 +70,9 @@ class Reference:
     """Ouroboros on one process. ``step(micro_batches)`` runs one step t and returns the mean loss."""
 
     def __init__(self, plan: LayerPlan, stages: int, ds_config: dict, loss_fn, seed: int = 0,
-                 blocks_per_module=None, synchronous: bool = False):
+                 blocks_per_module=None, synchronous: bool = False, replay: str = "recompute",
+                 stale_lr_scale: float = 0.0):
+        self.replay = W.check_replay(replay)
         self.G, self.K = stages, S.num_modules(stages)
         self.seed, self.loss_fn, self.synchronous = seed, loss_fn, synchronous
         self.layers = build_layers(plan)
@@ -81,13 +88,23 @@ class Reference:
                         if id(p) not in seen:
                             seen.add(id(p))
                             params.append(p)
-            opt = make_optimizer(params, ds_config)
+            groups = params
+            if stale_lr_scale:  # the optional mitigation, with the engine's own groups
+                lr = ds_config.get("optimizer", {}).get("params", {}).get("lr", 1e-3)
+                per_module = {k: [p for m in _modules(self.module_layers[k]) for p in m.parameters()]
+                              for k in S.modules_of(s, stages)}
+                groups = delay_scaled_groups(per_module, stages, lr, stale_lr_scale)
+            opt = make_optimizer(groups, ds_config)
             self.stage_params.append(params)
             self.optimizers.append(opt)
             self.schedulers.append(make_scheduler(opt, ds_config))
         self.t = 0
         self.stash: dict = {}    # (module, batch, mb) -> input
         self.pending: dict = {}  # (module, batch, mb) -> dL/d(output of module)
+        self.weight_stash: dict = {}  # replay="stash": (module, batch) -> Snapshot
+        self.graphs: dict = {}        # replay="stash": (module, batch, mb) -> (input leaf, output)
+        self.mems: dict = {}        # (module, mb) -> memory its last forward wrote (Transformer-XL)
+        self.stash_mems: dict = {}  # (module, batch, mb) -> memory that forward read
 
     def delay(self, k: int) -> int:
         return 0 if self.synchronous else S.delay(k, self.G)
@@ -119,9 +136,21 @@ class Reference:
         acts = [inp for inp, _ in micro_batches]
         for k in range(1, K):
             for j in range(M):
-                with torch.no_grad(), dropout_key(self.seed, t, j):
-                    y = self.forward_module(k, acts[j])
                 self.stash[(k, t, j)] = acts[j]
+                mem = self.stash_mems[(k, t, j)] = self.mems.get((k, j))
+                with recurrent_memory(mem) as new_mem:
+                    if self.replay == "stash":
+                        if j == 0:
+                            self.weight_stash[(k, t)] = W.Snapshot(self.module_layers[k])
+                        with dropout_key(self.seed, t, j):
+                            self.graphs[(k, t, j)] = W.forward(self.module_layers[k], self.weight_stash[(k, t)],
+                                                               acts[j])
+                        y = self.graphs[(k, t, j)][1].detach()
+                    else:
+                        with torch.no_grad(), dropout_key(self.seed, t, j):
+                            y = self.forward_module(k, acts[j])
+                if new_mem:
+                    self.mems[(k, j)] = new_mem
                 acts[j] = y
         # 2. replays: module k backprops batch t - delay(k) from its stash, current weights.
         #    (the engine's stage 0 also replays module 1 before module K's losses: same order here)
@@ -131,8 +160,10 @@ class Reference:
         losses = []
         for j, (_, labels) in enumerate(micro_batches):
             x = acts[j].detach().requires_grad_()
-            with dropout_key(self.seed, t, j):
+            with dropout_key(self.seed, t, j), recurrent_memory(self.mems.get((K, j))) as new_mem:
                 loss = self.loss_fn(self.forward_module(K, x), labels)
+            if new_mem:
+                self.mems[(K, j)] = new_mem
             (loss / M).backward()
             losses.append(loss.detach())
             self.pending[(K - 1, t, j)] = x.grad
@@ -160,9 +191,19 @@ class Reference:
             while (k, b, j) in self.stash:
                 x = self.stash.pop((k, b, j))
                 g = self.pending.pop((k, b, j))
+                mem = self.stash_mems.pop((k, b, j))
+                if self.replay == "stash":  # the kept graph already holds the memory it read
+                    x, y = self.graphs.pop((k, b, j))
+                    dx = W.backward(x, y, g, self.weight_stash[(k, b)])
+                    if k > 1:
+                        self.pending[(k - 1, b, j)] = dx
+                    j += 1
+                    if (k, b, j) not in self.stash:
+                        del self.weight_stash[(k, b)]
+                    continue
                 if x.is_floating_point():
                     x = x.detach().requires_grad_()
-                with dropout_key(self.seed, b, j):
+                with dropout_key(self.seed, b, j), recurrent_memory(mem):
                     y = self.forward_module(k, x)
                 torch.autograd.backward(y, g)
                 if k > 1:

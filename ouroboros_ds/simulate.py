@@ -99,6 +99,18 @@ class Timeline:
         t0, t1 = self.window(steps)
         return (t1 - t0) / len(steps)
 
+    def period(self, stage: int, steps: range) -> float:
+        """Stage ``stage``'s steady-state step time: from the end of its step ``steps.start - 1`` to
+        the end of its step ``steps.stop - 1``, per step. Unlike :meth:`step_time` this leaves out
+        the skew between stages (stage s runs behind stage 0), which a window over all stages adds."""
+        ends = {t: e for t, _, _, e in self.events[stage] if t in (steps.start - 1, steps.stop - 1)}
+        prev = ends.get(steps.start - 1, min(s for t, _, s, _ in self.events[stage] if t == steps.start))
+        return (ends[steps.stop - 1] - prev) / len(steps)
+
+    def steady_utilization(self, steps: range) -> list[float]:
+        """Per-stage busy fraction of the stage's own steady-state period (:meth:`period`)."""
+        return [self.busy(s, steps) / (len(steps) * self.period(s, steps)) for s in range(self.stages)]
+
 
 def _dependency(a: Action, stages: int, step: int):
     """(kind, module, mb, step) of the event ``a`` waits for, or None."""
@@ -196,6 +208,24 @@ def bubble_bound(stages: int, micro_batches: int) -> float:
     return (micro_batches + stages - 1) / micro_batches
 
 
+def cycle_bound(stages: int, micro_batches: int, costs: Costs) -> tuple[float, float]:
+    """A lower bound on the Ouroboros step time that no order of work inside the stages can beat,
+    and the utilization of the most loaded stage it allows: ``(period, utilization)``.
+
+    Two limits. Work: a stage cannot finish a step faster than its own work, M (forward + replay
+    [+ loss]) + step. The tied weight: ``F1(t+1, 0)`` needs the embedding after ``STEP(t)``, which
+    needs all M losses of batch t, the first of which needs micro-batch 0's forward through every
+    module; so a step lasts at least ``f_1 + ... + f_{K-1} + M * loss + step``. At M = 1 (the
+    paper's algorithm) that chain is the whole model's forward plus module K's backward while each
+    stage only has about 1/G of the work: utilization <= (f + b) / (G f + l) whatever the schedule.
+    """
+    G, M, K = stages, micro_batches, num_modules(stages)
+    work = [M * (f + b) + costs.step for f, b in _stage_fb(G, costs)]
+    chain = sum(costs.of(Action(F, k)) for k in range(1, K)) + M * costs.loss + costs.step
+    period = max(max(work), chain)
+    return period, max(work) / period
+
+
 def _stage_fb(stages: int, costs: Costs) -> list[tuple[float, float]]:
     """Per stage, per micro-batch: (forward work, backward work); the loss counts as backward."""
     K = num_modules(stages)
@@ -266,6 +296,33 @@ def draw(timeline: Timeline, path: str, title: str | None = None, steps: range |
     fig.savefig(path, dpi=130)
 
 
+def scale_table(stage_values, costs_of) -> str:
+    """Markdown: for each G and M = 1, 2, 4, ..., 4G, the simulated Ouroboros step time and slowest
+    stage's utilization (per-stage steady-state period, :meth:`Timeline.steady_utilization`), the
+    1F1B model's step time, the speed-up, the bubble bound (M+G-1)/M, and :func:`cycle_bound`'s
+    utilization limit, over the steady-state window :func:`steady_steps`."""
+    from .schedule import ouroboros_schedule
+
+    rows = ["| G | M | Ouroboros step | util (slowest stage) | util bound (cycle) | 1F1B step | speed-up "
+            "| bubble bound (M+G-1)/M |", "|---|---|---|---|---|---|---|---|"]
+    for G in stage_values:
+        Ms, m = [], 1
+        while m <= 4 * G:
+            Ms.append(m)
+            m *= 2
+        for M in Ms:
+            costs = costs_of(G)
+            window = steady_steps(G)
+            tl = simulate(ouroboros_schedule(G, M), costs, steps=window.stop)
+            st = max(tl.period(s, window) for s in range(G))
+            util = min(tl.steady_utilization(window))
+            f, b = max(_stage_fb(G, costs), key=sum)
+            ref = onef1b_step_time(G, M, f, b) + costs.step
+            rows.append(f"| {G} | {M} | {st:.3f} | {util:.3f} | {cycle_bound(G, M, costs)[1]:.3f} | {ref:.3f} "
+                        f"| {ref / st:.3f} | {bubble_bound(G, M):.3f} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -285,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency", type=float, default=0.0, help="point-to-point message latency")
     p.add_argument("--balanced", action="store_true",
                    help="ignore the costs above: every stage does 1.0 per micro-batch (balanced_costs)")
+    p.add_argument("--scale", action="store_true",
+                   help="print the at-scale table: every --stages value x M in 1, 2, 4, ..., 4G (--micro-batches ignored)")
     p.add_argument("--png", help="draw the timeline of the first --draw-steps steady-state steps")
     p.add_argument("--draw-steps", type=int, default=3)
     args = p.parse_args(argv)
@@ -298,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         f, b = max(fb, key=sum)
         return costs, tl, window, tl.utilization(window), tl.step_time(window), onef1b_step_time(G, M, f, b)
 
+    if args.scale:
+        print(scale_table(args.stages, lambda G: balanced_costs(G) if args.balanced else Costs(
+            args.forward, args.replay, args.loss, args.step, args.latency)))
+        return 0
     if len(args.stages) == 1 and len(args.micro_batches) == 1:
         G, M = args.stages[0], args.micro_batches[0]
         costs, tl, window, util, st, ref = run(G, M)
@@ -328,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["Costs", "Timeline", "ScheduleError", "simulate", "stage_costs", "balanced_costs", "steady_steps",
-           "onef1b_step_time", "bubble_bound", "draw", "LOAD", "RECV_B", "RECV_F"]
+           "onef1b_step_time", "bubble_bound", "cycle_bound", "scale_table", "draw", "LOAD", "RECV_B", "RECV_F"]
 
 
 if __name__ == "__main__":

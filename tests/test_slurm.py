@@ -1,6 +1,6 @@
 """launch_scripts/ouroboros.sbatch on a real single-node Slurm (issue 4): the job trains on 2 ranks
 and writes its metrics; SIGUSR1 to the batch shell (what ``--signal=B:USR1@180`` sends before the
-time limit) requeues it and the requeued run finishes.
+time limit) makes the ranks save, the job requeue, and the requeued run resume from the save.
 
 Needs root and Debian's slurm-wlm + munge (``.ci/slurm_setup.sh`` installs them; ``.ci/run``
 calls it and sets OUROBOROS_REQUIRE_SLURM=1, so in CI a missing Slurm fails instead of skipping).
@@ -36,12 +36,12 @@ def slurm(tmp_path):
 
 
 def _segments(path):
-    """The metrics file's training records split where the step counter restarts."""
+    """The metrics file's training records, split where a new launch's clock restarts."""
     segs = []
     for line in open(path):
         rec = json.loads(line)
         if "loss" in rec:
-            if not segs or rec["step"] <= segs[-1][-1]["step"]:
+            if not segs or rec["seconds"] < segs[-1][-1]["seconds"]:
                 segs.append([])
             segs[-1].append(rec)
     return segs
@@ -75,16 +75,18 @@ def test_sbatch_trains_writes_metrics_and_requeues_on_usr1(slurm, tmp_path):
     assert "caught SIGUSR1" in out and "restart 1 on" in out, out[-3000:]
 
     segs = _segments(metrics)
-    assert len(segs) == 2, [len(s) for s in segs]
+    assert len(segs) == 2, [len(x) for x in segs]
     first, second = segs
-    assert 1 <= len(first) < STEPS  # stopped by the signal
-    # The requeued run trained to the end (from step 0 here; from its checkpoint once train.py
-    # has --save/--load) and wrote its evaluations.
-    assert second[-1]["step"] == STEPS - 1
-    assert [r["step"] for r in second] == list(range(second[0]["step"], STEPS))
+    # The ranks agreed on a stop step, saved, and the requeued launch resumed right there: every
+    # step trained and logged exactly once, across the two launches.
+    assert 1 <= len(first) < STEPS
+    stop = first[-1]["step"] + 1
+    assert f"resumed from {run_dir / 'checkpoint'} at step {stop}" in out, out[-3000:]
+    assert "stopped by SIGUSR1" in out, out[-3000:]
+    assert [r["step"] for r in first + second] == list(range(STEPS))
     recs = [json.loads(x) for x in open(metrics)]
-    assert [r["step"] for r in recs if "val_bpb" in r][-2:] == [12, 24]
-    assert second[-1]["loss"] < second[0]["loss"] - 0.3, (second[0], second[-1])
+    assert [r["step"] for r in recs if "val_bpb" in r][-1] == STEPS
+    assert second[-1]["loss"] < first[0]["loss"] - 0.3, (first[0], second[-1])
 
 
 def _read(path):

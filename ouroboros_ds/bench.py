@@ -1,0 +1,431 @@
+"""Side-by-side benchmark: DeepSpeed's stock 1F1B (with and without activation checkpointing), the
+Ouroboros engine in each replay mode, and a single process, on the same model and data, in one run.
+
+    python -m ouroboros_ds.bench                       # G=2, M=4, 8 blocks d_model 256, seq 128, CPU
+    python -m ouroboros_ds.bench --stages 2 --micro-batches 4 --model small --rounds 4 --out bench.json
+
+How it measures (so that the ratios come from one run):
+- G ranks are spawned once (gloo on CPU; NCCL when there is one GPU per rank). Every rank builds all
+  four engines on the same layer specs (same seed: same initial weights) and the same token batches.
+- Rounds interleave the configurations: round r runs ``--steps`` steps of each engine in turn (and the
+  single-process baseline on rank 0 while the others wait), so a change of load on a shared machine
+  hits all configurations alike. The first ``--warmup`` rounds are discarded; reported numbers are
+  medians over the remaining rounds of the mean step time.
+- Utilization per stage = busy time of the compute instructions (timers around the forward,
+  backward/replay, loss and optimizer handlers, minus the time an Ouroboros handler spends waiting
+  for a message) / wall time of the timed steps. Next to it, the simulator's prediction made from
+  the *measured* mean cost of each instruction (:mod:`ouroboros_ds.simulate`; for 1F1B the
+  ``(M+G-1)(f+b)`` model).
+- Memory per stage, CPU: after the timed rounds, K + 1 more steps of each engine with
+  ``saved_tensors_hooks`` counting the bytes of the activations autograd keeps (each storage once,
+  parameters and weight snapshots excluded): the peak during the steps, plus the stashed inputs and
+  weight snapshots held at the end of a step. Also the process peak RSS (all engines together). CUDA:
+  ``torch.cuda.max_memory_allocated`` per engine.
+- eta = (one process, one thread, same work) / (G x step time): 1.0 is the physical limit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+CONFIGS = ("1f1b", "1f1b+ckpt", "ouro-recompute", "ouro-stash")
+SINGLE = ("1proc-1thread", "1proc-all")
+VOCAB = 256
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m ouroboros_ds.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--stages", "-G", type=int, default=2)
+    p.add_argument("--micro-batches", "-M", type=int, default=4)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--model", default="small", help="a named size of models.SIZES or JSON of GPT2Config fields")
+    p.add_argument("--rounds", type=int, default=4, help="timed rounds (after --warmup rounds)")
+    p.add_argument("--warmup", type=int, default=1, help="rounds discarded at the start")
+    p.add_argument("--steps", type=int, default=3, help="steps of each configuration per round")
+    p.add_argument("--partition", choices=["balanced", "authors"], default="balanced")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default cores // G)")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS) + list(SINGLE), choices=list(CONFIGS) + list(SINGLE))
+    p.add_argument("--out", default=None, help="also write the raw results as JSON here")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------ on each rank
+def _ds_config(args) -> dict:
+    return {"train_micro_batch_size_per_gpu": args.micro_batch_size,
+            "gradient_accumulation_steps": args.micro_batches,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+            # no clip: the stock clip is a cross-stage all-reduce inside the optimizer handler, which
+            # would count as busy time; both engines do the same optimizer work without it
+            "gradient_clipping": 0.0, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+
+
+def _data(args, n: int) -> list:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    shape = (args.micro_batch_size, args.seq_len)
+    return [(torch.randint(0, VOCAB, shape, generator=g), torch.randint(0, VOCAB, shape, generator=g))
+            for _ in range(n)]
+
+
+class _Cycle:
+    """An endless iterator over the same micro-batches (every engine sees the same data)."""
+
+    def __init__(self, items):
+        self.items, self.i = items, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        x = self.items[self.i % len(self.items)]
+        self.i += 1
+        return x
+
+
+class _Timers:
+    """Wraps an engine's instruction handlers (a per-instance ``_INSTRUCTION_MAP``): per (kind,
+    module) the durations of the compute instructions, minus the time spent in ``_wait``."""
+
+    def __init__(self, engine, kinds: dict, sync):
+        self.durations: dict = {}
+        self.waited = 0.0
+        self.on = False
+        self.sync = sync
+        table = dict(engine._INSTRUCTION_MAP)
+        for cls, name in kinds.items():
+            table[cls] = self._wrap(table[cls], name)
+        engine._INSTRUCTION_MAP = table
+        if hasattr(engine, "_wait"):
+            orig = engine._wait
+
+            def timed_wait(entry):
+                t0 = time.perf_counter()
+                try:
+                    return orig(entry)
+                finally:
+                    self.waited += time.perf_counter() - t0
+            engine._wait = timed_wait
+
+    def _wrap(self, fn, name):
+        timers = self
+
+        def handler(engine, **kw):
+            if not timers.on:
+                return fn(engine, **kw)
+            timers.sync()
+            w0, t0 = timers.waited, time.perf_counter()
+            out = fn(engine, **kw)
+            timers.sync()
+            dt = time.perf_counter() - t0 - (timers.waited - w0)
+            module = kw.get("module", 0)  # stock instructions carry a buffer id, not a module
+            timers.durations.setdefault((name, module), []).append(dt)
+            return out
+        return handler
+
+    def busy(self) -> float:
+        return sum(sum(v) for v in self.durations.values())
+
+    def reset(self):
+        self.durations = {}
+
+
+def _build(args, name, plan, cfg, G):
+    import torch
+    from deepspeed.pipe import PipelineModule
+
+    from .engine import initialize
+    from .models import lm_loss
+    from .module import OuroborosPipelineModule, balanced_blocks_per_module, layer_costs
+
+    if name.startswith("1f1b"):
+        model = PipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block",
+                               activation_checkpoint_interval=1 if name == "1f1b+ckpt" else 0,
+                               checkpointable_layers=["Block"])  # the embedding's int input cannot be checkpointed
+        replay = "recompute"
+    else:
+        replay = name.split("-")[1]
+        bpm = None
+        if args.partition == "balanced":
+            bpm = balanced_blocks_per_module(cfg.n_layer, G, layer_costs(cfg.n_embd, VOCAB, args.seq_len), replay)
+        model = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss,
+                                        block_indices=plan.block_indices, blocks_per_module=bpm)
+    engine, *_ = initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                            config=_ds_config(args), seed=0, replay=replay)
+    return engine
+
+
+def _single_process_step(layers, opt, batches, M):
+    """The same work on one process: M micro-batches forward + backward through the whole model,
+    one optimizer step (ordinary training, no pipeline)."""
+    from .models import lm_loss
+
+    for inp, lab in batches[:M]:
+        h = inp
+        for layer in layers:
+            h = layer(h)
+        (lm_loss(h, lab) / M).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _rank_main(rank, args, outdir):
+    import datetime
+
+    import deepspeed
+    import torch
+    import torch.distributed as tdist
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.pipe import schedule as ds_schedule
+
+    from . import engine as E
+    from .models import gpt2_config, gpt2_layer_specs
+    from .module import stage_costs_of
+    from .reference import build_layers
+    from .stash import SavedBytes
+
+    G = args.stages
+    cuda = get_accelerator().device_name() == "cuda"
+    threads = args.threads or max(1, (os.cpu_count() or 1) // G)
+    torch.set_num_threads(threads)
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               timeout=datetime.timedelta(seconds=600))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cfg = gpt2_config(args.model, VOCAB, dropout=0.1)
+    plan = gpt2_layer_specs(cfg, seed=0)
+    data = _data(args, 4 * args.micro_batches)
+    M = args.micro_batches
+    engines, timers, iters = {}, {}, {}
+    for name in (c for c in args.configs if c in CONFIGS):
+        eng = engines[name] = _build(args, name, plan, cfg, G)
+        if name.startswith("1f1b"):
+            kinds = {ds_schedule.ForwardPass: "F", ds_schedule.BackwardPass: "B", ds_schedule.OptimizerStep: "STEP"}
+        else:
+            kinds = {E.RingForward: "F", E.RingReplay: "B", E.RingLoss: "L", ds_schedule.OptimizerStep: "STEP"}
+        timers[name] = _Timers(eng, kinds, sync)
+        iters[name] = _Cycle(data)
+    single = [c for c in args.configs if c in SINGLE]
+    if rank == 0 and single:
+        layers = build_layers(plan)
+        from .reference import _modules
+        params = list({id(p): p for m in _modules(layers) for p in m.parameters()}.values())
+        sp_opt = torch.optim.AdamW(params, lr=1e-4)
+        sp_layers = layers
+    res = {name: {"step_times": [], "busy": [], "durations": {}} for name in list(engines) + single}
+
+    def run_single(name, steps):
+        t = 1 if name == "1proc-1thread" else (os.cpu_count() or 1)
+        torch.set_num_threads(t)
+        try:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                _single_process_step(sp_layers, sp_opt, data, M)
+            return (time.perf_counter() - t0) / steps
+        finally:
+            torch.set_num_threads(threads)
+
+    for r in range(args.warmup + args.rounds):
+        timed = r >= args.warmup
+        for name in args.configs:
+            tdist.barrier()
+            if name in SINGLE:
+                if rank == 0:
+                    dt = run_single(name, args.steps)
+                    if timed:
+                        res[name]["step_times"].append(dt)
+                continue
+            eng, tm = engines[name], timers[name]
+            tm.reset()
+            tm.on = timed
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                eng.train_batch(iters[name])
+            sync()
+            wall = time.perf_counter() - t0
+            tm.on = False
+            if timed:
+                res[name]["step_times"].append(wall / args.steps)
+                res[name]["busy"].append(tm.busy() / wall)
+                for key, v in tm.durations.items():
+                    res[name]["durations"].setdefault(f"{key[0]}:{key[1]}", []).extend(v)
+        if rank == 0:
+            print(f"bench: round {r + 1}/{args.warmup + args.rounds} done{' (warm-up)' if not timed else ''}",
+                  flush=True)
+
+    # memory: K + 1 more steps per engine with the saved-tensor counter on
+    for name, eng in engines.items():
+        tdist.barrier()
+        sb = SavedBytes()
+        sb.exclude = {p.untyped_storage().data_ptr() for p in eng.module.parameters()}
+        if hasattr(eng, "saved_bytes"):
+            eng.saved_bytes = sb
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        held = {}
+        for _ in range(G + 2):
+            with sb.hooks():
+                eng.train_batch(iters[name])
+            if hasattr(eng, "stash_memory"):
+                held = eng.stash_memory()
+        res[name]["memory"] = {"saved_activations_peak": sb.peak, "stashed_inputs": held.get("inputs", 0),
+                               "weight_snapshots": held.get("snapshots", 0),
+                               "kept_graph_activations": held.get("saved_activations", 0),
+                               "params": sum(p.numel() * p.element_size() for p in eng.module.parameters())}
+        if cuda:
+            res[name]["memory"]["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
+        if hasattr(eng, "saved_bytes"):
+            eng.saved_bytes = None
+    for name, eng in engines.items():
+        if hasattr(eng.module, "module_bounds"):
+            res[name]["blocks_per_module"] = [
+                sum(1 for i in plan.block_indices if a <= i < b) for a, b in eng.module.module_bounds]
+    res["_rank"] = {"rank": rank, "threads": threads, "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                    "device": "cuda" if cuda else "cpu"}
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+    tdist.barrier()
+
+
+def _entry(rank, world, port, args, outdir):
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
+    try:
+        _rank_main(rank, args, outdir)
+    except BaseException:
+        with open(os.path.join(outdir, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# ------------------------------------------------------------------ the table
+def _median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _predict(name, ranks, G, M):
+    """Simulator prediction from the measured mean instruction costs: per-stage utilization."""
+    from .schedule import ouroboros_schedule
+    from .simulate import Costs, simulate, steady_steps
+
+    means = [{k: statistics.mean(v) for k, v in r[name]["durations"].items()} for r in ranks]
+    if name.startswith("1f1b"):
+        # 1F1B: each stage does M forwards and M backwards in (M + G - 1) slots of the slowest stage
+        fb = [m.get("F:0", 0.0) + m.get("B:0", 0.0) for m in means]
+        steps = [m.get("STEP:0", 0.0) for m in means]
+        T = (M + G - 1) * max(fb) + max(steps)
+        return [(M * fb[s] + steps[s]) / T for s in range(G)]
+    K = G + 1
+    fwd, rep, loss, step = {}, {}, 0.0, 0.0
+    for s, m in enumerate(means):
+        for key, v in m.items():
+            kind, mod = key.split(":")
+            if kind == "F":
+                fwd[int(mod)] = v
+            elif kind == "B":
+                rep[int(mod)] = v
+            elif kind == "L":
+                loss = v
+            elif kind == "STEP":
+                step = max(step, v)
+    window = steady_steps(G)
+    tl = simulate(ouroboros_schedule(G, M), Costs(forward=fwd, replay=rep, loss=loss, step=step), steps=window.stop)
+    return tl.steady_utilization(window)
+
+
+def report(args, ranks) -> str:
+    G, M = args.stages, args.micro_batches
+    tokens = args.micro_batch_size * M * args.seq_len
+    st = {name: _median([max(r[name]["step_times"][i] for r in ranks if r[name]["step_times"])
+                         for i in range(len(ranks[0][name]["step_times"]))])
+          for name in ranks[0] if not name.startswith("_")}
+    t1 = st.get("1proc-1thread")
+    lines = [f"| configuration | step (s) | tokens/s | vs 1F1B | vs 1F1B+ckpt | eta | util measured (per stage) "
+             f"| util simulated | peak saved activations MB | stashed inputs MB | weight snapshots MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    mb = 2 ** 20
+    for name in list(CONFIGS) + list(SINGLE):
+        if name not in st:
+            continue
+        cells = [name, f"{st[name]:.3f}", f"{tokens / st[name]:,.0f}"]
+        cells.append(f"{st['1f1b'] / st[name]:.3f}" if "1f1b" in st else "-")
+        cells.append(f"{st['1f1b+ckpt'] / st[name]:.3f}" if "1f1b+ckpt" in st else "-")
+        if name in CONFIGS:
+            cells.append(f"{t1 / (G * st[name]):.3f}" if t1 else "-")
+            util = [_median(r[name]["busy"]) for r in ranks]
+            cells.append(" / ".join(f"{u:.3f}" for u in util))
+            cells.append(" / ".join(f"{u:.3f}" for u in _predict(name, ranks, G, M)))
+            mem = [r[name]["memory"] for r in ranks]
+            cells.append(" / ".join(f"{m['saved_activations_peak'] / mb:.3g}" for m in mem))
+            cells.append(" / ".join(f"{m['stashed_inputs'] / mb:.3g}" for m in mem))
+            cells.append(" / ".join(f"{m['weight_snapshots'] / mb:.3g}" for m in mem))
+        else:
+            cells.append(f"{t1 / st[name]:.3f}" if t1 else "-")  # eta of a one-process run: speed-up over 1 thread
+            cells += ["-"] * 5
+        lines.append("| " + " | ".join(cells) + " |")
+    out = "\n".join(lines)
+    costs = []
+    for name in CONFIGS:
+        if name in ranks[0] and name.startswith("ouro"):
+            means = {}
+            for r in ranks:
+                means.update({k: statistics.mean(v) * 1e3 for k, v in r[name]["durations"].items()})
+            costs.append(f"{name}: blocks of modules 1..K {ranks[0][name].get('blocks_per_module')}; mean ms per "
+                         "instruction " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(means.items())))
+        elif name in ranks[0]:
+            per = [{k: statistics.mean(v) * 1e3 for k, v in r[name]["durations"].items()} for r in ranks]
+            costs.append(f"{name}: mean ms per instruction, by stage " + "; ".join(
+                ", ".join(f"{k} {v:.1f}" for k, v in sorted(p.items())) for p in per))
+    rss = ", ".join(f"{r['_rank']['peak_rss_kb'] / 1024:.0f}" for r in ranks)
+    return (out + "\n\n" + "\n".join(costs) + f"\n\nprocess peak RSS per rank (MB, all engines together): {rss}; "
+            f"torch threads per rank: {ranks[0]['_rank']['threads']}; device: {ranks[0]['_rank']['device']}")
+
+
+def main(argv=None) -> int:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    args = parse_args(argv)
+    if args.stages < 1 or args.micro_batches < 1 or args.rounds < 1:
+        print("error: --stages, --micro-batches and --rounds must be >= 1", file=sys.stderr)
+        return 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    outdir = tempfile.mkdtemp(prefix="ouroboros_bench_")
+    print(f"bench: G={args.stages} M={args.micro_batches} micro-batch {args.micro_batch_size} seq {args.seq_len} "
+          f"model {args.model}; configs {' '.join(args.configs)}; {args.warmup} warm-up + {args.rounds} rounds of "
+          f"{args.steps} steps each", flush=True)
+    try:
+        mp.start_processes(_entry, args=(args.stages, port, args, outdir), nprocs=args.stages, join=True,
+                           start_method="spawn")
+    except Exception:
+        for r in range(args.stages):
+            p = os.path.join(outdir, f"error{r}.txt")
+            if os.path.exists(p):
+                print(f"--- rank {r}:\n" + open(p).read(), file=sys.stderr)
+        return 1
+    ranks = [json.load(open(os.path.join(outdir, f"rank{r}.json"))) for r in range(args.stages)]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "ranks": ranks}, f)
+    print(report(args, ranks))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""Transformer-XL on the ring (``ouroboros_ds/models_xl.py``): the recurrence is right, and the
+engine, which keeps each stage's memories and stashes the memory a forward read for its replay,
+still equals the single-process Reference bit for bit."""
+from __future__ import annotations
+
+import datetime
+import os
+
+import pytest
+import torch
+
+from ring import run_ranks
+from test_equivalence import SEED, SEQ, VOCAB, _parameters, batches, ds_config, steps_for
+
+MEM_LEN = 6  # shorter than a segment (SEQ = 8): the memory is truncated, as in real runs
+
+
+def xl_plan(mem_len=MEM_LEN, dropout=0.1):
+    from ouroboros_ds.models import gpt2_config, gpt2_layer_specs
+
+    cfg = gpt2_config({"arch": "transfo-xl", "n_layer": 4, "n_embd": 16, "n_head": 2, "n_positions": SEQ,
+                       "mem_len": mem_len}, VOCAB, dropout=dropout)
+    return gpt2_layer_specs(cfg, seed=7)
+
+
+def test_memory_continues_the_segment():
+    """One block over segment 2 with segment 1 as memory equals the same block over both
+    segments at once (relative positions line up), and the written memory is the input's tail."""
+    from ouroboros_ds.models import gpt2_config
+    from ouroboros_ds.models_xl import XLBlock, recurrent_memory
+
+    cfg = gpt2_config({"arch": "transfo-xl", "n_layer": 2, "n_embd": 32, "n_head": 4, "n_positions": 64,
+                       "mem_len": 16}, VOCAB, dropout=0.0)
+    block = XLBlock(cfg, 1, init_seed=0).eval()
+    with torch.no_grad():
+        block.r_w_bias.normal_()
+        block.r_r_bias.normal_()
+    x = torch.randn(3, 32, 32)
+    with torch.no_grad():
+        full = block(x)  # no recurrent_memory context: no memory
+        with recurrent_memory({}) as mem:
+            first = block(x[:, :16])
+        with recurrent_memory(mem) as mem2:
+            second = block(x[:, 16:])
+    torch.testing.assert_close(first, full[:, :16], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second, full[:, 16:], atol=1e-5, rtol=1e-5)
+    assert torch.equal(mem[1], x[:, :16]) and torch.equal(mem2[1], x[:, 16:])
+    # without the memory, segment 2 is a different function: the test is not blind
+    with torch.no_grad():
+        alone = block(x[:, 16:])
+    assert (alone - full[:, 16:]).abs().max() > 1e-3
+
+
+def test_no_gradient_flows_into_memory():
+    from ouroboros_ds.models import gpt2_config
+    from ouroboros_ds.models_xl import XLBlock, recurrent_memory
+
+    cfg = gpt2_config({"arch": "transfo-xl", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 8,
+                       "mem_len": 8}, VOCAB, dropout=0.0)
+    block = XLBlock(cfg, 1, init_seed=0)
+    x1 = torch.randn(2, 8, 16, requires_grad=True)
+    with recurrent_memory({}) as mem:
+        block(x1)
+    assert not mem[1].requires_grad
+    with recurrent_memory(mem):
+        block(torch.randn(2, 8, 16)).sum().backward()
+    assert x1.grad is None
+
+
+def worker(rank: int, G: int, Ms: tuple, out: str) -> None:
+    import deepspeed
+
+    from ouroboros_ds.engine import initialize
+    from ouroboros_ds.models import lm_loss
+    from ouroboros_ds.module import OuroborosPipelineModule
+
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
+    steps = steps_for(G)
+    results = {}
+    for M in Ms:
+        plan = xl_plan()
+        mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
+        engine, *_ = initialize(model=mod, model_parameters=list(mod.parameters()), config=ds_config(M, steps),
+                                seed=SEED)
+        it = iter([mb for step in batches(steps, M) for mb in step]) if engine.stage_id == 0 else None
+        losses, mem_keys = [], []
+        for _ in range(steps):
+            loss = engine.train_batch(it)
+            losses.append(None if loss is None else loss.item())
+            mem_keys.append((sorted(engine.mems), sorted(engine.stash_mems)))
+        results[M] = {"losses": losses, "params": _parameters(mod), "mem_keys": mem_keys,
+                      "local_modules": list(mod.local_modules), "in_flight": engine.in_flight_bytes()}
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("G", [2])
+def test_xl_engine_equals_reference(tmp_path, G):
+    from ouroboros_ds.models import lm_loss
+    from ouroboros_ds.reference import Reference
+
+    Ms = (1, 4)
+    run_ranks(worker, G, G, Ms, str(tmp_path), tmpdir=str(tmp_path), timeout=300)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(G)]
+    torch.set_num_threads(1)
+    K, steps = G + 1, steps_for(G)
+    for M in Ms:
+        ref = Reference(xl_plan(), G, ds_config(M, steps), lm_loss, seed=SEED)
+        ref_losses = [ref.step(b) for b in batches(steps, M)]
+        torch.testing.assert_close(torch.tensor(ranks[0][M]["losses"], dtype=torch.float64),
+                                   torch.tensor(ref_losses, dtype=torch.float64), rtol=1e-6, atol=0)
+        ref_params = dict(ref.named_parameters())
+        for r in ranks:
+            for name, p in r[M]["params"].items():
+                torch.testing.assert_close(p, ref_params[name].detach(), atol=1e-6, rtol=1e-5,
+                                           msg=lambda m: f"M={M} {name}: {m}")
+        # each module keeps one memory per micro-batch stream, and the stash holds the memory of
+        # every stashed forward but the very first (batch 0 had none)
+        t = steps - 1
+        for r in ranks:
+            mems, stashed = r[M]["mem_keys"][t]
+            assert mems == sorted((k, j) for k in r[M]["local_modules"] for j in range(M))
+            want = sorted((k, b, j) for k in r[M]["local_modules"] if k < K
+                          for b in range(max(1, t - (K - k) + 1), t + 1) for j in range(M))
+            assert stashed == want, f"M={M} modules {r[M]['local_modules']}"
+            assert r[M]["in_flight"] > 0
+
+    # the recurrence changes training: without memory the losses differ (not blind)
+    ref0 = Reference(xl_plan(mem_len=0), G, ds_config(4, steps), lm_loss, seed=SEED)
+    no_mem = [ref0.step(b) for b in batches(steps, 4)]
+    assert no_mem[-1] != pytest.approx(ranks[0][4]["losses"][-1], rel=1e-6, abs=0)
+
+
+def test_ordered_stream_continues_each_row():
+    from ouroboros_ds.data import BatchStream
+
+    tokens = torch.arange(1000)
+    a = BatchStream(tokens, 9, 2, 3, ordered=True)           # D = 1: 6 streams of 16 windows
+    steps = [[next(a) for _ in range(3)] for _ in range(3)]
+    for t in range(2):
+        for j in range(3):
+            x0, x1 = steps[t][j][0], steps[t + 1][j][0]
+            assert torch.equal(x1[:, 0], x0[:, -1] + 2)     # next window: skips the label-only token
+    # D = 2: replica r's micro-batch j is D = 1's micro-batch j*2 + r (same global batch)
+    b = [BatchStream(tokens, 9, 1, 3, dp_rank=r, dp_size=2, ordered=True) for r in range(2)]
+    one = BatchStream(tokens, 9, 1, 6, ordered=True)
+    flat = [next(one)[0] for _ in range(6)]
+    for j in range(3):
+        for r in range(2):
+            assert torch.equal(next(b[r])[0], flat[j * 2 + r])
