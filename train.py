@@ -7,6 +7,8 @@ Launch:
     torchrun --nproc_per_node 2 train.py --deepspeed_config ds_configs/ouroboros.json
   One process (G = 1: modules 1 and 2 share stage 0; still the delayed update):
     python train.py --deepspeed_config ds_configs/ouroboros.json
+  G = 2 stages x D = 2 data-parallel replicas (world = G x D; bf16 + ZeRO-1 config):
+    deepspeed --num_gpus 4 train.py --deepspeed_config ds_configs/ouroboros_bf16_zero1.json --pipeline-parallel-size 2
   GPUs (one rank per GPU, NCCL):
     deepspeed --num_gpus 4 train.py --deepspeed_config ds_configs/ouroboros.json --pipeline-parallel-size 4
   Baseline on the same model, data and seed:
@@ -14,6 +16,8 @@ Launch:
 
 The same --seed gives both schedules the same initial weights, the same batches and the same
 dropout masks, so their first losses are equal and later differences are the algorithm's.
+Checkpoints: --save DIR [--save-every N] saves at the end, every N steps and on SIGTERM/SIGUSR1
+(all ranks stop after the same step); --load DIR resumes exactly (--steps is the total).
 Metrics (--metrics PATH, JSON lines, written by global rank 0): one line per step
 {"step", "loss", "tokens", "seconds", "lr"} and one per evaluation {"step", "val_loss", "val_bpb"};
 at start {"step": 0, "delays": {module: delay}}, and every --stage-stats-every steps one line per

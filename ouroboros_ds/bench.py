@@ -13,7 +13,7 @@ How it measures (so that the ratios come from one run):
   medians over the remaining rounds of the mean step time.
 - Utilization per stage = busy time of the compute instructions (timers around the forward,
   backward/replay, loss and optimizer handlers, minus the time an Ouroboros handler spends waiting
-  for a message) / wall time of the timed steps. Next to it, the simulator's prediction made from
+  for a message) / wall time of the timed steps, summed over the timed rounds. Next to it, the simulator's prediction made from
   the *measured* mean cost of each instruction (:mod:`ouroboros_ds.simulate`; for 1F1B the
   ``(M+G-1)(f+b)`` model).
 - Memory per stage, CPU: after the timed rounds, K + 1 more steps of each engine with
@@ -188,7 +188,6 @@ def _rank_main(rank, args, outdir):
 
     from . import engine as E
     from .models import gpt2_config, gpt2_layer_specs
-    from .module import stage_costs_of
     from .reference import build_layers
     from .stash import SavedBytes
 
@@ -196,8 +195,9 @@ def _rank_main(rank, args, outdir):
     cuda = get_accelerator().device_name() == "cuda"
     threads = args.threads or max(1, (os.cpu_count() or 1) // G)
     torch.set_num_threads(threads)
+    # long timeout: the other ranks wait at a barrier while rank 0 runs the single-process baseline
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                               timeout=datetime.timedelta(seconds=600))
+                               timeout=datetime.timedelta(seconds=3600))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     cfg = gpt2_config(args.model, VOCAB, dropout=0.1)
     plan = gpt2_layer_specs(cfg, seed=0)
@@ -219,7 +219,8 @@ def _rank_main(rank, args, outdir):
         params = list({id(p): p for m in _modules(layers) for p in m.parameters()}.values())
         sp_opt = torch.optim.AdamW(params, lr=1e-4)
         sp_layers = layers
-    res = {name: {"step_times": [], "busy": [], "durations": {}} for name in list(engines) + single}
+    res = {name: {"step_times": [], "busy": [], "wall": [], "page_faults": [], "durations": {}}
+           for name in list(engines) + single}
 
     def run_single(name, steps):
         t = 1 if name == "1proc-1thread" else (os.cpu_count() or 1)
@@ -246,15 +247,19 @@ def _rank_main(rank, args, outdir):
             tm.reset()
             tm.on = timed
             sync()
+            faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 eng.train_batch(iters[name])
             sync()
             wall = time.perf_counter() - t0
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
             tm.on = False
             if timed:
                 res[name]["step_times"].append(wall / args.steps)
-                res[name]["busy"].append(tm.busy() / wall)
+                res[name]["busy"].append(tm.busy())
+                res[name]["wall"].append(wall)
+                res[name]["page_faults"].append(faults / args.steps)
                 for key, v in tm.durations.items():
                     res[name]["durations"].setdefault(f"{key[0]}:{key[1]}", []).extend(v)
         if rank == 0:
@@ -365,7 +370,7 @@ def report(args, ranks) -> str:
         cells.append(f"{st['1f1b+ckpt'] / st[name]:.3f}" if "1f1b+ckpt" in st else "-")
         if name in CONFIGS:
             cells.append(f"{t1 / (G * st[name]):.3f}" if t1 else "-")
-            util = [_median(r[name]["busy"]) for r in ranks]
+            util = [sum(r[name]["busy"]) / sum(r[name]["wall"]) for r in ranks]  # over all timed rounds
             cells.append(" / ".join(f"{u:.3f}" for u in util))
             cells.append(" / ".join(f"{u:.3f}" for u in _predict(name, ranks, G, M)))
             mem = [r[name]["memory"] for r in ranks]
@@ -389,6 +394,10 @@ def report(args, ranks) -> str:
             per = [{k: statistics.mean(v) * 1e3 for k, v in r[name]["durations"].items()} for r in ranks]
             costs.append(f"{name}: mean ms per instruction, by stage " + "; ".join(
                 ", ".join(f"{k} {v:.1f}" for k, v in sorted(p.items())) for p in per))
+    faults = "; ".join(f"{name} " + " / ".join(f"{_median(r[name]['page_faults']):,.0f}" for r in ranks)
+                       for name in CONFIGS if name in ranks[0])
+    costs.append(f"minor page faults per step, by stage (first touch of fresh memory; a load-independent "
+                 f"hint of allocation churn): {faults}")
     rss = ", ".join(f"{r['_rank']['peak_rss_kb'] / 1024:.0f}" for r in ranks)
     return (out + "\n\n" + "\n".join(costs) + f"\n\nprocess peak RSS per rank (MB, all engines together): {rss}; "
             f"torch threads per rank: {ranks[0]['_rank']['threads']}; device: {ranks[0]['_rank']['device']}")

@@ -16,9 +16,17 @@ What changes against the stock engine, and why:
 - ``replay="stash"`` (:mod:`ouroboros_ds.stash`): the forward of module k < K keeps its graph,
   run through a snapshot of the module's weights; the replay backprops it (no recompute), so the
   delayed gradient is taken at the forward's weights (PipeDream-style weight stashing).
+- Data parallelism, ZeRO-1 and bf16 stay DeepSpeed's optimizer wrappers; the engine only gives them
+  one param group per first-gradient step (so a module in warm-up can be left alone) and a grid
+  whose model-parallel group is this stage (so their grad norm is the stage's, reduced over its
+  data-parallel group only). See ``_configure_optimizer``. fp16 is refused (use bf16).
+- Checkpoints (:meth:`OuroborosEngine.save_ring_checkpoint`) add the in-flight dicts to
+  DeepSpeed's layout and switch ``latest`` only when every rank is done; a non-finite loss or
+  gradient is dropped batch by batch around the ring with no collective (``_report_nonfinite``).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -100,6 +108,66 @@ class OuroborosSchedule(PipeSchedule):
         return 0  # the engine keeps its in-flight state in dicts, not in DeepSpeed's pipe buffers
 
 
+# ------------------------------------------------------------------ optimizer set-up
+# Param-group key: the first step t at which the group's parameters have a gradient.
+FIRST_STEP = "ouroboros_first_step"
+
+
+def ring_param_groups(module: OuroborosPipelineModule) -> list[dict]:
+    """This stage's parameters as one optimizer param group per first-gradient step.
+
+    A parameter has its first gradient at step ``delay(k)`` of the freshest local module k whose
+    forward uses it (SPEC section 2, warm-up): on stage 0 the tied ``wte`` from step 0 (module K's
+    head), module 1's blocks and ``wpe`` from step G. A tied layer called through its
+    ``forward_fn`` (the head) uses only its tied weights (``TiedLayerSpec.tied_weight_attr``), as
+    DeepSpeed's tied-gradient reduction also assumes. Each group carries that step under
+    ``FIRST_STEP``; the engine keeps the optimizer off a group before it.
+    """
+    G = module.num_stages
+    tied_attrs = {id(m): module.tied_weight_attrs[key] for key, m in module.tied_modules.items()}
+    first: dict = {}  # id(param) -> first step with a gradient
+    for k in module.local_modules:
+        for layer in module.module_funcs[k]:
+            if isinstance(layer, torch.nn.Module):
+                used = list(layer.parameters())
+            else:  # functools.partial(forward_fn, tied module)
+                tied = next(a for a in layer.args if isinstance(a, torch.nn.Module))
+                used = [functools.reduce(getattr, attr.split("."), tied) for attr in tied_attrs[id(tied)]]
+            for p in used:
+                first[id(p)] = min(first.get(id(p), S.delay(k, G)), S.delay(k, G))
+    groups: dict = {}
+    for k in module.local_modules:  # module order; a parameter no forward uses goes with its module
+        for p in module.module_parameters(k):
+            if p.requires_grad and not any(p is q for g in groups.values() for q in g):
+                groups.setdefault(first.get(id(p), S.delay(k, G)), []).append(p)
+    return [{"params": params, FIRST_STEP: step} for step, params in sorted(groups.items())]
+
+
+class _StageGrid:
+    """DeepSpeed's pipe grid as the optimizer wrappers (ZeRO, BF16_Optimizer) see it.
+
+    They all-reduce the gradient norm (and fp16's overflow flag) over ``get_model_parallel_group()``,
+    which for a pipeline is every stage of the replica: a cross-stage collective each step, and a
+    global clip where Ouroboros clips per stage. Here the model-parallel group is this stage's
+    tensor-slice group (this rank alone, no tensor parallelism), so the norm a wrapper clips by is
+    the stage's own, reduced over the data-parallel group only. Everything else is the grid's."""
+
+    def __init__(self, grid):
+        self._grid = grid
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def get_model_parallel_group(self):
+        return self._grid.get_slice_parallel_group()
+
+    def get_model_parallel_world_size(self):
+        return self._grid.get_slice_parallel_world_size()
+
+    def get_model_parallel_rank(self):
+        return self._grid.get_slice_parallel_rank()
+
+
 # ------------------------------------------------------------------ the engine
 class OuroborosEngine(PipelineEngine):
     """Trains an :class:`OuroborosPipelineModule` with Ouroboros delayed gradients.
@@ -110,6 +178,12 @@ class OuroborosEngine(PipelineEngine):
 
     def __init__(self, *args, seed: int = 0, replay: str = "recompute", **kwargs):
         self.replay = W.check_replay(replay)
+        config = kwargs.get("config_class")
+        if config is not None and config.float16_config.enabled:
+            # fp16's dynamic loss scale skips a step on overflow; on the ring every stage would have to
+            # learn of any stage's overflow (a cross-stage collective, or a flag sent around the ring).
+            raise ValueError('fp16.enabled: fp16 is not supported by the Ouroboros ring (an overflow skip would have '
+                             'to agree on every stage); use "bf16": {"enabled": true} instead')
         super().__init__(*args, **kwargs)
         if not isinstance(self.module, OuroborosPipelineModule):
             raise TypeError("OuroborosEngine needs an OuroborosPipelineModule")
@@ -142,6 +216,9 @@ class OuroborosEngine(PipelineEngine):
         self.weight_stash: dict = {}  # (module, batch) -> stash.Snapshot of the forward's weights
         self.graphs: dict = {}        # (module, batch, mb) -> (input leaf, output) with its graph
         self.saved_bytes = None       # a stash.SavedBytes to count the kept graphs' activations
+        # Replica r's micro-batch j is micro-batch j*D + r of the global batch (data.BatchStream):
+        # dropout is keyed by that index, so D replicas draw the masks of the D = 1 run.
+        self._dp_rank = self.grid.get_data_parallel_rank()
 
     # ---------------------------------------------------------- DeepSpeed hooks we change
     def _train_schedule(self):
@@ -159,6 +236,39 @@ class OuroborosEngine(PipelineEngine):
             self.training_dataloader = loader
             self.data_iterator = iter(loader)
 
+    # Overridden, to keep DeepSpeed's optimizer wrappers (ZeRO-1, bf16) as they are and change only
+    # what they are given: (1) one param group per first-gradient step (ring_param_groups), when the
+    # caller passes plain parameters, and a step pre-hook that leaves a group in warm-up alone:
+    # ZeRO and BF16_Optimizer turn a
+    # missing gradient into zeros, and Adam would then move the module (weight decay, step count)
+    # before its first delayed gradient; with the gradient set to None the torch optimizer skips it,
+    # exactly as it skips the plain parameters in the ZeRO-0 fp32 path and in the Reference.
+    # (2) a grid whose model-parallel group is this stage (see _StageGrid): per-stage clip, no
+    # cross-stage collective.
+    def _configure_optimizer(self, client_optimizer, model_parameters):
+        if model_parameters is None or all(torch.is_tensor(p) for p in model_parameters):
+            given = None if model_parameters is None else {id(p) for p in model_parameters}
+            model_parameters = ring_param_groups(self.module)
+            if given is not None and given != {id(p) for g in model_parameters for p in g["params"]}:
+                raise ValueError("model_parameters: pass this stage's trainable parameters (module.parameters()) "
+                                 "or None; the engine groups them by first-gradient step")
+        elif not all(isinstance(g, dict) and FIRST_STEP in g for g in model_parameters):
+            raise ValueError(f"model_parameters: param groups need the key {FIRST_STEP!r} (the first step their "
+                             "parameters have a gradient); pass plain parameters to get ring_param_groups(module)")
+        mpu, self.mpu = self.mpu, _StageGrid(self.mpu)
+        try:
+            super()._configure_optimizer(client_optimizer, model_parameters)
+        finally:
+            self.mpu = mpu
+        self.basic_optimizer.register_step_pre_hook(self._skip_warmup_groups)
+
+    def _skip_warmup_groups(self, optimizer, args, kwargs):
+        """Step pre-hook of the torch optimizer: no gradient for a group whose module is in warm-up."""
+        for group in optimizer.param_groups:
+            if self.batch_id < group[FIRST_STEP]:
+                for p in group["params"]:
+                    p.grad = None
+
     # Overridden: the stock clip all-reduces the norm over all stages (a cross-stage collective);
     # Ouroboros clips each stage's gradient by its own norm. After the data-parallel reduction the
     # gradients agree across replicas, so the local norm is the stage's norm.
@@ -168,9 +278,24 @@ class OuroborosEngine(PipelineEngine):
             torch.nn.utils.clip_grad_norm_(params, max_norm=self.gradient_clipping())
 
     # Overridden: the stock reduction turns a missing gradient into zeros, which would make Adam
-    # move a module that has no delayed gradient yet (warm-up). Reduce only gradients that exist;
-    # all replicas of a stage are in the same warm-up state, so they reduce the same list.
+    # move a module that has no delayed gradient yet (warm-up). Plain torch optimizer (ZeRO-0,
+    # fp32): reduce only gradients that exist; all replicas of a stage are in the same warm-up
+    # state, so they reduce the same list. ZeRO-1 / BF16_Optimizer: the stock path, see below.
     def _exec_reduce_grads(self):
+        if self.using_bf16_optimizer:
+            # The stock backward hands each backward's bf16 gradients to the fp32 accumulators;
+            # the ring's replays call autograd directly, so hand them over once, before the reduce.
+            # A module in warm-up has none: give it zeros, as the stock reduction does (BF16_Optimizer
+            # norms only gradients it has seen, and has none at all on a stage in warm-up); the
+            # step hook keeps the optimizer off it.
+            for p in self.module.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.optimizer.update_hp_grads(clear_lp_grads=True)
+        if self.zero_optimization() or self.using_bf16_optimizer:
+            # The wrappers own the reduction (over self.mpu's data-parallel group only) and the
+            # fp32 gradients; missing gradients become zeros there and the step hook skips them.
+            return PipelineEngine._exec_reduce_grads(self)
         if not self.is_data_parallel:
             return
         grads = [p.grad.data for p in self.module.parameters() if p.grad is not None]
@@ -210,6 +335,9 @@ class OuroborosEngine(PipelineEngine):
     def batch_id(self) -> int:
         """t: the step being run (``global_steps`` counts finished optimizer steps)."""
         return self.global_steps
+
+    def _global_mb(self, mb: int) -> int:
+        return mb * self.dp_world_size + self._dp_rank
 
     def _peer(self, stage: int) -> int:
         return self.grid.stage_to_global(stage_id=stage)
@@ -273,7 +401,8 @@ class OuroborosEngine(PipelineEngine):
         self.acts_in[(module, mb)] = self._irecv(src, _tag(_ACT, module, mb), _ACT)
 
     def _exec_ring_forward(self, module, mb):
-        """``kFj``: forward batch t through module k without a graph; stash the input for the replay."""
+        """``kFj``: forward batch t through module k without a graph; stash the input for the replay.
+        Stash mode: with a graph, through the batch's weight snapshot (kept for the replay)."""
         t = self.batch_id
         x = self._wait(self.acts_in.pop((module, mb)))
         self.stash[(module, t, mb)] = x
@@ -284,7 +413,7 @@ class OuroborosEngine(PipelineEngine):
             if self.replay == "stash":
                 y = self._stash_graph(module, t, mb)[1].detach()
             else:
-                with torch.no_grad(), dropout_key(self.seed, t, mb):
+                with torch.no_grad(), dropout_key(self.seed, t, self._global_mb(mb)):
                     y = self.module.forward_module(module, x)
         self._keep_memory(module, mb, new_mem)
         if S.stage_of(module + 1, self.num_stages) == self.stage_id:
@@ -328,7 +457,8 @@ class OuroborosEngine(PipelineEngine):
         x = self.stash.pop((module, b, mb))
         if x.is_floating_point():
             x = x.detach().requires_grad_()
-        with dropout_key(self.seed, b, mb), recurrent_memory(self.stash_mems.pop((module, b, mb), None)):
+        mem = self.stash_mems.pop((module, b, mb), None)
+        with dropout_key(self.seed, b, self._global_mb(mb)), recurrent_memory(mem):
             y = self.module.forward_module(module, x)
         torch.autograd.backward(y, g)
         if module > 1:
@@ -344,7 +474,7 @@ class OuroborosEngine(PipelineEngine):
                 if self.saved_bytes is not None:
                     self.saved_bytes.exclude |= {c.untyped_storage().data_ptr() for c, _ in snap.live}
             hooks = self.saved_bytes.hooks() if self.saved_bytes is not None else _nullcontext()
-            with hooks, dropout_key(self.seed, b, mb):
+            with hooks, dropout_key(self.seed, b, self._global_mb(mb)):
                 self.graphs[key] = W.forward(self.module.module_funcs[module], self.weight_stash[(module, b)],
                                              self.stash[key])
         return self.graphs[key]
@@ -392,7 +522,7 @@ class OuroborosEngine(PipelineEngine):
         """``KLj``: module K's forward, loss and backward of batch t, at once (no delay)."""
         t = self.batch_id
         x = self._wait(self.acts_in.pop((module, mb))).detach().requires_grad_()
-        with dropout_key(self.seed, t, mb), recurrent_memory(self.mems.get((module, mb))) as new_mem:
+        with dropout_key(self.seed, t, self._global_mb(mb)), recurrent_memory(self.mems.get((module, mb))) as new_mem:
             out = self.module.forward_module(module, x)
             loss = self.module.loss_fn(out, self.labels.pop(mb))
         self._keep_memory(module, mb, new_mem)
@@ -529,7 +659,7 @@ class OuroborosEngine(PipelineEngine):
         self._settle()
         state = {name: dict(getattr(self, name)) for name in self.RING_STATE}
         # snapshots point at the live parameters: save their values only (rebound on load)
-        state["weight_stash"] = {key: snap.state() for key, snap in self.weight_stash.items()}
+        state["weight_stash"] = {key: snap.state_dict() for key, snap in self.weight_stash.items()}
         state["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "numpy": np.random.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -540,7 +670,7 @@ class OuroborosEngine(PipelineEngine):
         self._settle()
         for name in self.RING_STATE:
             setattr(self, name, dict(state[name]))
-        self.weight_stash = {key: W.Snapshot.restore(self.module.module_funcs[key[0]], values)
+        self.weight_stash = {key: W.Snapshot.from_state(self.module.module_funcs[key[0]], values)
                              for key, values in state["weight_stash"].items()}
         self.graphs = {}  # a cache: _stash_graph() reruns each kept forward from the restored state
         # Both ends of every edge restart, so both redo the shape handshake on its first message.

@@ -35,7 +35,12 @@ def build_layers(plan: LayerPlan) -> list:
             if spec.key not in tied:
                 tied[spec.key] = spec.build()
             m = tied[spec.key]
-            out.append(functools.partial(spec.forward_fn, m) if spec.forward_fn else m)
+            if spec.forward_fn:
+                f = functools.partial(spec.forward_fn, m)
+                f.tied_weight_attr = spec.tied_weight_attr  # the only weights the forward_fn uses
+                out.append(f)
+            else:
+                out.append(m)
         elif isinstance(spec, LayerSpec):
             out.append(spec.build())
         else:
@@ -46,6 +51,19 @@ def build_layers(plan: LayerPlan) -> list:
 def _modules(layers) -> list[torch.nn.Module]:
     return [x if isinstance(x, torch.nn.Module) else x.args[0] for x in layers
             if isinstance(x, torch.nn.Module) or isinstance(x, functools.partial)]
+
+
+def _used_parameters(layers) -> list:
+    """The parameters these layers' forwards use: a tied layer called through its ``forward_fn``
+    (the head) uses only its tied weights, as DeepSpeed's tied-gradient reduction assumes."""
+    out = []
+    for layer in layers:
+        if isinstance(layer, functools.partial):
+            m = layer.args[0]
+            out += [functools.reduce(getattr, a.split("."), m) for a in layer.tied_weight_attr]
+        else:
+            out += list(layer.parameters())
+    return out
 
 
 def make_optimizer(params, ds_config: dict):
@@ -91,8 +109,7 @@ class Reference:
             groups = params
             if stale_lr_scale:  # the optional mitigation, with the engine's own groups
                 lr = ds_config.get("optimizer", {}).get("params", {}).get("lr", 1e-3)
-                per_module = {k: [p for m in _modules(self.module_layers[k]) for p in m.parameters()]
-                              for k in S.modules_of(s, stages)}
+                per_module = {k: _used_parameters(self.module_layers[k]) for k in S.modules_of(s, stages)}
                 groups = delay_scaled_groups(per_module, stages, lr, stale_lr_scale)
             opt = make_optimizer(groups, ds_config)
             self.stage_params.append(params)

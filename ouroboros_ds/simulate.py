@@ -369,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"steady state: steps {window.start}..{window.stop - 1} (2K..2K+3, warm-up skipped)")
         for s, u in enumerate(util):
             print(f"  stage {s}: utilization {u:.3f}")
+        periods = [tl.period(s, window) for s in range(G)]
+        print("per-stage steady-state period (no stage skew; Timeline.steady_utilization): "
+              + ", ".join(f"stage {s} {p:.4g} util {u:.3f}" for s, (p, u) in
+                          enumerate(zip(periods, tl.steady_utilization(window))))
+              + f"; cycle bound {cycle_bound(G, M, costs)[0]:.4g}")
         print(f"step time {st:.4g}; 1F1B model (M+G-1)(f+b) with the slowest stage's f, b: {ref:.4g} "
               f"(ratio {ref / st:.3f}; bubble bound (M+G-1)/M = {bubble_bound(G, M):.3f})")
         if args.png:

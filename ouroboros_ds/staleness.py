@@ -50,6 +50,13 @@ def delay_scaled_groups(module_params: dict, num_stages: int, lr: float, c: floa
 
 
 def pipeline_groups(model, lr: float, c: float) -> list[dict]:
-    """:func:`delay_scaled_groups` for this rank's stage of an ``OuroborosPipelineModule``."""
-    return delay_scaled_groups({k: model.module_parameters(k) for k in model.local_modules},
-                               model.num_stages, lr, c)
+    """The rule for this rank's stage of an ``OuroborosPipelineModule``, as the engine's own param
+    groups (``engine.ring_param_groups``: one per first-gradient step). A parameter's first
+    gradient comes at the delay of the freshest module that uses it, which is the delay its
+    gradient carries: module k's own parameters at delay(k), the tied embedding at 0 (module K).
+    So each group gets ``lr / (1 + c * first_step)``: the same lrs as :func:`delay_scaled_groups`."""
+    from .engine import FIRST_STEP, ring_param_groups
+
+    if c < 0:
+        raise ValueError(f"stale_lr_scale: must be >= 0 (0 turns the mitigation off), got {c}")
+    return [{**g, "lr": lr / (1.0 + c * g[FIRST_STEP])} for g in ring_param_groups(model)]

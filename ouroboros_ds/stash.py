@@ -56,23 +56,22 @@ class Snapshot:
                 d[name] = seen[id(p)]
             self.copies.append(d)
 
-    def nbytes(self) -> int:
-        return sum(c.numel() * c.element_size() for c, _ in self.live)
-
-    def state(self) -> list:
-        """The copies' values, for a checkpoint (the live parameters are the model's, not state)."""
-        return [c.detach() for c, _ in self.live]
+    def state_dict(self) -> list[dict]:
+        """The copies, per layer ``{name: tensor}``: what a checkpoint stores (no live references)."""
+        return [{n: c.detach() for n, c in d.items()} for d in self.copies]
 
     @classmethod
-    def restore(cls, layers, values: list) -> "Snapshot":
-        """A snapshot of ``layers`` (the restored model's) holding the checkpointed ``values``."""
+    def from_state(cls, layers, state: list[dict]) -> "Snapshot":
+        """Rebuild a snapshot of ``layers`` (the module's live layers) from :meth:`state_dict`."""
         snap = cls(layers)
-        if len(values) != len(snap.live):
-            raise ValueError("weight snapshot: the checkpoint's module has another parameter count")
-        with torch.no_grad():
-            for (c, _), v in zip(snap.live, values):
-                c.copy_(v)
+        for d, saved in zip(snap.copies, state):
+            for name, c in d.items():
+                with torch.no_grad():
+                    c.copy_(saved[name])
         return snap
+
+    def nbytes(self) -> int:
+        return sum(c.numel() * c.element_size() for c, _ in self.live)
 
 
 def forward(layers, snap: Snapshot, x: torch.Tensor):

@@ -3,8 +3,9 @@
 Per G in {2, 3}, one spawn trains M = 1 and M = 4 for T = G + 3 steps and saves at global step
 1 (inside the warm-up: module 1 first updates at step G) and at step G + 1 (after it), into one
 folder; then it tries a third save that crashes halfway (after DeepSpeed wrote its files, before
-the ring state and ``latest``). A second spawn (fresh processes) resumes each checkpoint in a new
-engine and finishes the run: losses and parameters must equal the uninterrupted run bitwise.
+the ring state and ``latest``). A second spawn (fresh processes) resumes each checkpoint and
+finishes the run: losses and parameters must equal the uninterrupted run bitwise. Each tag is
+loaded once into a fresh engine and once into an engine that has trained since.
 The resume spawn also loads checkpoints of another M, G and model and expects the errors.
 """
 from __future__ import annotations
@@ -117,8 +118,11 @@ def resume_worker(rank, G, ckpt, other_ckpt, out):
     T = total_steps(G)
     for M in M_VALUES:
         folder = os.path.join(ckpt, f"m{M}")
-        for tag in (f"global_step{save_steps(G)[0]}", None):  # None: `latest`, the second save
-            engine, mod = _engine(G, M)
+        tags = (f"global_step{save_steps(G)[0]}", None)  # None: `latest`, the second save
+        # One engine per M: its first load is into a fresh engine, its second into one that has
+        # trained since (a load must replace all state); M = 1 and M = 4 swap which tag is which.
+        engine, mod = _engine(G, M)
+        for tag in (tags if M == M_VALUES[0] else tags[::-1]):
             if not errors:  # a failed load changes nothing, so the first engine also checks the errors
                 errors = _mismatch_errors(engine, G, ckpt, other_ckpt, out)
             client = engine.load_ring_checkpoint(folder, tag=tag, meta=MODEL_META)
@@ -187,6 +191,14 @@ def test_crash_mid_save_keeps_previous_and_mismatch_errors(runs, G):
         assert open(os.path.join(folder, "latest")).read() == f"global_step{save_steps(G)[1]}"
         assert os.path.isdir(os.path.join(folder, f"global_step{T}"))  # the crashed save wrote part
         assert not os.path.exists(os.path.join(folder, f"global_step{T}", "ouroboros_meta.json"))
+    # the layout: DeepSpeed's files (one model/optimizer file per stage, one file per layer with
+    # weights), one ring file per rank, the meta file; no two stages share a file name
+    names = set(os.listdir(os.path.join(run["ckpt"], "m1", "global_step1")))
+    assert {f"mp_rank_{s:02d}_model_states.pt" for s in range(G)} | {f"ouroboros_rank{r:05d}.pt" for r in range(G)} \
+        | {"ouroboros_meta.json"} <= names, names
+    assert not any(n.endswith(".tmp") or ".tmp" in n for n in names), names
+    layers = {n for n in names if n.startswith("layer_")}
+    assert len(layers) == len(model_plan().specs) - 1, layers  # every layer but the tied head's lambda
     for r in range(G):
         errors = run["resume"][r]["errors"]
         assert "M: checkpoint 4, this run 1" in errors["M"], errors

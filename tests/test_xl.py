@@ -77,18 +77,19 @@ def worker(rank: int, G: int, Ms: tuple, out: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
     steps = steps_for(G)
     results = {}
-    for M in Ms:
+    for M in (*Ms, "stash"):  # "stash": M = 4 with replay="stash" (kept graphs read the memory once)
+        replay, M = ("stash", 4) if M == "stash" else ("recompute", M)
         plan = xl_plan()
         mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
         engine, *_ = initialize(model=mod, model_parameters=list(mod.parameters()), config=ds_config(M, steps),
-                                seed=SEED)
+                                seed=SEED, replay=replay)
         it = iter([mb for step in batches(steps, M) for mb in step]) if engine.stage_id == 0 else None
         losses, mem_keys = [], []
         for _ in range(steps):
             loss = engine.train_batch(it)
             losses.append(None if loss is None else loss.item())
             mem_keys.append((sorted(engine.mems), sorted(engine.stash_mems)))
-        results[M] = {"losses": losses, "params": _parameters(mod), "mem_keys": mem_keys,
+        results[M if replay == "recompute" else "stash"] = {"losses": losses, "params": _parameters(mod), "mem_keys": mem_keys,
                       "local_modules": list(mod.local_modules), "in_flight": engine.in_flight_bytes()}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
@@ -103,26 +104,27 @@ def test_xl_engine_equals_reference(tmp_path, G):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(G)]
     torch.set_num_threads(1)
     K, steps = G + 1, steps_for(G)
-    for M in Ms:
-        ref = Reference(xl_plan(), G, ds_config(M, steps), lm_loss, seed=SEED)
+    for key in (*Ms, "stash"):
+        M, replay = (4, "stash") if key == "stash" else (key, "recompute")
+        ref = Reference(xl_plan(), G, ds_config(M, steps), lm_loss, seed=SEED, replay=replay)
         ref_losses = [ref.step(b) for b in batches(steps, M)]
-        torch.testing.assert_close(torch.tensor(ranks[0][M]["losses"], dtype=torch.float64),
+        torch.testing.assert_close(torch.tensor(ranks[0][key]["losses"], dtype=torch.float64),
                                    torch.tensor(ref_losses, dtype=torch.float64), rtol=1e-6, atol=0)
         ref_params = dict(ref.named_parameters())
         for r in ranks:
-            for name, p in r[M]["params"].items():
+            for name, p in r[key]["params"].items():
                 torch.testing.assert_close(p, ref_params[name].detach(), atol=1e-6, rtol=1e-5,
-                                           msg=lambda m: f"M={M} {name}: {m}")
+                                           msg=lambda m: f"{key} {name}: {m}")
         # each module keeps one memory per micro-batch stream, and the stash holds the memory of
         # every stashed forward but the very first (batch 0 had none)
         t = steps - 1
         for r in ranks:
-            mems, stashed = r[M]["mem_keys"][t]
-            assert mems == sorted((k, j) for k in r[M]["local_modules"] for j in range(M))
-            want = sorted((k, b, j) for k in r[M]["local_modules"] if k < K
+            mems, stashed = r[key]["mem_keys"][t]
+            assert mems == sorted((k, j) for k in r[key]["local_modules"] for j in range(M))
+            want = sorted((k, b, j) for k in r[key]["local_modules"] if k < K
                           for b in range(max(1, t - (K - k) + 1), t + 1) for j in range(M))
-            assert stashed == want, f"M={M} modules {r[M]['local_modules']}"
-            assert r[M]["in_flight"] > 0
+            assert stashed == want, f"M={M} modules {r[key]['local_modules']}"
+            assert r[key]["in_flight"] > 0
 
     # the recurrence changes training: without memory the losses differ (not blind)
     ref0 = Reference(xl_plan(mem_len=0), G, ds_config(4, steps), lm_loss, seed=SEED)
