@@ -19,7 +19,14 @@ dropout masks, so their first losses are equal and later differences are the alg
 Checkpoints: --save DIR [--save-every N] saves at the end, every N steps and on SIGTERM/SIGUSR1
 (all ranks stop after the same step); --load DIR resumes exactly (--steps is the total).
 Metrics (--metrics PATH, JSON lines, written by global rank 0): one line per step
-{"step", "loss", "tokens", "seconds", "lr"} and one per evaluation {"step", "val_loss", "val_bpb"}.
+{"step", "loss", "tokens", "seconds", "lr"} and one per evaluation {"step", "val_loss", "val_bpb"};
+at start {"step": 0, "delays": {module: delay}}, and every --stage-stats-every steps one line per
+stage {"step", "stage", "dp_rank", "in_flight_bytes", "step_seconds", "utilization"}.
+Plot runs with: python -m ouroboros_ds.plot A.jsonl B.jsonl --out loss.png
+
+Hugging Face: --model DIR (a save_pretrained GPT-2 directory: config and weights), --export DIR.
+wandb: --wandb PROJECT (DeepSpeed's monitor; offline without an API key). Slurm:
+launch_scripts/ouroboros.sbatch.
 """
 from __future__ import annotations
 
@@ -37,7 +44,15 @@ def parse_args(argv=None):
     p.add_argument("--data", default="shakespeare",
                    help="'shakespeare' (built in), 'enwik8-sample', a local text file, or a hub data set name")
     p.add_argument("--tokenizer", default="bytes", help="'bytes' (vocab 256) or a local Hugging Face tokenizer path")
-    p.add_argument("--model", default="tiny", help="a named size (tiny, small, gpt2, ...) or JSON of GPT2Config fields")
+    p.add_argument("--model", default="tiny",
+                   help="a named size (tiny, small, gpt2, ...), JSON of GPT2Config fields, or a local Hugging Face "
+                        "model directory (config.json, and its weights if saved: they initialize the stages)")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="after training, write the model where AutoModelForCausalLM.from_pretrained loads it")
+    p.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="log to wandb through DeepSpeed's monitor (offline unless WANDB_API_KEY or a login is set)")
+    p.add_argument("--stage-stats-every", type=int, default=50,
+                   help="every N steps gather per-stage stats (in-flight bytes, step seconds, utilization) to rank 0 (0: off)")
     p.add_argument("--pipeline-parallel-size", type=int, default=None, help="G, stages (default: all ranks)")
     p.add_argument("--schedule", choices=["ouroboros", "1f1b"], default="ouroboros")
     p.add_argument("--replay", choices=["recompute", "stash"], default="recompute",
@@ -75,6 +90,9 @@ def parse_args(argv=None):
 
 def load_config(args) -> dict:
     path = args.deepspeed_config
+    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+    if not os.path.isfile(path) and not os.path.isabs(path) and os.path.isfile(beside):
+        path = beside  # the default ds_configs/ouroboros.json when run from another directory (Slurm jobs)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--deepspeed_config: {path!r} not found")
     with open(path) as f:
@@ -88,6 +106,8 @@ def load_config(args) -> dict:
     cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the replicas
     if args.lr is not None:
         cfg.setdefault("optimizer", {}).setdefault("params", {})["lr"] = args.lr
+    if args.wandb:
+        cfg["wandb"] = {**cfg.get("wandb", {}), "enabled": True, "project": args.wandb}
     sched = cfg.get("scheduler", {})
     if sched.get("type") in ("WarmupCosineLR", "WarmupDecayLR"):
         sched.setdefault("params", {})["total_num_steps"] = args.steps  # the schedule ends with the run
@@ -216,14 +236,26 @@ def main(argv=None) -> int:
     from deepspeed.accelerator import get_accelerator
 
     from ouroboros_ds import data as D
+    from ouroboros_ds import hf, runlog
     from ouroboros_ds.engine import initialize
     from ouroboros_ds.models import gpt2_config, gpt2_layer_specs, lm_loss
     from ouroboros_ds.module import OuroborosPipelineModule
 
     cfg = load_config(args)
     check_args(args, cfg)
+    runlog.wandb_mode_default(cfg)  # before initialize: DeepSpeed's monitor calls wandb.init
     tok = D.load_token_data(args.data, args.tokenizer, max_bytes=args.max_bytes)
-    mcfg = gpt2_config(args.model, tok.vocab_size, dropout=args.dropout)
+    pretrained = hf.is_pretrained_dir(args.model)
+    if pretrained:
+        mcfg = hf.config_from_pretrained(args.model, dropout=args.dropout)
+        if tok.vocab_size > mcfg.vocab_size:
+            raise ValueError(f"--tokenizer: vocabulary {tok.vocab_size} exceeds the model's vocab_size="
+                             f"{mcfg.vocab_size} in {args.model}/config.json; use the model's tokenizer")
+    else:
+        mcfg = gpt2_config(args.model, tok.vocab_size, dropout=args.dropout)
+    if args.export and getattr(mcfg, "arch", "gpt2") != "gpt2":
+        raise ValueError(f"--export: writes a Hugging Face GPT-2 model; the {mcfg.arch} layers have no "
+                         "GPT2LMHeadModel counterpart; drop --export or use a GPT-2 --model")
     check_model(args, mcfg, tok, cfg["train_micro_batch_size_per_gpu"])
     if get_accelerator().device_name() == "cpu":
         # Ranks share the cores; oversubscribed threads make steps 2-4x slower and erratic.
@@ -269,6 +301,8 @@ def main(argv=None) -> int:
                                # only the blocks: reentrant checkpointing of the embedding (integer input)
                                # would cut it off from autograd
                                checkpointable_layers=["Block", "XLBlock"])
+    if pretrained and hf.has_weights(args.model):
+        hf.load_pretrained_weights(model, args.model, mcfg.n_layer)  # before initialize: fp16/ZeRO copy them
     params = [p for p in model.parameters() if p.requires_grad]
     if args.stale_lr_scale:
         if args.schedule != "ouroboros":
@@ -299,17 +333,27 @@ def main(argv=None) -> int:
             v = float(loss)
             rec = {"step": step, "val_loss": v, "val_bpb": tok.bits_per_byte(v)}
             emit(rec)
+            runlog.monitor_events(engine, rec)
             return rec
         return None
 
+    runlog.track_waits(engine)  # per-stage utilization for --stage-stats-every
+    summary = runlog.startup_summary(engine)  # collective: every rank reports its stage
     if log:
-        stage_info = getattr(model, "describe", lambda: [])()
         print(f"ouroboros-ds: schedule={args.schedule} replay={args.replay if args.schedule == 'ouroboros' else '-'} "
               f"activation_checkpointing={args.activation_checkpointing} G={G} dp={dp} M={M} micro-batch={mb} seq={args.seq_len} "
               f"vocab={tok.vocab_size} layers={mcfg.n_layer} d={mcfg.n_embd} train_tokens={len(tok.train):,} "
               f"unigram_entropy={tok.unigram_entropy_bits:.3f} bits/token", flush=True)
-        for line in stage_info:
-            print(f"  stage 0 {line}", flush=True)
+        if pretrained:
+            print(f"  initialized from {args.model}" if hf.has_weights(args.model)
+                  else f"  config from {args.model} (no weights there: random init)", flush=True)
+        if getattr(model, "partition_note", None):
+            print(f"  {model.partition_note}", flush=True)
+        for line in summary:
+            print(line, flush=True)
+        rec = {"step": 0, "delays": runlog.delays(engine)}
+        emit(rec)
+        runlog.monitor_events(engine, rec)
     first = 0
     ckpt_meta = {"model": {k: getattr(mcfg, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head",
                                                          "n_inner")}}
@@ -340,11 +384,13 @@ def main(argv=None) -> int:
         bar = tqdm(total=args.steps, initial=first, unit="step", dynamic_ncols=True)
     start = time.perf_counter()
     last, seen_events, step = None, 0, first
+    train_seconds, stats_from = 0.0, first
     try:
         for step in range(first, args.steps):
-            watchdog.started = time.monotonic()
+            watchdog.started = t0 = time.monotonic()
             loss = engine.train_batch(stream if (args.schedule == "1f1b" or engine.stage_id == 0) else None)
             watchdog.started = None
+            train_seconds += time.monotonic() - t0
             events = getattr(engine, "nonfinite_events", [])[seen_events:]
             seen_events += len(events)
             if log:
@@ -354,9 +400,17 @@ def main(argv=None) -> int:
                       "lr": engine.get_lr()[0]})
                 if events:  # this rank's part; other stages print theirs as warnings
                     emit({"step": step, "nonfinite": events})
+                runlog.monitor_events(engine, {"tokens_per_s": (step + 1 - first) * tokens_per_step / secs})
                 if bar:
                     bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{(step + 1 - first) * tokens_per_step / secs:,.0f}")
                     bar.update(1)
+            if args.stage_stats_every and ((step + 1) % args.stage_stats_every == 0 or step + 1 == args.steps):
+                stats = runlog.stage_stats(engine, train_seconds, step + 1 - stats_from)  # collective
+                train_seconds, stats_from = 0.0, step + 1
+                for rec in stats or []:
+                    rec = {"step": step + 1, **rec}
+                    emit(rec)
+                    runlog.monitor_events(engine, rec)
             if stopper.after_step():
                 stopper.close()
                 if args.save:
@@ -390,6 +444,12 @@ def main(argv=None) -> int:
               f"val loss {final['val_loss']:.4f} nats/token, val {final['val_bpb']:.4f} bits/byte", flush=True)
     if out:
         out.close()
+    if args.export:
+        if hf.export_pretrained(engine.module, mcfg, args.export) and log:  # collective
+            print(f"exported to {args.export} (AutoModelForCausalLM.from_pretrained loads it)", flush=True)
+    if log and engine.monitor.enabled and getattr(engine.monitor, "wandb_monitor", None) is not None:
+        import wandb
+        wandb.finish()  # flush the run now rather than in an exit hook after the process group is gone
     return 0
 
 

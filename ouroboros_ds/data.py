@@ -158,17 +158,62 @@ def _read_file(path: str) -> bytes:
     return raw
 
 
+# Short names users type for the standard LM corpora -> the hub repository and load_dataset
+# arguments that hold them now. "wikitext" has no default configuration (load_dataset would ask
+# for one); the raw variants keep the original text (no <unk>). LTCB/enwik8 is a loading-script
+# repository, which datasets >= 4 refuses to run ("Dataset scripts are no longer supported"): its
+# hub-made parquet export (revision refs/convert/parquet) is read instead, configuration
+# "enwik8-raw" = the whole 100 MB file as one row (the "enwik8" configuration strips every line,
+# which changes the bytes). Not checked against the live hub here (no network).
+HUB_ALIASES: dict[str, tuple[str, dict]] = {
+    "wikitext": ("Salesforce/wikitext", {"name": "wikitext-103-raw-v1"}),
+    "wikitext-103": ("Salesforce/wikitext", {"name": "wikitext-103-raw-v1"}),
+    "wikitext-2": ("Salesforce/wikitext", {"name": "wikitext-2-raw-v1"}),
+    "enwik8": ("LTCB/enwik8", {"data_dir": "enwik8-raw", "revision": "refs/convert/parquet"}),
+}
+
+
+def hub_load_args(data: str) -> tuple[str, dict]:
+    """``load_dataset`` path and keyword arguments for a hub name ``name[:config]``."""
+    name, _, config = data.partition(":")
+    if name in HUB_ALIASES:
+        repo, kwargs = HUB_ALIASES[name]
+        kwargs = dict(kwargs)
+        if config:  # e.g. wikitext:wikitext-2-v1, enwik8:enwik8
+            kwargs["data_dir" if "data_dir" in kwargs else "name"] = config
+        return repo, kwargs
+    return name, ({"name": config} if config else {})
+
+
+def _dataset_text(ds: Any, label: str) -> bytes:
+    """A ``datasets.Dataset``'s text column, rows joined, as UTF-8 bytes."""
+    column = "text" if "text" in ds.column_names else next(
+        (c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"), None
+    )
+    if column is None:
+        raise ValueError(f"--data: data set '{label}' has no text column ({ds.column_names})")
+    rows: list[str] = ds[column]
+    # wikitext rows keep their "\n"; line-per-row sets do not.
+    sample = [r for r in rows[:1000] if r]
+    sep = "" if sample and all(r.endswith("\n") for r in sample) else "\n"
+    raw = sep.join(rows).encode("utf-8")
+    if not raw:
+        raise ValueError(f"--data: data set '{label}' has an empty '{column}' column")
+    return raw
+
+
 def _load_hub_text(data: str) -> bytes:
-    """Train split of a hub data set ``name[:config]``, text column joined, as UTF-8 bytes.
+    """Train split of a hub data set ``name[:config]`` (see :data:`HUB_ALIASES`), text column
+    joined, as UTF-8 bytes.
 
     Only the hub's train split is used; our validation split is cut from its end like for any
     other corpus, so every source is handled the same way.
     """
-    name, _, config = data.partition(":")
+    path, kwargs = hub_load_args(data)
     try:
         import datasets
 
-        ds = datasets.load_dataset(name, config or None, split="train")
+        ds = datasets.load_dataset(path, split="train", **kwargs)
     except Exception as e:  # offline: ConnectionError; unknown name: DatasetNotFoundError, ...
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise FileNotFoundError(
@@ -177,23 +222,33 @@ def _load_hub_text(data: str) -> bytes:
             f"(no network/hub access here?): {type(e).__name__}: {reason}; "
             "give a local text file path instead"
         ) from e
-    column = "text" if "text" in ds.column_names else next(
-        (c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"), None
-    )
-    if column is None:
-        raise ValueError(f"--data: hub data set '{data}' has no text column ({ds.column_names})")
-    rows: list[str] = ds[column]
-    # wikitext rows keep their "\n"; line-per-row sets (enwik8 on the hub) do not.
-    sample = [r for r in rows[:1000] if r]
-    sep = "" if sample and all(r.endswith("\n") for r in sample) else "\n"
-    raw = sep.join(rows).encode("utf-8")
-    if not raw:
-        raise ValueError(f"--data: hub data set '{data}' has an empty '{column}' column")
-    return raw
+    return _dataset_text(ds, data)
+
+
+def _load_local_dataset(path: str) -> bytes:
+    """A local data set directory: ``save_to_disk`` output, or data files ``load_dataset`` reads
+    (parquet, json lines, csv, txt); its train split (or its only split) as text."""
+    import datasets
+
+    if os.path.isfile(os.path.join(path, "dataset_info.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        ds = datasets.load_from_disk(path)
+    else:
+        try:
+            ds = datasets.load_dataset(path)
+        except Exception as e:
+            raise ValueError(f"--data: directory '{path}' is not a data set datasets can read "
+                             f"({type(e).__name__}: {str(e).strip()[:200]}); give a text file or a "
+                             "directory of parquet/jsonl/csv/txt files") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds and len(ds) != 1:
+            raise ValueError(f"--data: '{path}' has splits {list(ds)} and none is 'train'")
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    return _dataset_text(ds, path)
 
 
 def load_text(data: str) -> bytes:
-    """Raw bytes of a corpus: a builtin name, a local file, or a hub data set ``name[:config]``.
+    """Raw bytes of a corpus: a builtin name, a local file, a local data set directory, or a hub
+    data set ``name[:config]`` (``wikitext``, ``enwik8``: see :data:`HUB_ALIASES`).
 
     Always bytes (the ``bytes | str`` contract, narrowed): bytes mode must take any file,
     UTF-8 or not, and bits-per-byte needs the raw byte count. Builtin names take precedence
@@ -204,6 +259,8 @@ def load_text(data: str) -> bytes:
                          "or a local text file")
     if data in BUILTIN_CORPORA:
         return _read_file(builtin_corpus_path(data))
+    if os.path.isdir(os.path.expanduser(data)):
+        return _load_local_dataset(os.path.expanduser(data))
     if os.path.exists(os.path.expanduser(data)) or _looks_like_file(data):
         return _read_file(data)
     return _load_hub_text(data)
