@@ -51,6 +51,10 @@ def test_sbatch_trains_writes_metrics_and_requeues_on_usr1(slurm, tmp_path):
     run_dir = tmp_path / "run"
     env = dict(slurm.env, PYTHON=sys.executable, OUROBOROS_DIR=ROOT, RUN_DIR=str(run_dir), OMP_NUM_THREADS="1",
                HF_DATASETS_OFFLINE="1")
+    # A launcher's variables left in this process by an earlier in-process run (train.main sets a
+    # world of one) would reach the job: the sbatch script must choose its own rendezvous.
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)
     # 2 tasks on this 2-core node; -O (overcommit) so a busy machine does not leave it pending.
     sub = slurm.run(["sbatch", "--parsable", "-O", "--chdir", str(tmp_path), "--output", str(tmp_path / "job.out"),
                      os.path.join(ROOT, "launch_scripts", "ouroboros.sbatch"),
