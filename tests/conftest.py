@@ -11,3 +11,27 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 for path in (os.path.dirname(TESTS), TESTS):  # `import ouroboros_ds` and `import ring`
     if path not in sys.path:
         sys.path.insert(0, path)
+
+_SHM = "/dev/shm"
+_shm_before: set = set()
+
+
+def _ds_shm_files() -> set:
+    try:
+        return {f for f in os.listdir(_SHM) if f.startswith("deepspeed_allreduce_buffer_")}
+    except OSError:
+        return set()
+
+
+def pytest_sessionstart(session):
+    _shm_before.update(_ds_shm_files())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A safety net for ouroboros_ds.engine.release_shm_buffers: a rank that died before it could
+    unlink its DeepSpeed shm buffer leaves ~66 MB of RAM in /dev/shm; this session's go now."""
+    for name in _ds_shm_files() - _shm_before:
+        try:
+            os.unlink(os.path.join(_SHM, name))
+        except OSError:
+            pass
