@@ -586,6 +586,7 @@ class OuroborosEngine(PipelineEngine):
         their own tags, so in-flight training messages are untouched; no barrier.
         """
         was_training = self.module.training
+        n_sends = len(self._sends)
         self.module.eval()
         G, losses, local, labels = self.num_stages, [], {}, {}
         try:
@@ -607,6 +608,12 @@ class OuroborosEngine(PipelineEngine):
                         self._isend(y, dst, _tag(_EVAL, k + 1, mb), _EVAL_META)
         finally:
             self.module.train(was_training)
+        # Every evaluation message is received by the peer's same eval_batch call, so waiting for our
+        # sends cannot deadlock; without it a stage that returns and exits (the final evaluation)
+        # can close its connection while a send is still in flight ("Connection closed by peer").
+        for req, _ in self._sends[n_sends:]:
+            req.wait()
+        del self._sends[n_sends:]
         if self.stage_id != 0:
             return None
         loss = torch.stack(losses).mean()

@@ -68,6 +68,8 @@ def _train(M, zero, bf16, D, dp_rank, eval_at=None):
                 val = validation()
                 loss = engine.eval_batch(iter(val) if engine.stage_id == 0 else None, num_micro_batches=len(val))
                 evals.append(None if loss is None else loss.item())
+                # nothing of the evaluation is left in flight: a rank may return and exit right after it
+                assert not engine._sends, "eval_batch returned with its sends in flight"
             loss = engine.train_batch(it)
             losses.append(None if loss is None else loss.float().item())
     params = {n: p.float() for n, p in _parameters(mod).items()}
