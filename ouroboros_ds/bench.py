@@ -97,23 +97,19 @@ class _Timers:
 
     def __init__(self, engine, kinds: dict, sync):
         self.durations: dict = {}
-        self.waited = 0.0
+        self.engine = engine
         self.on = False
         self.sync = sync
         table = dict(engine._INSTRUCTION_MAP)
         for cls, name in kinds.items():
             table[cls] = self._wrap(table[cls], name)
         engine._INSTRUCTION_MAP = table
-        if hasattr(engine, "_wait"):
-            orig = engine._wait
+        from .runlog import track_waits
+        track_waits(engine)  # engine.wait_seconds: time blocked in _wait (stock 1F1B has none)
 
-            def timed_wait(entry):
-                t0 = time.perf_counter()
-                try:
-                    return orig(entry)
-                finally:
-                    self.waited += time.perf_counter() - t0
-            engine._wait = timed_wait
+    @property
+    def waited(self) -> float:
+        return getattr(self.engine, "wait_seconds", 0.0)
 
     def _wrap(self, fn, name):
         timers = self

@@ -199,14 +199,14 @@ def gpt2_layer_specs(cfg: GPT2Config, seed: int = 1234) -> LayerPlan:
     A config with ``arch="transfo-xl"`` gets the Transformer-XL layers (``models_xl.py``) instead."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
+    embedding, block = Embedding, Block
     if getattr(cfg, "arch", "gpt2") == "transfo-xl":
-        from .models_xl import xl_layer_specs
-        return xl_layer_specs(cfg, seed)
+        from .models_xl import XLBlock as block, XLEmbedding as embedding
 
-    specs = [TiedLayerSpec("embed", Embedding, cfg, init_seed=seed, tied_weight_attr=["wte.weight"])]
+    specs = [TiedLayerSpec("embed", embedding, cfg, init_seed=seed, tied_weight_attr=["wte.weight"])]
     for i in range(cfg.n_layer):
-        specs.append(LayerSpec(Block, cfg, i + 1, init_seed=seed + i + 1))
+        specs.append(LayerSpec(block, cfg, i + 1, init_seed=seed + i + 1))
     specs.append(LayerSpec(FinalNorm, cfg, init_seed=seed + cfg.n_layer + 1))
-    specs.append(TiedLayerSpec("embed", Embedding, cfg, init_seed=seed, forward_fn=lm_head,
+    specs.append(TiedLayerSpec("embed", embedding, cfg, init_seed=seed, forward_fn=lm_head,
                                tied_weight_attr=["wte.weight"]))
     return LayerPlan(specs, list(range(1, cfg.n_layer + 1)), cfg)

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F_
 
-from .models import FinalNorm, LayerPlan, _init_weights, _keyed_rng, _seeded_init, lm_head
+from .models import _init_weights, _keyed_rng, _seeded_init
 
 # (memories to read {layer_idx: tensor}, dict the layers write their next memory into) or None
 _MEM: list = [None]
@@ -132,15 +132,3 @@ class XLBlock(nn.Module):
         h = h + self.drop(self.c_proj(att))
         return h + self.drop(self.ff_out(self.drop(F_.relu(self.ff_in(self.ln_2(h))))))
 
-
-def xl_layer_specs(cfg, seed: int = 1234) -> LayerPlan:
-    """``[XLEmbedding, XLBlock x n_layer, FinalNorm, Head]``, layer i seeded ``seed + i``."""
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
-
-    specs = [TiedLayerSpec("embed", XLEmbedding, cfg, init_seed=seed, tied_weight_attr=["wte.weight"])]
-    for i in range(cfg.n_layer):
-        specs.append(LayerSpec(XLBlock, cfg, i + 1, init_seed=seed + i + 1))
-    specs.append(LayerSpec(FinalNorm, cfg, init_seed=seed + cfg.n_layer + 1))
-    specs.append(TiedLayerSpec("embed", XLEmbedding, cfg, init_seed=seed, forward_fn=lm_head,
-                               tied_weight_attr=["wte.weight"]))
-    return LayerPlan(specs, list(range(1, cfg.n_layer + 1)), cfg)
