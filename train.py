@@ -19,7 +19,8 @@ dropout masks, so their first losses are equal and later differences are the alg
 Checkpoints: --save DIR [--save-every N] saves at the end, every N steps and on SIGTERM/SIGUSR1
 (all ranks stop after the same step); --load DIR resumes exactly (--steps is the total).
 Metrics (--metrics PATH, JSON lines, written by global rank 0): one line per step
-{"step", "loss", "tokens", "seconds", "lr"} and one per evaluation {"step", "val_loss", "val_bpb"};
+{"step", "loss", "tokens", "seconds", "train_seconds", "lr"} (seconds: wall-clock since the first step;
+train_seconds: time inside train_batch only, without evaluations and saves) and one per evaluation {"step", "val_loss", "val_bpb"};
 at start {"step": 0, "delays": {module: delay}}, and every --stage-stats-every steps one line per
 stage {"step", "stage", "dp_rank", "in_flight_bytes", "step_seconds", "utilization"}.
 Plot runs with: python -m ouroboros_ds.plot A.jsonl B.jsonl --out loss.png
@@ -316,7 +317,7 @@ def main(argv=None) -> int:
     recurrent = getattr(mcfg, "arch", "gpt2") == "transfo-xl"  # memory needs each row to continue its text
     stream = D.BatchStream(tok.train, args.seq_len, mb, M, dp_rank=dp_rank, dp_size=dp, seed=args.seed,
                            ordered=recurrent)
-    val = D.eval_batches(tok.val, args.seq_len, mb, max_batches=args.eval_batches)
+    val = D.eval_batches(tok.val, args.seq_len, mb, max_batches=args.eval_batches, ordered=recurrent)
     n_eval = len(val)
     tokens_per_step = mb * M * dp * args.seq_len
     log = rank == 0
@@ -385,19 +386,22 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     last, seen_events, step = None, 0, first
     train_seconds, stats_from = 0.0, first
+    train_clock = 0.0  # cumulative, for wall-clock curves that evaluations and saves do not bend
     try:
         for step in range(first, args.steps):
             watchdog.started = t0 = time.monotonic()
             loss = engine.train_batch(stream if (args.schedule == "1f1b" or engine.stage_id == 0) else None)
             watchdog.started = None
-            train_seconds += time.monotonic() - t0
+            dt = time.monotonic() - t0
+            train_seconds += dt
+            train_clock += dt
             events = getattr(engine, "nonfinite_events", [])[seen_events:]
             seen_events += len(events)
             if log:
                 secs = time.perf_counter() - start
                 last = float(loss)
                 emit({"step": step, "loss": last, "tokens": (step + 1) * tokens_per_step, "seconds": secs,
-                      "lr": engine.get_lr()[0]})
+                      "train_seconds": train_clock, "lr": engine.get_lr()[0]})
                 if events:  # this rank's part; other stages print theirs as warnings
                     emit({"step": step, "nonfinite": events})
                 runlog.monitor_events(engine, {"tokens_per_s": (step + 1 - first) * tokens_per_step / secs})

@@ -10,6 +10,8 @@ counting them gives the micro-batch index.
 Recurrent models (Transformer-XL) get their memory the same way: micro-batch j's forward reads
 the memory its stage's layers wrote for micro-batch j one step earlier, and the backward (whose
 activation-checkpointing recompute reruns the forward) sees the memory the forward read.
+Evaluation carries its own memory from micro-batch to micro-batch (DeepSpeed's inference
+schedule runs them in order on every stage), as the Ouroboros engine's ``eval_batch`` does.
 """
 from __future__ import annotations
 
@@ -28,7 +30,16 @@ class KeyedPipelineEngine(PipelineEngine):
         self._counted_step, self._n_fwd, self._n_bwd = -1, 0, 0
         self.mems: dict = {}       # mb -> {layer: memory} written by the last forward
         self._fwd_mems: dict = {}  # mb -> memory this step's forward read (for the recompute)
+        self._eval_mem = None      # memory the last evaluation forward wrote, within one eval_batch
         super().__init__(*args, **kwargs)
+
+    # Override: a fresh evaluation memory per call (the training memories are not touched).
+    def eval_batch(self, *args, **kwargs):
+        self._eval_mem = None
+        try:
+            return super().eval_batch(*args, **kwargs)
+        finally:
+            self._eval_mem = None
 
     def _count(self, backward: bool) -> int:
         if self._counted_step != self.global_steps:
@@ -48,7 +59,10 @@ class KeyedPipelineEngine(PipelineEngine):
             if new_mem:
                 self.mems[mb] = new_mem
             return out
-        return super()._exec_forward_pass(buffer_id)
+        with recurrent_memory(self._eval_mem) as new_mem:
+            out = super()._exec_forward_pass(buffer_id)
+        self._eval_mem = new_mem or None
+        return out
 
     def _exec_backward_pass(self, buffer_id):
         mb = self._count(True)

@@ -608,11 +608,14 @@ class BatchStream:
 
 
 def eval_batches(tokens: torch.Tensor, seq_len: int, batch_size: int,
-                 max_batches: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                 max_batches: int | None = None, ordered: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed, ordered, non-overlapping windows of the val split as (inputs, labels) batches.
 
     Every batch has exactly `batch_size` rows (pipeline engines need fixed shapes), so the
-    windows that don't fill a last batch are left out.
+    windows that don't fill a last batch are left out. The first ``n x batch_size`` windows are
+    used either way; ``ordered=True`` (recurrent models) lays them out as ``batch_size`` contiguous
+    streams, so row r of batch i + 1 continues row r of batch i and the memory of batch i is the
+    right context for batch i + 1 (Transformer-XL's evaluation).
     """
     _check_positive("batch_size", batch_size)
     if max_batches is not None:
@@ -628,6 +631,8 @@ def eval_batches(tokens: torch.Tensor, seq_len: int, batch_size: int,
         )
     if max_batches is not None:
         n = min(n, max_batches)
+    if ordered:
+        return [_split_window_batch(windows[i:n * batch_size:n]) for i in range(n)]
     return [_split_window_batch(windows[i * batch_size:(i + 1) * batch_size]) for i in range(n)]
 
 

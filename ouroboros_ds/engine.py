@@ -583,12 +583,15 @@ class OuroborosEngine(PipelineEngine):
 
         Every rank calls it with the same ``num_micro_batches``; stage 0 reads them from
         ``data_iter`` and returns the mean loss (other stages return ``None``). Messages use
-        their own tags, so in-flight training messages are untouched; no barrier.
+        their own tags, so in-flight training messages are untouched; no barrier. Recurrent
+        modules carry an evaluation memory from micro-batch to micro-batch (each module runs them
+        in order), starting empty and apart from the training memories, so ``data_iter`` should
+        give consecutive segments (``data.eval_batches(ordered=True)``).
         """
         was_training = self.module.training
         n_sends = len(self._sends)
         self.module.eval()
-        G, losses, local, labels = self.num_stages, [], {}, {}
+        G, losses, local, labels, mems = self.num_stages, [], {}, {}, {}
         try:
             for k in self.local_modules:  # stage 0: all of module 1 first, then all of module K
                 src, dst = S.stage_of(max(k - 1, 1), G), S.stage_of(min(k + 1, self.K), G)
@@ -599,7 +602,8 @@ class OuroborosEngine(PipelineEngine):
                         x = local.pop(mb)
                     else:
                         x = self._wait(self._irecv(src, _tag(_EVAL, k, mb), _EVAL_META))
-                    y = self.module.forward_module(k, x)
+                    with recurrent_memory(mems.get(k)) as mems[k]:
+                        y = self.module.forward_module(k, x)
                     if k == self.K:
                         losses.append(self.module.loss_fn(y, labels.pop(mb)))
                     elif dst == self.stage_id:

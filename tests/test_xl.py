@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ring import run_ranks
-from test_equivalence import SEED, SEQ, VOCAB, _parameters, batches, ds_config, steps_for
+from test_equivalence import MICRO, SEED, SEQ, VOCAB, _parameters, batches, ds_config, steps_for
 
 MEM_LEN = 6  # shorter than a segment (SEQ = 8): the memory is truncated, as in real runs
 
@@ -67,6 +67,31 @@ def test_no_gradient_flows_into_memory():
     assert x1.grad is None
 
 
+def eval_data() -> list:
+    """Three consecutive segments per row (Transformer-XL's evaluation layout)."""
+    from ouroboros_ds.data import eval_batches
+
+    tokens = torch.randint(0, VOCAB, (3 * MICRO * (SEQ + 1),), generator=torch.Generator().manual_seed(5))
+    return eval_batches(tokens, SEQ, MICRO, ordered=True)
+
+
+def chained_eval(model, K: int, mem: bool = True) -> float:
+    """Mean loss over eval_data() through modules 1..K of a Reference, each module's memory
+    carried from segment to segment (or none)."""
+    from ouroboros_ds.models import lm_loss
+    from ouroboros_ds.models_xl import recurrent_memory
+
+    model.train(False)
+    mems, losses = {}, []
+    with torch.no_grad():
+        for x, y in eval_data():
+            for k in range(1, K + 1):
+                with recurrent_memory(mems.get(k) if mem else None) as mems[k]:
+                    x = model.forward_module(k, x)
+            losses.append(lm_loss(x, y))
+    return torch.stack(losses).mean().item()
+
+
 def worker(rank: int, G: int, Ms: tuple, out: str) -> None:
     import deepspeed
 
@@ -91,6 +116,16 @@ def worker(rank: int, G: int, Ms: tuple, out: str) -> None:
             mem_keys.append((sorted(engine.mems), sorted(engine.stash_mems)))
         results[M if replay == "recompute" else "stash"] = {"losses": losses, "params": _parameters(mod), "mem_keys": mem_keys,
                       "local_modules": list(mod.local_modules), "in_flight": engine.in_flight_bytes()}
+        if (M, replay) == (4, "recompute"):  # evaluation with memory, after training
+            before = {k: sorted(v) for k, v in engine.mems.items()}
+            loss = engine.eval_batch(iter(eval_data()), num_micro_batches=len(eval_data()))
+            results["eval"] = None if loss is None else loss.item()
+            assert {k: sorted(v) for k, v in engine.mems.items()} == before  # training memories untouched
+    # the 1F1B baseline (KeyedPipelineEngine) evaluates with memory too; at initialization
+    from deepspeed.pipe import PipelineModule
+    base = PipelineModule(xl_plan().specs, num_stages=G, loss_fn=lm_loss, partition_method="type:XLBlock")
+    engine, *_ = initialize(model=base, model_parameters=list(base.parameters()), config=ds_config(4, steps), seed=SEED)
+    results["baseline_eval"] = engine.eval_batch(iter(eval_data()), num_micro_batches=len(eval_data())).item()
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 
@@ -126,10 +161,33 @@ def test_xl_engine_equals_reference(tmp_path, G):
             assert stashed == want, f"M={M} modules {r[key]['local_modules']}"
             assert r[key]["in_flight"] > 0
 
+        if key == 4:  # evaluation carries each module's memory from segment to segment
+            want = chained_eval(ref, K)
+            assert ranks[0]["eval"] == pytest.approx(want, rel=1e-5, abs=0)
+            assert abs(chained_eval(ref, K, mem=False) - want) > 1e-4  # not blind: memory matters
+
+    # the baseline at initialization: the same evaluation (its stages hold the same layers)
+    init = Reference(xl_plan(), G, ds_config(4, steps), lm_loss, seed=SEED)
+    for r in ranks:
+        assert r["baseline_eval"] == pytest.approx(chained_eval(init, K), rel=1e-5, abs=0)
+
     # the recurrence changes training: without memory the losses differ (not blind)
     ref0 = Reference(xl_plan(mem_len=0), G, ds_config(4, steps), lm_loss, seed=SEED)
     no_mem = [ref0.step(b) for b in batches(steps, 4)]
     assert no_mem[-1] != pytest.approx(ranks[0][4]["losses"][-1], rel=1e-6, abs=0)
+
+
+def test_ordered_eval_batches_continue_each_row():
+    from ouroboros_ds.data import eval_batches
+
+    tokens = torch.arange(10 * 9 + 4)
+    plain, ordered = eval_batches(tokens, 8, 3, ordered=False), eval_batches(tokens, 8, 3, ordered=True)
+    assert len(plain) == len(ordered) == 3  # 10 windows: 3 batches of 3, the tenth left out
+    # the same windows, laid out as 3 streams: row r of batch i + 1 continues row r of batch i
+    assert sorted(plain_row.tolist() for x, _ in plain for plain_row in x) == \
+        sorted(row.tolist() for x, _ in ordered for row in x)
+    for (x0, _), (x1, _) in zip(ordered, ordered[1:]):
+        assert torch.equal(x1[:, 0], x0[:, -1] + 2)  # next window: skips the label-only token
 
 
 def test_ordered_stream_continues_each_row():
