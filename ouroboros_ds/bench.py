@@ -135,7 +135,6 @@ class _Timers:
 
 
 def _build(args, name, plan, cfg, G):
-    import torch
     from deepspeed.pipe import PipelineModule
 
     from .engine import initialize
@@ -329,7 +328,6 @@ def _predict(name, ranks, G, M):
         steps = [m.get("STEP:0", 0.0) for m in means]
         T = (M + G - 1) * max(fb) + max(steps)
         return [(M * fb[s] + steps[s]) / T for s in range(G)]
-    K = G + 1
     fwd, rep, loss, step = {}, {}, 0.0, 0.0
     for s, m in enumerate(means):
         for key, v in m.items():
@@ -354,8 +352,8 @@ def report(args, ranks) -> str:
                          for i in range(len(ranks[0][name]["step_times"]))])
           for name in ranks[0] if not name.startswith("_")}
     t1 = st.get("1proc-1thread")
-    lines = [f"| configuration | step (s) | tokens/s | vs 1F1B | vs 1F1B+ckpt | eta | util measured (per stage) "
-             f"| util simulated | peak saved activations MB | stashed inputs MB | weight snapshots MB |",
+    lines = ["| configuration | step (s) | tokens/s | vs 1F1B | vs 1F1B+ckpt | eta | util measured (per stage) "
+             "| util simulated | peak saved activations MB | stashed inputs MB | weight snapshots MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     mb = 2 ** 20
     for name in list(CONFIGS) + list(SINGLE):

@@ -26,7 +26,6 @@ What changes against the stock engine, and why:
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import random
@@ -46,8 +45,9 @@ from deepspeed.utils import logger
 from . import schedule as S
 from .models import dropout_key
 from .models_xl import recurrent_memory
-from .module import OuroborosPipelineModule
+from .module import OuroborosPipelineModule, used_parameters
 from . import stash as W
+from .staleness import first_gradient_groups
 
 # Message tags: one per (kind, module, micro-batch), so every message matches its own receive.
 _ACT, _GRAD, _META, _EVAL, _EVAL_META = 1, 2, 3, 4, 5
@@ -123,24 +123,12 @@ def ring_param_groups(module: OuroborosPipelineModule) -> list[dict]:
     DeepSpeed's tied-gradient reduction also assumes. Each group carries that step under
     ``FIRST_STEP``; the engine keeps the optimizer off a group before it.
     """
-    G = module.num_stages
     tied_attrs = {id(m): module.tied_weight_attrs[key] for key, m in module.tied_modules.items()}
-    first: dict = {}  # id(param) -> first step with a gradient
-    for k in module.local_modules:
-        for layer in module.module_funcs[k]:
-            if isinstance(layer, torch.nn.Module):
-                used = list(layer.parameters())
-            else:  # functools.partial(forward_fn, tied module)
-                tied = next(a for a in layer.args if isinstance(a, torch.nn.Module))
-                used = [functools.reduce(getattr, attr.split("."), tied) for attr in tied_attrs[id(tied)]]
-            for p in used:
-                first[id(p)] = min(first.get(id(p), S.delay(k, G)), S.delay(k, G))
-    groups: dict = {}
-    for k in module.local_modules:  # module order; a parameter no forward uses goes with its module
-        for p in module.module_parameters(k):
-            if p.requires_grad and not any(p is q for g in groups.values() for q in g):
-                groups.setdefault(first.get(id(p), S.delay(k, G)), []).append(p)
-    return [{"params": params, FIRST_STEP: step} for step, params in sorted(groups.items())]
+    used = {k: [p for layer in module.module_funcs[k] for p in used_parameters(layer, tied_attrs)]
+            for k in module.local_modules}
+    owned = {k: [p for p in module.module_parameters(k) if p.requires_grad] for k in module.local_modules}
+    return [{"params": params, FIRST_STEP: step}
+            for step, params in first_gradient_groups(used, owned, module.num_stages)]
 
 
 class _StageGrid:

@@ -8,6 +8,8 @@ active at a time) so DeepSpeed's per-layer checkpoint files work unchanged.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from deepspeed.pipe import PipelineModule
 
@@ -195,3 +197,14 @@ class OuroborosPipelineModule(PipelineModule):
             n = sum(p.numel() for p in self.module_parameters(k))
             lines.append(f"module {k}: layers [{start}, {stop}) params {n:,}")
         return lines
+
+
+def used_parameters(layer, tied_attrs: dict) -> list:
+    """The parameters a layer's forward uses. A tied layer called through its ``forward_fn``
+    (``functools.partial(forward_fn, tied module)``, the head) uses only its tied weights,
+    ``tied_attrs[id(tied module)]`` (the ``TiedLayerSpec.tied_weight_attr`` names), as DeepSpeed's
+    tied-gradient reduction also assumes."""
+    if isinstance(layer, torch.nn.Module):
+        return list(layer.parameters())
+    tied = next(a for a in layer.args if isinstance(a, torch.nn.Module))
+    return [functools.reduce(getattr, attr.split("."), tied) for attr in tied_attrs[id(tied)]]

@@ -21,8 +21,8 @@ from . import schedule as S
 from . import stash as W
 from .models import LayerPlan, dropout_key
 from .models_xl import recurrent_memory
-from .module import ring_partition
-from .staleness import delay_scaled_groups
+from .module import ring_partition, used_parameters
+from .staleness import first_gradient_groups, scaled_by_delay
 
 
 def build_layers(plan: LayerPlan) -> list:
@@ -51,19 +51,6 @@ def build_layers(plan: LayerPlan) -> list:
 def _modules(layers) -> list[torch.nn.Module]:
     return [x if isinstance(x, torch.nn.Module) else x.args[0] for x in layers
             if isinstance(x, torch.nn.Module) or isinstance(x, functools.partial)]
-
-
-def _used_parameters(layers) -> list:
-    """The parameters these layers' forwards use: a tied layer called through its ``forward_fn``
-    (the head) uses only its tied weights, as DeepSpeed's tied-gradient reduction assumes."""
-    out = []
-    for layer in layers:
-        if isinstance(layer, functools.partial):
-            m = layer.args[0]
-            out += [functools.reduce(getattr, a.split("."), m) for a in layer.tied_weight_attr]
-        else:
-            out += list(layer.parameters())
-    return out
 
 
 def make_optimizer(params, ds_config: dict):
@@ -98,6 +85,7 @@ class Reference:
         self.module_layers = {k: self.layers[a:b] for k, (a, b) in enumerate(bounds, start=1)}
         self.clip = float(ds_config.get("gradient_clipping", 0.0))
         self.stage_params, self.optimizers, self.schedulers = [], [], []
+        tied_attrs = {id(f.args[0]): f.tied_weight_attr for f in self.layers if isinstance(f, functools.partial)}
         for s in range(stages):
             seen, params = set(), []
             for k in S.modules_of(s, stages):
@@ -109,8 +97,10 @@ class Reference:
             groups = params
             if stale_lr_scale:  # the optional mitigation, with the engine's own groups
                 lr = ds_config.get("optimizer", {}).get("params", {}).get("lr", 1e-3)
-                per_module = {k: _used_parameters(self.module_layers[k]) for k in S.modules_of(s, stages)}
-                groups = delay_scaled_groups(per_module, stages, lr, stale_lr_scale)
+                mods = S.modules_of(s, stages)
+                used = {k: [p for x in self.module_layers[k] for p in used_parameters(x, tied_attrs)] for k in mods}
+                owned = {k: [p for m in _modules(self.module_layers[k]) for p in m.parameters()] for k in mods}
+                groups = scaled_by_delay(first_gradient_groups(used, owned, stages), lr, stale_lr_scale)
             opt = make_optimizer(groups, ds_config)
             self.stage_params.append(params)
             self.optimizers.append(opt)

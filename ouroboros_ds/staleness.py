@@ -13,50 +13,49 @@ gradient; scaling it with module 1 slows the whole model down (measured: docs/st
 The rule is a list of optimizer parameter groups, so DeepSpeed's optimizer and its LR schedules
 apply it unchanged (``WarmupCosineLR`` scales each group's own initial ``lr``). The engine
 (``train.py --stale-lr-scale c``) and :class:`ouroboros_ds.reference.Reference` build their groups
-with this one function, so they stay equal.
+with the same two functions (:func:`first_gradient_groups`, :func:`scaled_by_delay`), so they stay equal.
 """
 from __future__ import annotations
 
 from . import schedule as S
 
 
-def delay_scaled_groups(module_params: dict, num_stages: int, lr: float, c: float) -> list[dict]:
-    """Optimizer parameter groups for the modules of one stage.
+def first_gradient_groups(used: dict, owned: dict, num_stages: int) -> list[tuple[int, list]]:
+    """A stage's parameters grouped by the step of their first gradient: ``[(step, params)]``,
+    sorted by step, every parameter once.
 
-    ``module_params``: {module k: its parameters} for the stage's modules (a parameter listed
-    under several modules, the tied embedding, is *shared* and keeps the full ``lr``). Returns
-    ``[{"params": [...], "lr": ...}, ...]``, every parameter once, groups without parameters
-    left out.
+    The one rule (SPEC section 2, warm-up), for the engine (``engine.ring_param_groups``) and the
+    Reference alike: a parameter's first gradient comes at ``delay(k)`` of the freshest module k
+    whose forward uses it, which is also the delay its gradient carries. ``used``: {module k: the
+    parameters its forward uses} (the head uses only the tied embedding, so on stage 0 ``wte``
+    is fresh and ``wpe`` goes with module 1); ``owned``: {module k: the parameters it holds}, in
+    order; an owned parameter no forward uses goes with its module.
     """
+    first: dict = {}  # id(param) -> first step with a gradient
+    for k, params in used.items():
+        for p in params:
+            first[id(p)] = min(first.get(id(p), S.delay(k, num_stages)), S.delay(k, num_stages))
+    groups: dict = {}
+    seen: set = set()
+    for k in sorted(owned):
+        for p in owned[k]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                groups.setdefault(first.get(id(p), S.delay(k, num_stages)), []).append(p)
+    return sorted(groups.items(), key=lambda g: g[0])
+
+
+def scaled_by_delay(groups: list[tuple[int, list]], lr: float, c: float) -> list[dict]:
+    """``[{"params", "lr": lr / (1 + c * step)}]`` for :func:`first_gradient_groups`' groups."""
     if c < 0:
         raise ValueError(f"stale_lr_scale: must be >= 0 (0 turns the mitigation off), got {c}")
-    count: dict = {}
-    for params in module_params.values():
-        for p in {id(p): p for p in params}.values():
-            count[id(p)] = count.get(id(p), 0) + 1
-    groups, seen, shared = [], set(), []
-    for k in sorted(module_params):
-        own = []
-        for p in module_params[k]:
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            (shared if count[id(p)] > 1 else own).append(p)
-        if own:
-            groups.append({"params": own, "lr": lr / (1.0 + c * S.delay(k, num_stages))})
-    if shared:
-        groups.append({"params": shared, "lr": lr})
-    return groups
+    return [{"params": params, "lr": lr / (1.0 + c * step)} for step, params in groups]
 
 
 def pipeline_groups(model, lr: float, c: float) -> list[dict]:
-    """The rule for this rank's stage of an ``OuroborosPipelineModule``, as the engine's own param
-    groups (``engine.ring_param_groups``: one per first-gradient step). A parameter's first
-    gradient comes at the delay of the freshest module that uses it, which is the delay its
-    gradient carries: module k's own parameters at delay(k), the tied embedding at 0 (module K).
-    So each group gets ``lr / (1 + c * first_step)``: the same lrs as :func:`delay_scaled_groups`."""
+    """The rule for this rank's stage of an ``OuroborosPipelineModule``: the engine's own param
+    groups (``engine.ring_param_groups``, one per first-gradient step) with their lrs scaled."""
     from .engine import FIRST_STEP, ring_param_groups
 
-    if c < 0:
-        raise ValueError(f"stale_lr_scale: must be >= 0 (0 turns the mitigation off), got {c}")
-    return [{**g, "lr": lr / (1.0 + c * g[FIRST_STEP])} for g in ring_param_groups(model)]
+    groups = ring_param_groups(model)
+    return [{**g, **s} for g, s in zip(groups, scaled_by_delay([(g[FIRST_STEP], g["params"]) for g in groups], lr, c))]

@@ -19,19 +19,23 @@ C = 1.5
 
 
 def test_groups_scale_by_delay_and_keep_the_tied_weight_fresh():
-    from ouroboros_ds.staleness import delay_scaled_groups
+    from ouroboros_ds.staleness import first_gradient_groups, scaled_by_delay
 
-    a, b, tied, d = (torch.nn.Parameter(torch.zeros(1)) for _ in range(4))
-    # stage 0 of G = 3: modules 1 (delay 3) and 4 (delay 0), with a tied parameter in both
-    groups = delay_scaled_groups({1: [tied, a], 4: [b, tied]}, 3, lr=1.0, c=C)
-    got = [([id(p) for p in g["params"]], g["lr"]) for g in groups]
-    assert got == [([id(a)], 1.0 / (1 + 3 * C)), ([id(b)], 1.0), ([id(tied)], 1.0)]
+    a, b, tied, d, unused = (torch.nn.Parameter(torch.zeros(1)) for _ in range(5))
+    # stage 0 of G = 3: modules 1 (delay 3) and 4 (delay 0); the tied parameter is used by both, so
+    # its first (and every) gradient is module 4's fresh one; a parameter no forward uses goes
+    # with the module that holds it
+    groups = first_gradient_groups(used={1: [tied, a], 4: [b, tied]}, owned={1: [tied, a, unused], 4: [b]},
+                                   num_stages=3)
+    assert [(step, [id(p) for p in ps]) for step, ps in groups] == [(0, [id(tied), id(b)]), (3, [id(a), id(unused)])]
+    assert [g["lr"] for g in scaled_by_delay(groups, lr=1.0, c=C)] == [1.0, 1.0 / (1 + 3 * C)]
     # stage 2 of G = 3: module 3 (delay 1) alone
-    assert [g["lr"] for g in delay_scaled_groups({3: [d]}, 3, lr=2.0, c=C)] == [2.0 / (1 + C)]
+    one = first_gradient_groups({3: [d]}, {3: [d]}, 3)
+    assert [g["lr"] for g in scaled_by_delay(one, lr=2.0, c=C)] == [2.0 / (1 + C)]
     # c = 0 is the paper's rule: every lr unchanged
-    assert {g["lr"] for g in delay_scaled_groups({1: [tied, a], 4: [b, tied]}, 3, lr=1.0, c=0.0)} == {1.0}
+    assert {g["lr"] for g in scaled_by_delay(groups, lr=1.0, c=0.0)} == {1.0}
     with pytest.raises(ValueError, match="stale_lr_scale"):
-        delay_scaled_groups({1: [a]}, 2, lr=1.0, c=-1.0)
+        scaled_by_delay(one, lr=1.0, c=-1.0)
 
 
 def worker(rank: int, G: int, M: int, out: str) -> None:
