@@ -11,7 +11,12 @@ a = 2 (1 + beta1) / (1 - beta1) (38 at beta1 = 0.9: the "edge of stability" Adam
 one step of delay moves it to about 1, whatever beta1: the period-2 oscillation that momentum
 damps is exactly what a one-step delay turns around. This prints the edge for a grid of delays.
 
+--compensation c adds a delay-compensated gradient, ``h w(t-d) + c h (w(t) - w(t-d))`` (c = 1:
+the exact first-order correction, as if there were no delay), to show how much of the curvature
+term a correction (DC-ASGD's ``lambda g*g``, a Hessian-vector estimate) must get right to help.
+
   python experiments/delay_stability.py
+  python experiments/delay_stability.py --beta1 0.9 --delays 1 2 --compensation 0 0.5 0.75 0.9 1
 """
 from __future__ import annotations
 
@@ -20,31 +25,41 @@ import argparse
 import numpy as np
 
 
-def max_stable_step(beta1: float, delay: int, hi: float = 1e3) -> float:
-    """Largest a = lr x h for which the delayed EMA-momentum iteration is stable (bisection)."""
+def max_stable_step(beta1: float, delay: int, compensation: float = 0.0, hi: float = 1e3) -> float:
+    """Largest a = lr x h below which the delayed EMA-momentum iteration is stable for every step."""
     def stable(a: float) -> bool:
-        # (z - 1)(z - beta1) z^delay + a (1 - beta1) z, highest power first
+        # (z - 1)(z - beta1) z^delay + a (1 - beta1) z ((1 - c) + c z^delay), highest power first
         poly = np.zeros(delay + 3)
         poly[:3] = [1.0, -(1.0 + beta1), beta1]
-        poly[-2] += a * (1.0 - beta1)
+        poly[-2] += a * (1.0 - beta1) * (1.0 - compensation)
+        poly[-(delay + 2)] += a * (1.0 - beta1) * compensation
         return bool(np.all(np.abs(np.roots(poly)) < 1.0 - 1e-12))
 
-    lo = 0.0
+    # The stable set need not be an interval (with a correction it can come back at larger a), so
+    # find the first unstable step on a fine grid, then bisect between it and the last stable one.
+    grid = np.geomspace(1e-3, hi, 3000)
+    first = next((i for i, a in enumerate(grid) if not stable(a)), None)
+    if first is None:
+        return float(hi)
+    lo, hi = (grid[first - 1] if first else 0.0), grid[first]
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if stable(mid) else (lo, mid)
-    return lo
+    return float(lo)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--beta1", type=float, nargs="+", default=[0.0, 0.9, 0.99])
     p.add_argument("--delays", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--compensation", type=float, nargs="+", default=[0.0],
+                   help="fractions c of the curvature term a delay correction gets right")
     args = p.parse_args(argv)
-    print("| beta1 | " + " | ".join(f"delay {d}" for d in args.delays) + " |")
-    print("|---|" + "---|" * len(args.delays))
+    print("| beta1 | compensation | " + " | ".join(f"delay {d}" for d in args.delays) + " |")
+    print("|---|---|" + "---|" * len(args.delays))
     for b in args.beta1:
-        print(f"| {b} | " + " | ".join(f"{max_stable_step(b, d):.3f}" for d in args.delays) + " |")
+        for c in args.compensation:
+            print(f"| {b} | {c} | " + " | ".join(f"{max_stable_step(b, d, c):.3f}" for d in args.delays) + " |")
     return 0
 
 

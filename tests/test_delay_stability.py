@@ -20,3 +20,12 @@ def test_edges_match_closed_forms():
         assert max_stable_step(0.0, d) == pytest.approx(2 * math.sin(math.pi / (2 * (2 * d + 1))), rel=1e-6)
     # one step of delay with momentum: the product of the two non-zero roots is beta1 + a (1 - beta1) = 1
     assert max_stable_step(0.9, 1) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_exact_compensation_removes_the_delay():
+    for d in (1, 2):
+        assert max_stable_step(0.9, d, compensation=1.0) == pytest.approx(38.0, rel=1e-6)
+    # half a correction helps, but little: 1 -> 2 at delay 1
+    assert max_stable_step(0.9, 1, compensation=0.5) == pytest.approx(2.0, rel=1e-6)
+    # 90% of it at delay 2: unstable from a ~ 8 although stable again at 20-37 (the first edge counts)
+    assert 7 < max_stable_step(0.9, 2, compensation=0.9) < 9
