@@ -385,16 +385,15 @@ def main(argv=None) -> int:
         bar = tqdm(total=args.steps, initial=first, unit="step", dynamic_ncols=True)
     start = time.perf_counter()
     last, seen_events, step = None, 0, first
-    train_seconds, stats_from = 0.0, first
-    train_clock = 0.0  # cumulative, for wall-clock curves that evaluations and saves do not bend
+    # time inside train_batch, cumulative (wall-clock curves that evaluations and saves do not bend);
+    # the per-stage stats take the part since their last report
+    train_clock, stats_clock, stats_from = 0.0, 0.0, first
     try:
         for step in range(first, args.steps):
             watchdog.started = t0 = time.monotonic()
             loss = engine.train_batch(stream if (args.schedule == "1f1b" or engine.stage_id == 0) else None)
             watchdog.started = None
-            dt = time.monotonic() - t0
-            train_seconds += dt
-            train_clock += dt
+            train_clock += time.monotonic() - t0
             events = getattr(engine, "nonfinite_events", [])[seen_events:]
             seen_events += len(events)
             if log:
@@ -409,8 +408,8 @@ def main(argv=None) -> int:
                     bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{(step + 1 - first) * tokens_per_step / secs:,.0f}")
                     bar.update(1)
             if args.stage_stats_every and ((step + 1) % args.stage_stats_every == 0 or step + 1 == args.steps):
-                stats = runlog.stage_stats(engine, train_seconds, step + 1 - stats_from)  # collective
-                train_seconds, stats_from = 0.0, step + 1
+                stats = runlog.stage_stats(engine, train_clock - stats_clock, step + 1 - stats_from)  # collective
+                stats_clock, stats_from = train_clock, step + 1
                 for rec in stats or []:
                     rec = {"step": step + 1, **rec}
                     emit(rec)
