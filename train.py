@@ -72,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="override optimizer.params.lr of the config")
     p.add_argument("--stale-lr-scale", type=float, default=0.0,
                    help="staleness mitigation (off: 0): module k's lr / (1 + c * delay(k)); see ouroboros_ds/staleness.py")
+    p.add_argument("--weight-prediction", type=float, default=0.0,
+                   help="staleness mitigation (off: 0; needs --replay stash): module k's forward and delayed backward "
+                        "run at its weights predicted H x delay(k) last updates ahead; see ouroboros_ds/stash.py LastUpdate")
     p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (0: only at the end)")
     p.add_argument("--eval-batches", type=int, default=8, help="validation micro-batches per evaluation")
     p.add_argument("--max-bytes", type=int, default=None, help="use only the first N bytes of the corpus")
@@ -123,6 +126,11 @@ def check_args(args, cfg: dict) -> None:
     """Options and DeepSpeed config fields that would otherwise fail deep inside DeepSpeed."""
     if args.steps < 1:
         raise ValueError(f"--steps: must be >= 1 (got {args.steps})")
+    if args.weight_prediction < 0:
+        raise ValueError(f"--weight-prediction: must be >= 0 (0: off), got {args.weight_prediction}")
+    if args.weight_prediction and (args.schedule != "ouroboros" or args.replay != "stash"):
+        raise ValueError("--weight-prediction: needs --schedule ouroboros --replay stash (it moves the weight "
+                         "snapshot the stale modules' forward and delayed backward run through)")
     if args.save_every < 0 or (args.save_every and not args.save):
         raise ValueError("--save-every: needs --save DIR and a value >= 1 (0 saves only at the end)")
     if (args.save or args.load) and args.schedule != "ouroboros":
@@ -310,7 +318,8 @@ def main(argv=None) -> int:
             raise ValueError("--stale-lr-scale: only the ouroboros schedule has stale modules; drop it for 1f1b")
         from ouroboros_ds.staleness import pipeline_groups
         params = pipeline_groups(model, cfg.get("optimizer", {}).get("params", {}).get("lr", 1e-3), args.stale_lr_scale)
-    engine, *_ = initialize(model=model, model_parameters=params, config=cfg, seed=args.seed, replay=args.replay)
+    engine, *_ = initialize(model=model, model_parameters=params, config=cfg, seed=args.seed, replay=args.replay,
+                            weight_prediction=args.weight_prediction)
 
     mb, M = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     dp, dp_rank = engine.dp_world_size, engine.mpu.get_data_parallel_rank()
@@ -342,6 +351,7 @@ def main(argv=None) -> int:
     summary = runlog.startup_summary(engine)  # collective: every rank reports its stage
     if log:
         print(f"ouroboros-ds: schedule={args.schedule} replay={args.replay if args.schedule == 'ouroboros' else '-'} "
+              f"weight_prediction={args.weight_prediction} "
               f"activation_checkpointing={args.activation_checkpointing} G={G} dp={dp} M={M} micro-batch={mb} seq={args.seq_len} "
               f"vocab={tok.vocab_size} layers={mcfg.n_layer} d={mcfg.n_embd} train_tokens={len(tok.train):,} "
               f"unigram_entropy={tok.unigram_entropy_bits:.3f} bits/token", flush=True)

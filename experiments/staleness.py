@@ -7,6 +7,7 @@ Runs train.py (torchrun, G CPU ranks on gloo) with the same model, data, seed, g
   ouro-m1     Ouroboros, one micro-batch of B (the paper's algorithm, same global batch)
   ouro-m4     Ouroboros, M micro-batches of --micro-batch (our pipelined ring)
   ouro-m4-lr  ouro-m4 with the staleness mitigation --stale-lr-scale C (ouroboros_ds/staleness.py)
+  ouro-m4-pred  ouro-m4 with the mitigation --weight-prediction H (stash replay; ouroboros_ds/stash.py LastUpdate)
 
 for each corpus (--data) and stage count (--stages), then writes runs' metrics (JSON lines), a
 table (results.md) and a PNG of val bits per byte against steps and against training wall-clock
@@ -39,6 +40,7 @@ RUNS = {  # name -> (schedule, one micro-batch of the whole global batch?, extra
     "ouro-m1": ("ouroboros", True, []),
     "ouro-m4": ("ouroboros", False, []),
     "ouro-m4-lr": ("ouroboros", False, ["--stale-lr-scale", "{c}"]),
+    "ouro-m4-pred": ("ouroboros", False, ["--replay", "stash", "--weight-prediction", "{h}"]),
 }
 
 
@@ -55,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--reuse", action="store_true", help="keep a run whose metrics already reach --steps")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--stale-lr-scale", type=float, default=3.0, help="C of the ouro-m4-lr run")
+    p.add_argument("--weight-prediction", type=float, default=1.0, help="H of the ouro-m4-pred run")
     p.add_argument("--model", default="tiny")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-every", type=int, default=50)
@@ -90,7 +93,7 @@ def run_one(args, data: str, G: int, name: str) -> str:
            "--schedule", schedule, "--steps", str(args.steps), "--lr", str(args.lr), "--model", args.model,
            "--seq-len", str(args.seq_len), "--eval-every", str(args.eval_every),
            "--eval-batches", str(args.eval_sequences // mb), "--seed", str(args.seed), "--no-progress",
-           "--metrics", metrics, "--comm-timeout", "300", *[x.format(c=args.stale_lr_scale) for x in extra]]
+           "--metrics", metrics, "--comm-timeout", "300", *[x.format(c=args.stale_lr_scale, h=args.weight_prediction) for x in extra]]
     print(f"== {data} G={G} {name}: {' '.join(cmd[3:])}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1")
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

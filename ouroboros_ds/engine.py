@@ -16,6 +16,9 @@ What changes against the stock engine, and why:
 - ``replay="stash"`` (:mod:`ouroboros_ds.stash`): the forward of module k < K keeps its graph,
   run through a snapshot of the module's weights; the replay backprops it (no recompute), so the
   delayed gradient is taken at the forward's weights (PipeDream-style weight stashing).
+  ``weight_prediction`` (off by default) takes that snapshot ahead along the last update
+  (:class:`ouroboros_ds.stash.LastUpdate`), so the gradient is nearly the one at the weights it
+  is applied to.
 - Data parallelism, ZeRO-1 and bf16 stay DeepSpeed's optimizer wrappers; the engine only gives them
   one param group per first-gradient step (so a module in warm-up can be left alone) and a grid
   whose model-parallel group is this stage (so their grad norm is the stage's, reduced over its
@@ -164,8 +167,9 @@ class OuroborosEngine(PipelineEngine):
     the mean loss of batch t on stage 0 (``None`` on other stages: the loss is not broadcast).
     """
 
-    def __init__(self, *args, seed: int = 0, replay: str = "recompute", **kwargs):
+    def __init__(self, *args, seed: int = 0, replay: str = "recompute", weight_prediction: float = 0.0, **kwargs):
         self.replay = W.check_replay(replay)
+        self.weight_prediction = W.check_prediction(weight_prediction, self.replay)
         config = kwargs.get("config_class")
         if config is not None and config.float16_config.enabled:
             # fp16's dynamic loss scale skips a step on overflow; on the ring every stage would have to
@@ -204,6 +208,9 @@ class OuroborosEngine(PipelineEngine):
         self.weight_stash: dict = {}  # (module, batch) -> stash.Snapshot of the forward's weights
         self.graphs: dict = {}        # (module, batch, mb) -> (input leaf, output) with its graph
         self.saved_bytes = None       # a stash.SavedBytes to count the kept graphs' activations
+        # weight_prediction only: the delayed modules' weights before the last step (state).
+        self.last_update = W.LastUpdate(W.delayed_parameters(
+            self.module.module_funcs[k] for k in self.local_modules if k < self.K)) if self.weight_prediction else None
         # Replica r's micro-batch j is micro-batch j*D + r of the global batch (data.BatchStream):
         # dropout is keyed by that index, so D replicas draw the masks of the D = 1 run.
         self._dp_rank = self.grid.get_data_parallel_rank()
@@ -459,6 +466,8 @@ class OuroborosEngine(PipelineEngine):
         if key not in self.graphs:
             if (module, b) not in self.weight_stash:
                 snap = self.weight_stash[(module, b)] = W.Snapshot(self.module.module_funcs[module])
+                if self.last_update is not None:
+                    self.last_update.predict(snap, self.weight_prediction * S.delay(module, self.num_stages))
                 if self.saved_bytes is not None:
                     self.saved_bytes.exclude |= {c.untyped_storage().data_ptr() for c, _ in snap.live}
             hooks = self.saved_bytes.hooks() if self.saved_bytes is not None else _nullcontext()
@@ -548,6 +557,8 @@ class OuroborosEngine(PipelineEngine):
             self._report_nonfinite("parameter gradient", None, None, None, action="stage update skipped")
             for p in self.module.parameters():
                 p.grad = None  # torch's Adam/AdamW leave a parameter without a gradient untouched
+        if self.last_update is not None:
+            self.last_update.record()
         PipelineEngine._exec_optimizer_step(self, lr_kwargs)
 
     _INSTRUCTION_MAP = {
@@ -616,13 +627,14 @@ class OuroborosEngine(PipelineEngine):
 
     def in_flight_bytes(self) -> int:
         """Bytes held across steps: stashed inputs, received error gradients, weight snapshots,
-        recurrent memories."""
+        recurrent memories, the weights kept for weight prediction."""
         n = sum(x.numel() * x.element_size() for x in self.stash.values())
         n += sum(m.numel() * m.element_size() for d in (*self.mems.values(), *self.stash_mems.values())
                  for m in d.values())
         for g in self.grads_in.values():
             t = g if torch.is_tensor(g) else g.buf
             n += 0 if t is None else t.numel() * t.element_size()
+        n += self.last_update.nbytes() if self.last_update is not None else 0
         return n + sum(snap.nbytes() for snap in self.weight_stash.values())
 
     # ---------------------------------------------------------- checkpoints
@@ -636,6 +648,7 @@ class OuroborosEngine(PipelineEngine):
         return {"G": self.num_stages, "M": self.micro_batches,
                 "micro_batch": self.train_micro_batch_size_per_gpu(), "dp": self.dp_world_size,
                 "seed": self.seed, "replay": getattr(self, "replay", "features"),
+                "weight_prediction": self.weight_prediction,
                 "num_layers": len(self.module._layer_specs),
                 "module_bounds": [list(b) for b in self.module.module_bounds]}
 
@@ -659,6 +672,8 @@ class OuroborosEngine(PipelineEngine):
         state = {name: dict(getattr(self, name)) for name in self.RING_STATE}
         # snapshots point at the live parameters: save their values only (rebound on load)
         state["weight_stash"] = {key: snap.state_dict() for key, snap in self.weight_stash.items()}
+        if self.last_update is not None:
+            state["last_update"] = self.last_update.state_dict()
         state["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "numpy": np.random.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -672,6 +687,8 @@ class OuroborosEngine(PipelineEngine):
         self.weight_stash = {key: W.Snapshot.from_state(self.module.module_funcs[key[0]], values)
                              for key, values in state["weight_stash"].items()}
         self.graphs = {}  # a cache: _stash_graph() reruns each kept forward from the restored state
+        if self.last_update is not None:
+            self.last_update.load_state_dict(state["last_update"])
         # Both ends of every edge restart, so both redo the shape handshake on its first message.
         self._edge_meta, self._queued = {}, {}
         rng = state["rng"]
@@ -767,9 +784,11 @@ def release_shm_buffers() -> None:
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
-               lr_scheduler=None, config=None, seed: int = 0, replay: str = "recompute"):
+               lr_scheduler=None, config=None, seed: int = 0, replay: str = "recompute",
+               weight_prediction: float = 0.0):
     """``deepspeed.initialize`` for pipelines: an :class:`OuroborosPipelineModule` gets the
-    :class:`OuroborosEngine` (``replay``: "recompute" or "stash"), any other ``PipelineModule``
+    :class:`OuroborosEngine` (``replay``: "recompute" or "stash"; ``weight_prediction``: see
+    :class:`ouroboros_ds.stash.LastUpdate`, needs "stash"), any other ``PipelineModule``
     DeepSpeed's stock engine.
 
     Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed.
@@ -791,8 +810,10 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                   training_data=training_data, lr_scheduler=lr_scheduler, mpu=model.mpu(),
                   config=config, config_class=config_class)
     if isinstance(model, OuroborosPipelineModule):
-        engine = OuroborosEngine(seed=seed, replay=replay, **kwargs)
+        engine = OuroborosEngine(seed=seed, replay=replay, weight_prediction=weight_prediction, **kwargs)
     else:
+        if weight_prediction:
+            raise ValueError("weight_prediction: only the Ouroboros ring has stale modules; drop it for 1f1b")
         from .baseline import KeyedPipelineEngine
         engine = KeyedPipelineEngine(seed=seed, **kwargs)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

@@ -9,7 +9,9 @@ stage (modules of ``modules_of(s)``) has its own optimizer, clip and LR schedule
 same DeepSpeed config the engine reads. With ``synchronous=True`` every delay is 0: each module
 backprops the current batch, which is ordinary training. With ``replay="stash"`` the forward keeps
 its graph through a snapshot of the module's weights and the delayed backward uses it (the
-gradient at the forward's weights, :mod:`ouroboros_ds.stash`), as the engine's stash mode does.
+gradient at the forward's weights, :mod:`ouroboros_ds.stash`), as the engine's stash mode does;
+``weight_prediction`` takes that snapshot ahead along the last update, as the engine does
+(:class:`ouroboros_ds.stash.LastUpdate`).
 """
 from __future__ import annotations
 
@@ -76,8 +78,9 @@ class Reference:
 
     def __init__(self, plan: LayerPlan, stages: int, ds_config: dict, loss_fn, seed: int = 0,
                  blocks_per_module=None, synchronous: bool = False, replay: str = "recompute",
-                 stale_lr_scale: float = 0.0):
+                 stale_lr_scale: float = 0.0, weight_prediction: float = 0.0):
         self.replay = W.check_replay(replay)
+        self.weight_prediction = W.check_prediction(weight_prediction, self.replay)
         self.G, self.K = stages, S.num_modules(stages)
         self.seed, self.loss_fn, self.synchronous = seed, loss_fn, synchronous
         self.layers = build_layers(plan)
@@ -105,6 +108,8 @@ class Reference:
             self.stage_params.append(params)
             self.optimizers.append(opt)
             self.schedulers.append(make_scheduler(opt, ds_config))
+        self.last_update = W.LastUpdate(W.delayed_parameters(
+            self.module_layers[k] for k in range(1, self.K))) if self.weight_prediction else None
         self.t = 0
         self.stash: dict = {}    # (module, batch, mb) -> input
         self.pending: dict = {}  # (module, batch, mb) -> dL/d(output of module)
@@ -149,6 +154,9 @@ class Reference:
                     if self.replay == "stash":
                         if j == 0:
                             self.weight_stash[(k, t)] = W.Snapshot(self.module_layers[k])
+                            if self.last_update is not None:
+                                self.last_update.predict(self.weight_stash[(k, t)],
+                                                         self.weight_prediction * self.delay(k))
                         with dropout_key(self.seed, t, j):
                             self.graphs[(k, t, j)] = W.forward(self.module_layers[k], self.weight_stash[(k, t)],
                                                                acts[j])
@@ -177,6 +185,8 @@ class Reference:
         if self.synchronous:
             self._replays(range(K - 1, 0, -1))
         # 4. per stage: clip, step (modules without a gradient yet keep their weights), LR schedule
+        if self.last_update is not None:
+            self.last_update.record()
         for params, opt, sch in zip(self.stage_params, self.optimizers, self.schedulers):
             with_grad = [p for p in params if p.grad is not None]
             if self.clip > 0 and with_grad:

@@ -74,6 +74,83 @@ class Snapshot:
         return sum(c.numel() * c.element_size() for c, _ in self.live)
 
 
+def check_prediction(weight_prediction: float, replay: str) -> float:
+    weight_prediction = float(weight_prediction)
+    if weight_prediction < 0:
+        raise ValueError(f"weight_prediction: must be >= 0 (0 turns it off, 1 predicts the weights a delayed "
+                         f"gradient is applied to), got {weight_prediction}")
+    if weight_prediction and replay != "stash":
+        raise ValueError("weight_prediction: needs replay='stash' (it moves the weight snapshot that the forward "
+                         "and its delayed backward run through); set replay / --replay to stash")
+    return weight_prediction
+
+
+class LastUpdate:
+    """Weight prediction for the stale modules (``weight_prediction``; off by default; beyond the paper).
+
+    Module k applies batch t's gradient ``d = delay(k)`` steps after batch t's forward, at weights
+    that have moved by about ``d`` more updates. Stash mode takes that gradient at the snapshot's
+    weights, so the snapshot can be *predicted* instead (SpecTrain, Chen et al. 2018): taken
+    ``h = weight_prediction x d`` updates ahead along the last update,
+
+        snapshot = w(t) + h (w(t) - w(t - 1))          (Adam's step direction changes slowly: its
+                                                        first moment is an average of ~10 steps)
+
+    and the forward and its delayed backward run there, so the gradient is (to first order) the
+    one at the weights it is applied to. The forward's output, sent downstream, comes from the
+    predicted weights too. Cost: one copy of the stage's delayed-module weights (``w(t - 1)``,
+    saved by :meth:`record` right before each optimizer step), part of the checkpoint.
+    Optimizer-agnostic: the last update already holds the lr schedule, the clip and weight decay.
+    """
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.before = [p.detach().clone() for p in self.params]  # no update yet: prediction starts at 0
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+
+    def record(self) -> None:
+        """Right before the optimizer step: keep the weights it is about to change."""
+        with torch.no_grad():
+            for b, p in zip(self.before, self.params):
+                b.copy_(p)
+
+    def predict(self, snap: Snapshot, horizon: float) -> None:
+        """Move a fresh snapshot's copies ``horizon`` last updates ahead (in place)."""
+        if not horizon:
+            return
+        with torch.no_grad():
+            for c, p in snap.live:
+                i = self._index.get(id(p))
+                if i is not None:
+                    c.add_(p - self.before[i], alpha=horizon)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.before)
+
+    def state_dict(self) -> list:
+        return [b.clone() for b in self.before]
+
+    def load_state_dict(self, state: list) -> None:
+        if len(state) != len(self.before):
+            raise ValueError(f"weight_prediction: the checkpoint holds {len(state)} saved weights, this stage has "
+                             f"{len(self.before)}; resume with the saved model and partition")
+        with torch.no_grad():
+            for b, s in zip(self.before, state):
+                b.copy_(s)
+
+
+def delayed_parameters(module_layers) -> list:
+    """The parameters of a stage's delayed modules (lists of layers), each once, in layer order."""
+    seen, out = set(), []
+    for layers in module_layers:
+        for layer in layers:
+            for p in _layer_module(layer).parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+    return out
+
+
 def forward(layers, snap: Snapshot, x: torch.Tensor):
     """Module forward through the snapshot's copies, with a graph. Returns ``(input, output)``:
     the input made a leaf that requires grad (when it is floating point), for dL/d(input)."""
