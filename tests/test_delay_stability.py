@@ -29,3 +29,25 @@ def test_exact_compensation_removes_the_delay():
     assert max_stable_step(0.9, 1, compensation=0.5) == pytest.approx(2.0, rel=1e-6)
     # 90% of it at delay 2: unstable from a ~ 8 although stable again at 20-37 (the first edge counts)
     assert 7 < max_stable_step(0.9, 2, compensation=0.9) < 9
+
+
+def _bounded(a: float, beta1: float, d: int, s: float, steps: int = 4000) -> bool:
+    """Run the update itself (not its polynomial): m, w with a gradient at predicted stale weights."""
+    w, m = [1.0] * (d + 2), 0.0
+    for _ in range(steps):
+        stale, before = w[-1 - d], w[-2 - d]
+        m = beta1 * m + (1 - beta1) * (stale + s * (stale - before))  # curvature h = 1, a = lr
+        w.append(w[-1] - a * m)
+        if abs(w[-1]) > 1e6:
+            return False
+    return abs(w[-1]) < 1e-3
+
+
+def test_prediction_edge_matches_the_update_it_models():
+    assert max_stable_step(0.9, 1, prediction=0.0) == pytest.approx(max_stable_step(0.9, 1), rel=1e-9)
+    for d, s in ((1, 1.0), (2, 2.0), (1, 1.5)):
+        edge = max_stable_step(0.9, d, prediction=s)
+        assert _bounded(0.97 * edge, 0.9, d, s) and not _bounded(1.03 * edge, 0.9, d, s), (d, s, edge)
+    # it helps with momentum: ~2.7x at delay 1, ~2.4x at delay 2 (H = 1)
+    assert 2.5 < max_stable_step(0.9, 1, prediction=1.0) < 2.9
+    assert 1.1 < max_stable_step(0.9, 2, prediction=2.0) < 1.3
