@@ -62,9 +62,11 @@ def parse_args(argv=None):
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="1f1b: checkpoint every layer (activation_checkpoint_interval=1), the fair rival of "
                         "--replay recompute")
-    p.add_argument("--partition", choices=["balanced", "authors"], default="balanced",
+    p.add_argument("--partition", choices=["balanced", "fresh", "authors"], default="balanced",
                    help="ouroboros: 'balanced' (blocks by modelled per-stage cost, stage 0 also carries the "
-                        "head and loss) or 'authors' (L // G blocks per stage, stage 0's split half/half)")
+                        "head and loss; stage 0's blocks split half/half between modules 1 and K), 'fresh' "
+                        "(the same stage loads, stage 0's blocks in module K: fewer stale weights) or "
+                        "'authors' (L // G blocks per stage, stage 0's split half/half)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (train_batch calls)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--dropout", type=float, default=0.1)
@@ -294,11 +296,11 @@ def main(argv=None) -> int:
     if args.schedule == "ouroboros":
         from ouroboros_ds.module import balanced_blocks_per_module, layer_costs, stage_costs_of
         bpm, note = None, None
-        if args.partition == "balanced":
+        if args.partition in ("balanced", "fresh"):
             costs = layer_costs(mcfg.n_embd, tok.vocab_size, args.seq_len)
-            bpm = balanced_blocks_per_module(mcfg.n_layer, G, costs, args.replay)
+            bpm = balanced_blocks_per_module(mcfg.n_layer, G, costs, args.replay, fresh=args.partition == "fresh")
             work = stage_costs_of(bpm, costs, args.replay)
-            note = (f"partition balanced: blocks of modules 1..K {bpm}; modelled work per stage "
+            note = (f"partition {args.partition}: blocks of modules 1..K {bpm}; modelled work per stage "
                     f"(block forwards per micro-batch) " + ", ".join(f"{w / costs['block']:.2f}" for w in work))
         model = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices,
                                         blocks_per_module=bpm)

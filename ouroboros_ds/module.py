@@ -81,12 +81,15 @@ def stage_costs_of(blocks_per_module: list[int], costs: dict, replay: str = "rec
     return out
 
 
-def balanced_blocks_per_module(num_blocks: int, stages: int, costs: dict, replay: str = "recompute") -> list[int]:
+def balanced_blocks_per_module(num_blocks: int, stages: int, costs: dict, replay: str = "recompute",
+                               fresh: bool = False) -> list[int]:
     """The block counts of modules 1..K that minimise the most loaded stage's modelled work
     (:func:`stage_costs_of`): stage 0 carries the head and the loss on top of its blocks, so it
     gets fewer. Stages 1..G-1 share the other blocks evenly (extra ones to the last stages); among
     stage 0's own splits the cheapest wins (in recompute mode a block costs less in module K, which
-    is not replayed), ties broken towards the authors' half/half split."""
+    is not replayed), ties broken towards the authors' half/half split, or with ``fresh`` towards
+    the fewest blocks in module 1: stage 0 does the same work, but its blocks then sit in module K
+    (fresh gradients) instead of module 1 (the stalest, delay G) (``train.py --partition fresh``)."""
     G, L = stages, num_blocks
     if G == 1:
         candidates = [[m1, L - m1] for m1 in range(L + 1)]
@@ -101,7 +104,8 @@ def balanced_blocks_per_module(num_blocks: int, stages: int, costs: dict, replay
             candidates += [[m1] + rest + [b0 - m1] for m1 in range(b0 + 1)]
 
     def key(bpm):
-        return (max(stage_costs_of(bpm, costs, replay)), abs(bpm[0] - (bpm[0] + bpm[-1]) // 2))
+        tie = bpm[0] if fresh else abs(bpm[0] - (bpm[0] + bpm[-1]) // 2)
+        return (max(stage_costs_of(bpm, costs, replay)), tie)
     return min(candidates, key=key)
 
 

@@ -77,6 +77,23 @@ def test_balanced_partition_lowers_the_most_loaded_stage():
     assert stage_costs_of([0, 3, 5], costs)[0] - 5 * 3 * costs["block"] == pytest.approx(3 * costs["head"])
 
 
+def test_fresh_partition_moves_stage0_blocks_out_of_the_stalest_module():
+    """--partition fresh: the same most-loaded-stage work as balanced, module 1 gets no block that
+    module K could take; the other stages' blocks are not moved."""
+    for dims in ((64, 256, 128), (256, 256, 128)):
+        costs = layer_costs(*dims)
+        for G, L in ((2, 4), (2, 8), (3, 8), (4, 8)):
+            for replay in ("recompute", "stash"):
+                bal = balanced_blocks_per_module(L, G, costs, replay)
+                fresh = balanced_blocks_per_module(L, G, costs, replay, fresh=True)
+                assert max(stage_costs_of(fresh, costs, replay)) == pytest.approx(max(stage_costs_of(bal, costs, replay)))
+                assert fresh[0] == 0 and sum(fresh) == L, (G, L, replay, fresh)
+    # the tiny model of docs/staleness.md at G = 2: [1, 2, 1] (one block of delay 2) -> [0, 2, 2]
+    tiny = layer_costs(64, 256, 128)
+    assert balanced_blocks_per_module(4, 2, tiny, "stash") == [1, 2, 1]
+    assert balanced_blocks_per_module(4, 2, tiny, "stash", fresh=True) == [0, 2, 2]
+
+
 def test_bench_one_command_table(tmp_path):
     """The benchmark runs every configuration in one invocation and prints one table (tiny model)."""
     env = dict(os.environ, PYTHONPATH=os.getcwd())
