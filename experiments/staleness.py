@@ -9,7 +9,7 @@ Runs train.py (torchrun, G CPU ranks on gloo) with the same model, data, seed, g
   ouro-m4-lr  ouro-m4 with the staleness mitigation --stale-lr-scale C (ouroboros_ds/staleness.py)
   ouro-m4-pred  ouro-m4 with the mitigation --weight-prediction H (stash replay; ouroboros_ds/stash.py LastUpdate)
   ouro-m4-fresh       ouro-m4 with --partition fresh (stage 0's blocks in module K, none in the stalest module 1)
-  ouro-m4-fresh-pred  both
+  ouro-m4-fresh-pred  both (ouro-m1-fresh-pred: both, on the paper's one micro-batch)
 
 for each corpus (--data) and stage count (--stages), then writes runs' metrics (JSON lines), a
 table (results.md) and a PNG of val bits per byte against steps and against training wall-clock
@@ -45,6 +45,7 @@ RUNS = {  # name -> (schedule, one micro-batch of the whole global batch?, extra
     "ouro-m4-pred": ("ouroboros", False, ["--replay", "stash", "--weight-prediction", "{h}"]),
     "ouro-m4-fresh": ("ouroboros", False, ["--partition", "fresh"]),
     "ouro-m4-fresh-pred": ("ouroboros", False, ["--partition", "fresh", "--replay", "stash", "--weight-prediction", "{h}"]),
+    "ouro-m1-fresh-pred": ("ouroboros", True, ["--partition", "fresh", "--replay", "stash", "--weight-prediction", "{h}"]),
 }
 
 

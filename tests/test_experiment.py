@@ -23,18 +23,18 @@ def test_at_time_and_flatness():
 def test_grid_runs_tables_and_reuses(tmp_path):
     out = tmp_path / "s"
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "staleness.py"), "--out", str(out), "--data", "shakespeare",
-           "--stages", "2", "--runs", "1f1b", "ouro-m1", "ouro-m4-pred", "--steps", "4", "--eval-every", "2", "--micro-batch", "2",
+           "--stages", "2", "--runs", "1f1b", "ouro-m1", "ouro-m4-fresh-pred", "--steps", "4", "--eval-every", "2", "--micro-batch", "2",
            "--micro-batches", "2", "--seq-len", "32", "--eval-sequences", "8"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = (out / "results.md").read_text()
     rows = [line.split("|") for line in table.splitlines() if line.startswith("| shakespeare")]
-    assert [row[3].strip() for row in rows] == ["1f1b", "ouro-m1", "ouro-m4-pred"]
+    assert [row[3].strip() for row in rows] == ["1f1b", "ouro-m1", "ouro-m4-fresh-pred"]
     assert rows[0][5].strip() == "+0.0%" and float(rows[1][4]) > 0
     assert (out / "staleness.png").stat().st_size > 0
     # the same 8 windows for both: 1f1b in 4 eval batches of 2, ouro-m1 in 2 of 4
     assert "--eval-batches 4" in r.stdout and "--eval-batches 2" in r.stdout
-    assert "--replay stash --weight-prediction 1.0" in r.stdout  # the mitigation run gets its flags
+    assert "--partition fresh --replay stash --weight-prediction 1.0" in r.stdout  # the mitigation run gets its flags
     again = subprocess.run(cmd + ["--reuse"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("reusing") == 3, again.stdout[-2000:]
     assert (out / "results.md").read_text().splitlines()[2:] == table.splitlines()[2:]
