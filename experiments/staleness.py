@@ -37,15 +37,17 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRED = ["--replay", "stash", "--weight-prediction", "{h}"]
+FRESH = ["--partition", "fresh"]
 RUNS = {  # name -> (schedule, one micro-batch of the whole global batch?, extra flags)
     "1f1b": ("1f1b", False, []),
     "ouro-m1": ("ouroboros", True, []),
     "ouro-m4": ("ouroboros", False, []),
     "ouro-m4-lr": ("ouroboros", False, ["--stale-lr-scale", "{c}"]),
-    "ouro-m4-pred": ("ouroboros", False, ["--replay", "stash", "--weight-prediction", "{h}"]),
-    "ouro-m4-fresh": ("ouroboros", False, ["--partition", "fresh"]),
-    "ouro-m4-fresh-pred": ("ouroboros", False, ["--partition", "fresh", "--replay", "stash", "--weight-prediction", "{h}"]),
-    "ouro-m1-fresh-pred": ("ouroboros", True, ["--partition", "fresh", "--replay", "stash", "--weight-prediction", "{h}"]),
+    "ouro-m4-pred": ("ouroboros", False, PRED),
+    "ouro-m4-fresh": ("ouroboros", False, FRESH),
+    "ouro-m4-fresh-pred": ("ouroboros", False, FRESH + PRED),
+    "ouro-m1-fresh-pred": ("ouroboros", True, FRESH + PRED),
 }
 
 
@@ -62,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--reuse", action="store_true", help="keep a run whose metrics already reach --steps")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--stale-lr-scale", type=float, default=3.0, help="C of the ouro-m4-lr run")
-    p.add_argument("--weight-prediction", type=float, default=1.0, help="H of the ouro-m4-pred run")
+    p.add_argument("--weight-prediction", type=float, default=1.0, help="H of the *-pred runs")
     p.add_argument("--model", default="tiny")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-every", type=int, default=50)

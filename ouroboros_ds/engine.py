@@ -465,9 +465,9 @@ class OuroborosEngine(PipelineEngine):
         key = (module, b, mb)
         if key not in self.graphs:
             if (module, b) not in self.weight_stash:
-                snap = self.weight_stash[(module, b)] = W.Snapshot(self.module.module_funcs[module])
-                if self.last_update is not None:
-                    self.last_update.predict(snap, self.weight_prediction * S.delay(module, self.num_stages))
+                snap = self.weight_stash[(module, b)] = W.take_snapshot(
+                    self.module.module_funcs[module], self.last_update,
+                    self.weight_prediction * S.delay(module, self.num_stages))
                 if self.saved_bytes is not None:
                     self.saved_bytes.exclude |= {c.untyped_storage().data_ptr() for c, _ in snap.live}
             hooks = self.saved_bytes.hooks() if self.saved_bytes is not None else _nullcontext()

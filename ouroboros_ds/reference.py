@@ -153,10 +153,8 @@ class Reference:
                 with recurrent_memory(mem) as new_mem:
                     if self.replay == "stash":
                         if j == 0:
-                            self.weight_stash[(k, t)] = W.Snapshot(self.module_layers[k])
-                            if self.last_update is not None:
-                                self.last_update.predict(self.weight_stash[(k, t)],
-                                                         self.weight_prediction * self.delay(k))
+                            self.weight_stash[(k, t)] = W.take_snapshot(self.module_layers[k], self.last_update,
+                                                                        self.weight_prediction * self.delay(k))
                         with dropout_key(self.seed, t, j):
                             self.graphs[(k, t, j)] = W.forward(self.module_layers[k], self.weight_stash[(k, t)],
                                                                acts[j])

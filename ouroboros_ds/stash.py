@@ -139,6 +139,15 @@ class LastUpdate:
                 b.copy_(s)
 
 
+def take_snapshot(layers, last_update: LastUpdate | None, horizon: float) -> Snapshot:
+    """The weight snapshot of a module for a batch's forward, predicted ``horizon`` last updates
+    ahead when weight prediction is on: the one way the engine and the Reference take it."""
+    snap = Snapshot(layers)
+    if last_update is not None:
+        last_update.predict(snap, horizon)
+    return snap
+
+
 def delayed_parameters(module_layers) -> list:
     """The parameters of a stage's delayed modules (lists of layers), each once, in layer order."""
     seen, out = set(), []
