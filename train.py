@@ -273,10 +273,8 @@ def main(argv=None) -> int:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     if "RANK" not in os.environ:  # plain `python train.py`: a world of one (else DeepSpeed tries MPI)
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        from ouroboros_ds.utils import free_port
+        port = free_port()
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
     import datetime

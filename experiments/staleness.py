@@ -36,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 
+from ouroboros_ds.utils import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRED = ["--replay", "stash", "--weight-prediction", "{h}"]
 FRESH = ["--partition", "fresh"]
@@ -91,10 +93,7 @@ def run_one(args, data: str, G: int, name: str) -> str:
     cfg_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
     json.dump(cfg, cfg_file)
     cfg_file.close()
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(G), "--master_port", str(port),
            os.path.join(ROOT, "train.py"), "--deepspeed_config", cfg_file.name, "--data", data,
            "--schedule", schedule, "--steps", str(args.steps), "--lr", str(args.lr), "--model", args.model,

@@ -18,8 +18,7 @@ from __future__ import annotations
 from deepspeed.runtime.pipe import schedule as ds_schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
-from .models import dropout_key
-from .models_xl import recurrent_memory
+from .context import dropout_key, recurrent_memory
 
 
 class KeyedPipelineEngine(PipelineEngine):

@@ -210,8 +210,8 @@ def _rank_main(rank, args, outdir):
     single = [c for c in args.configs if c in SINGLE]
     if rank == 0 and single:
         layers = build_layers(plan)
-        from .reference import _modules
-        params = list({id(p): p for m in _modules(layers) for p in m.parameters()}.values())
+        from .utils import unique_parameters
+        params = unique_parameters(layers)
         sp_opt = torch.optim.AdamW(params, lr=1e-4)
         sp_layers = layers
     res = {name: {"step_times": [], "busy": [], "wall": [], "page_faults": [], "durations": {}}
@@ -398,17 +398,15 @@ def report(args, ranks) -> str:
 
 
 def main(argv=None) -> int:
-    import socket
-
     import torch.multiprocessing as mp
+
+    from .utils import free_port
 
     args = parse_args(argv)
     if args.stages < 1 or args.micro_batches < 1 or args.rounds < 1:
         print("error: --stages, --micro-batches and --rounds must be >= 1", file=sys.stderr)
         return 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     outdir = tempfile.mkdtemp(prefix="ouroboros_bench_")
     print(f"bench: G={args.stages} M={args.micro_batches} micro-batch {args.micro_batch_size} seq {args.seq_len} "
           f"model {args.model}; configs {' '.join(args.configs)}; {args.warmup} warm-up + {args.rounds} rounds of "

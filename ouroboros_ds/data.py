@@ -32,6 +32,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from .utils import atomic_write
+
 BYTES = "bytes"
 BUILTIN_CORPORA = ("shakespeare", "enwik8-sample")
 EOT_TOKEN = "<|endoftext|>"
@@ -72,14 +74,6 @@ def _fingerprint(paths: Sequence[str]) -> str:
     return h.hexdigest()[:12]
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    """Write via a temp file + rename: several ranks may materialize the same corpus at once."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _package_dir(package: str, corpus: str) -> str:
     """Directory of an installed package found without importing it."""
     spec = importlib.util.find_spec(package)
@@ -113,7 +107,7 @@ def builtin_corpus_path(name: str) -> str:
                 with open(src, "rb") as f:
                     text = f.read()
                 parts.append(text if text.endswith(b"\n") else text + b"\n")
-            _write_atomic(out, b"".join(parts))
+            atomic_write(out, b"".join(parts))
         return out
     if name == "enwik8-sample":
         src = os.path.join(_package_dir("gensim", name), _GENSIM_ENWIKI)
@@ -125,7 +119,7 @@ def builtin_corpus_path(name: str) -> str:
         out = os.path.join(_cache_dir(), f"enwik8-sample-{_fingerprint([src])}.xml")
         if not os.path.exists(out):
             with bz2.open(src, "rb") as f:
-                _write_atomic(out, f.read())
+                atomic_write(out, f.read())
         return out
     raise ValueError(
         f"--data: unknown builtin corpus '{name}'; choose one of {', '.join(BUILTIN_CORPORA)}, "

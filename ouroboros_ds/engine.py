@@ -46,11 +46,10 @@ from deepspeed.runtime.pipe.schedule import PipeInstruction, PipeSchedule
 from deepspeed.utils import logger
 
 from . import schedule as S
-from .models import dropout_key
-from .models_xl import recurrent_memory
-from .module import OuroborosPipelineModule, used_parameters
+from .context import dropout_key, recurrent_memory
+from .module import OuroborosPipelineModule
 from . import stash as W
-from .staleness import first_gradient_groups
+from .warmup import FIRST_STEP, ring_param_groups
 
 # Message tags: one per (kind, module, micro-batch), so every message matches its own receive.
 _ACT, _GRAD, _META, _EVAL, _EVAL_META = 1, 2, 3, 4, 5
@@ -109,29 +108,6 @@ class OuroborosSchedule(PipeSchedule):
 
     def num_pipe_buffers(self):
         return 0  # the engine keeps its in-flight state in dicts, not in DeepSpeed's pipe buffers
-
-
-# ------------------------------------------------------------------ optimizer set-up
-# Param-group key: the first step t at which the group's parameters have a gradient.
-FIRST_STEP = "ouroboros_first_step"
-
-
-def ring_param_groups(module: OuroborosPipelineModule) -> list[dict]:
-    """This stage's parameters as one optimizer param group per first-gradient step.
-
-    A parameter has its first gradient at step ``delay(k)`` of the freshest local module k whose
-    forward uses it (SPEC section 2, warm-up): on stage 0 the tied ``wte`` from step 0 (module K's
-    head), module 1's blocks and ``wpe`` from step G. A tied layer called through its
-    ``forward_fn`` (the head) uses only its tied weights (``TiedLayerSpec.tied_weight_attr``), as
-    DeepSpeed's tied-gradient reduction also assumes. Each group carries that step under
-    ``FIRST_STEP``; the engine keeps the optimizer off a group before it.
-    """
-    tied_attrs = {id(m): module.tied_weight_attrs[key] for key, m in module.tied_modules.items()}
-    used = {k: [p for layer in module.module_funcs[k] for p in used_parameters(layer, tied_attrs)]
-            for k in module.local_modules}
-    owned = {k: [p for p in module.module_parameters(k) if p.requires_grad] for k in module.local_modules}
-    return [{"params": params, FIRST_STEP: step}
-            for step, params in first_gradient_groups(used, owned, module.num_stages)]
 
 
 class _StageGrid:

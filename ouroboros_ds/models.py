@@ -5,17 +5,12 @@ The layer list is ``[Embedding, Block x L, FinalNorm, Head]``; the head is the e
 parameter. Every engine (Ouroboros, DeepSpeed's stock 1F1B, the single-process reference)
 builds these same layers, so one seed gives them identical weights:
 
-- **Seeded init per layer**: layer i initializes under seed ``seed + i`` whatever stage builds it.
-- **Keyed dropout**: a layer's dropout masks depend only on ``(seed, batch, micro-batch, layer)``,
-  set by the engine with :func:`dropout_key` around each forward. That is what makes features
-  replay exact (the replay sees the forward's masks), and makes the stock engine draw the same
-  masks as the Ouroboros engine for the same batch, whatever their stage boundaries.
+layer i initializes under seed ``seed + i`` and draws its dropout masks from the key the engine
+sets around each forward (:mod:`ouroboros_ds.context`).
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
 from dataclasses import dataclass
 
@@ -24,6 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F_
 from transformers import GPT2Config
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+from .context import init_weights, keyed_rng, seeded_init
+from .models_xl import XLBlock, XLEmbedding
 
 # Named sizes for --model. Anything else: a JSON object or a path to a JSON file of GPT2Config fields.
 SIZES = {
@@ -66,64 +64,6 @@ def gpt2_config(model: str | dict, vocab_size: int, dropout: float | None = None
     return cfg
 
 
-# ------------------------------------------------------------------ keyed dropout
-_KEY: list = [None]
-
-
-@contextlib.contextmanager
-def dropout_key(seed: int, batch: int, micro_batch: int):
-    """Dropout in the layers run inside this context depends only on these three and the layer."""
-    prev, _KEY[0] = _KEY[0], (seed, batch, micro_batch)
-    try:
-        yield
-    finally:
-        _KEY[0] = prev
-
-
-def _mix(*xs: int) -> int:
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-@contextlib.contextmanager
-def _keyed_rng(layer: nn.Module, device: torch.device):
-    key = _KEY[0]
-    if not layer.training or key is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-        torch.manual_seed(_mix(*key, layer.layer_idx))
-        yield
-
-
-@contextlib.contextmanager
-def _seeded_init(seed: int | None):
-    """Build under ``seed`` without touching the caller's RNG (no-op for ``None``)."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _init_weights(module: nn.Module, cfg: GPT2Config) -> None:
-    """GPT-2's init: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer), zero biases."""
-    for name, p in module.named_parameters():
-        if name.endswith("bias"):
-            nn.init.zeros_(p)
-        elif "ln" in name:
-            nn.init.ones_(p)
-        else:
-            std = cfg.initializer_range
-            if name.endswith("c_proj.weight"):
-                std /= math.sqrt(2 * cfg.n_layer)
-            nn.init.normal_(p, mean=0.0, std=std)
-
-
 # ------------------------------------------------------------------ the layers
 class Embedding(nn.Module):
     """Token + position embedding and dropout. Its ``wte`` is also the output projection."""
@@ -131,10 +71,10 @@ class Embedding(nn.Module):
     def __init__(self, cfg: GPT2Config, init_seed: int | None = None):
         super().__init__()
         self.layer_idx = 0
-        with _seeded_init(init_seed):
+        with seeded_init(init_seed):
             self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
             self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
-            _init_weights(self, cfg)
+            init_weights(self, cfg)
         self.drop = nn.Dropout(cfg.embd_pdrop)
         self.n_positions = cfg.n_positions
 
@@ -145,7 +85,7 @@ class Embedding(nn.Module):
                              "use a shorter --seq-len or a model with more positions")
         pos = torch.arange(T, device=input_ids.device)
         h = self.wte(input_ids) + self.wpe(pos)
-        with _keyed_rng(self, h.device):
+        with keyed_rng(self, h.device):
             return self.drop(h)
 
 
@@ -160,12 +100,12 @@ class Block(nn.Module):
     def __init__(self, cfg: GPT2Config, layer_idx: int, init_seed: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
-        with _seeded_init(init_seed):
+        with seeded_init(init_seed):
             self.block = GPT2Block(cfg, layer_idx=layer_idx)
-            _init_weights(self.block, cfg)
+            init_weights(self.block, cfg)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        with _keyed_rng(self, h.device):
+        with keyed_rng(self, h.device):
             out = self.block(h)
         return out if torch.is_tensor(out) else out[0]
 
@@ -201,7 +141,7 @@ def gpt2_layer_specs(cfg: GPT2Config, seed: int = 1234) -> LayerPlan:
 
     embedding, block = Embedding, Block
     if getattr(cfg, "arch", "gpt2") == "transfo-xl":
-        from .models_xl import XLBlock as block, XLEmbedding as embedding
+        embedding, block = XLEmbedding, XLBlock
 
     specs = [TiedLayerSpec("embed", embedding, cfg, init_seed=seed, tied_weight_attr=["wte.weight"])]
     for i in range(cfg.n_layer):

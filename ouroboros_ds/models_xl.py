@@ -10,7 +10,7 @@ the longest segment.
 **Memory.** Each block attends over ``[memory, segment]``, where its memory is its own input of
 the previous segment(s), the last ``mem_len`` positions, detached (no gradient flows into the
 memory, as in the authors' code). Which memory a layer reads and where it writes the next one is
-set by whoever runs it, with :func:`recurrent_memory`, the way :func:`models.dropout_key` sets the
+set by whoever runs it, with :func:`ouroboros_ds.context.recurrent_memory`, the way :func:`~ouroboros_ds.context.dropout_key` sets the
 dropout masks: the layers keep no state, so the Ouroboros engine can keep one memory per
 (module, micro-batch stream) on the stage that holds the module, stash the memory a forward used
 next to its input, and give the replay exactly that memory. Outside ``recurrent_memory`` a block
@@ -23,30 +23,13 @@ scaling (byte vocabularies are small); GPT-2's initialization.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F_
 
-from .models import _init_weights, _keyed_rng, _seeded_init
-
-# (memories to read {layer_idx: tensor}, dict the layers write their next memory into) or None
-_MEM: list = [None]
-
-
-@contextlib.contextmanager
-def recurrent_memory(read: dict | None):
-    """Run layers with memory: they read theirs from ``read`` (``{layer_idx: [B, m, d] tensor}``,
-    missing = no memory yet) and write their next memory into the dict this yields."""
-    written: dict = {}
-    prev, _MEM[0] = _MEM[0], (read or {}, written)
-    try:
-        yield written
-    finally:
-        _MEM[0] = prev
-
+from .context import init_weights, keyed_rng, memory_context, seeded_init
 
 def _sinusoid(klen: int, d: int, device, dtype) -> torch.Tensor:
     """Relative position embeddings for distances klen-1 .. 0 (Transformer-XL's order)."""
@@ -63,9 +46,9 @@ class XLEmbedding(nn.Module):
     def __init__(self, cfg, init_seed: int | None = None):
         super().__init__()
         self.layer_idx = 0
-        with _seeded_init(init_seed):
+        with seeded_init(init_seed):
             self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-            _init_weights(self, cfg)
+            init_weights(self, cfg)
         self.drop = nn.Dropout(cfg.embd_pdrop)
         self.n_positions = cfg.n_positions
 
@@ -74,7 +57,7 @@ class XLEmbedding(nn.Module):
             raise ValueError(f"segment length {input_ids.shape[-1]} exceeds the model's n_positions="
                              f"{self.n_positions}; use a shorter --seq-len or set n_positions in --model")
         h = self.wte(input_ids)
-        with _keyed_rng(self, h.device):
+        with keyed_rng(self, h.device):
             return self.drop(h)
 
 
@@ -87,7 +70,7 @@ class XLBlock(nn.Module):
         d, H = cfg.n_embd, cfg.n_head
         self.n_head, self.d_head = H, d // H
         inner = cfg.n_inner or 4 * d
-        with _seeded_init(init_seed):
+        with seeded_init(init_seed):
             self.ln_1 = nn.LayerNorm(d, eps=cfg.layer_norm_epsilon)
             self.qkv = nn.Linear(d, 3 * d, bias=False)
             self.r_net = nn.Linear(d, d, bias=False)
@@ -97,18 +80,18 @@ class XLBlock(nn.Module):
             self.ln_2 = nn.LayerNorm(d, eps=cfg.layer_norm_epsilon)
             self.ff_in = nn.Linear(d, inner)
             self.ff_out = nn.Linear(inner, d)
-            _init_weights(self, cfg)
+            init_weights(self, cfg)
             self.ff_out.weight.data.div_(math.sqrt(2 * cfg.n_layer))  # residual projections, as GPT-2's c_proj
         self.drop = nn.Dropout(cfg.resid_pdrop)
         self.dropatt = nn.Dropout(cfg.attn_pdrop)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        ctx = _MEM[0]
+        ctx = memory_context()
         mem = ctx[0].get(self.layer_idx) if ctx else None
         cat = h if mem is None else torch.cat([mem.to(h.dtype), h], dim=1)
         if ctx is not None and self.mem_len > 0:
             ctx[1][self.layer_idx] = cat[:, -self.mem_len:].detach()
-        with _keyed_rng(self, h.device):
+        with keyed_rng(self, h.device):
             return self._forward(h, cat)
 
     def _forward(self, h, cat):

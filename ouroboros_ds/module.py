@@ -8,12 +8,11 @@ active at a time) so DeepSpeed's per-layer checkpoint files work unchanged.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from deepspeed.pipe import PipelineModule
 
 from .schedule import modules_of, num_modules, stage_of
+from .utils import unique_parameters
 
 
 def ring_partition(num_layers: int, block_indices: list[int], stages: int,
@@ -166,16 +165,7 @@ class OuroborosPipelineModule(PipelineModule):
 
     def module_parameters(self, k: int) -> list[torch.nn.Parameter]:
         """Module k's parameters, once each (the tied embedding appears in modules 1 and K)."""
-        seen, out = set(), []
-        for layer in self.module_funcs[k]:
-            # A TiedLayerSpec with forward_fn is a partial(fn, tied_module).
-            mods = [layer] if isinstance(layer, torch.nn.Module) else [
-                a for a in getattr(layer, "args", ()) if isinstance(a, torch.nn.Module)]
-            for p in (p for m in mods for p in m.parameters()):
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
+        return unique_parameters(self.module_funcs[k])
 
     def forward(self, forward_input):
         return self.forward_module(self.active_module, forward_input)
@@ -201,14 +191,3 @@ class OuroborosPipelineModule(PipelineModule):
             n = sum(p.numel() for p in self.module_parameters(k))
             lines.append(f"module {k}: layers [{start}, {stop}) params {n:,}")
         return lines
-
-
-def used_parameters(layer, tied_attrs: dict) -> list:
-    """The parameters a layer's forward uses. A tied layer called through its ``forward_fn``
-    (``functools.partial(forward_fn, tied module)``, the head) uses only its tied weights,
-    ``tied_attrs[id(tied module)]`` (the ``TiedLayerSpec.tied_weight_attr`` names), as DeepSpeed's
-    tied-gradient reduction also assumes."""
-    if isinstance(layer, torch.nn.Module):
-        return list(layer.parameters())
-    tied = next(a for a in layer.args if isinstance(a, torch.nn.Module))
-    return [functools.reduce(getattr, attr.split("."), tied) for attr in tied_attrs[id(tied)]]

@@ -21,10 +21,12 @@ import torch
 
 from . import schedule as S
 from . import stash as W
-from .models import LayerPlan, dropout_key
-from .models_xl import recurrent_memory
-from .module import ring_partition, used_parameters
-from .staleness import first_gradient_groups, scaled_by_delay
+from .context import dropout_key, recurrent_memory
+from .models import LayerPlan
+from .module import ring_partition
+from .staleness import scaled_by_delay
+from .utils import layer_modules, unique_parameters
+from .warmup import FIRST_STEP, stage_param_groups
 
 
 def build_layers(plan: LayerPlan) -> list:
@@ -48,11 +50,6 @@ def build_layers(plan: LayerPlan) -> list:
         else:
             out.append(spec)
     return out
-
-
-def _modules(layers) -> list[torch.nn.Module]:
-    return [x if isinstance(x, torch.nn.Module) else x.args[0] for x in layers
-            if isinstance(x, torch.nn.Module) or isinstance(x, functools.partial)]
 
 
 def make_optimizer(params, ds_config: dict):
@@ -90,20 +87,14 @@ class Reference:
         self.stage_params, self.optimizers, self.schedulers = [], [], []
         tied_attrs = {id(f.args[0]): f.tied_weight_attr for f in self.layers if isinstance(f, functools.partial)}
         for s in range(stages):
-            seen, params = set(), []
-            for k in S.modules_of(s, stages):
-                for m in _modules(self.module_layers[k]):
-                    for p in m.parameters():
-                        if id(p) not in seen:
-                            seen.add(id(p))
-                            params.append(p)
-            groups = params
-            if stale_lr_scale:  # the optional mitigation, with the engine's own groups
+            mods = S.modules_of(s, stages)
+            params = unique_parameters(layer for k in mods for layer in self.module_layers[k])
+            # the engine's own groups: one per first-gradient step
+            groups = stage_param_groups({k: self.module_layers[k] for k in mods}, stages, tied_attrs)
+            if stale_lr_scale:  # the optional mitigation scales them by delay
                 lr = ds_config.get("optimizer", {}).get("params", {}).get("lr", 1e-3)
-                mods = S.modules_of(s, stages)
-                used = {k: [p for x in self.module_layers[k] for p in used_parameters(x, tied_attrs)] for k in mods}
-                owned = {k: [p for m in _modules(self.module_layers[k]) for p in m.parameters()] for k in mods}
-                groups = scaled_by_delay(first_gradient_groups(used, owned, stages), lr, stale_lr_scale)
+                scaled = scaled_by_delay([(g[FIRST_STEP], g["params"]) for g in groups], lr, stale_lr_scale)
+                groups = [{**g, **sg} for g, sg in zip(groups, scaled)]
             opt = make_optimizer(groups, ds_config)
             self.stage_params.append(params)
             self.optimizers.append(opt)
@@ -127,14 +118,14 @@ class Reference:
         return x
 
     def train(self, mode: bool = True):
-        for m in _modules(self.layers):
+        for m in layer_modules(self.layers):
             m.train(mode)
 
     def named_parameters(self):
         """(name, parameter) in layer order, named like DeepSpeed's pipeline checkpoint layers."""
         seen = set()
         for i, layer in enumerate(self.layers):
-            mods = _modules([layer])
+            mods = layer_modules([layer])
             for m in mods:
                 for n, p in m.named_parameters():
                     if id(p) not in seen:

@@ -52,7 +52,7 @@ def _local_layout(engine) -> dict:
         for k in S.modules_of(engine.stage_id, G):
             start, stop = module.module_bounds[k - 1]
             params = [p for p in module.module_parameters(k) if id(p) not in seen]
-            seen.update(id(p) for p in params)
+            seen.update(map(id, params))
             info["modules"].append({"module": k, "layers": [start, stop], "delay": S.delay(k, G),
                                     "params": sum(p.numel() for p in params)})
     else:  # DeepSpeed's stock pipeline: one contiguous range, synchronous (delay 0)

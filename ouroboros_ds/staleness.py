@@ -13,40 +13,16 @@ gradient; scaling it with module 1 slows the whole model down (measured: docs/st
 The rule is a list of optimizer parameter groups, so DeepSpeed's optimizer and its LR schedules
 apply it unchanged (``WarmupCosineLR`` scales each group's own initial ``lr``). The engine
 (``train.py --stale-lr-scale c``) and :class:`ouroboros_ds.reference.Reference` build their groups
-with the same two functions (:func:`first_gradient_groups`, :func:`scaled_by_delay`), so they stay equal.
+with the same two functions (:func:`ouroboros_ds.warmup.stage_param_groups`, :func:`scaled_by_delay`),
+so they stay equal.
 """
 from __future__ import annotations
 
-from . import schedule as S
-
-
-def first_gradient_groups(used: dict, owned: dict, num_stages: int) -> list[tuple[int, list]]:
-    """A stage's parameters grouped by the step of their first gradient: ``[(step, params)]``,
-    sorted by step, every parameter once.
-
-    The one rule (SPEC section 2, warm-up), for the engine (``engine.ring_param_groups``) and the
-    Reference alike: a parameter's first gradient comes at ``delay(k)`` of the freshest module k
-    whose forward uses it, which is also the delay its gradient carries. ``used``: {module k: the
-    parameters its forward uses} (the head uses only the tied embedding, so on stage 0 ``wte``
-    is fresh and ``wpe`` goes with module 1); ``owned``: {module k: the parameters it holds}, in
-    order; an owned parameter no forward uses goes with its module.
-    """
-    first: dict = {}  # id(param) -> first step with a gradient
-    for k, params in used.items():
-        for p in params:
-            first[id(p)] = min(first.get(id(p), S.delay(k, num_stages)), S.delay(k, num_stages))
-    groups: dict = {}
-    seen: set = set()
-    for k in sorted(owned):
-        for p in owned[k]:
-            if id(p) not in seen:
-                seen.add(id(p))
-                groups.setdefault(first.get(id(p), S.delay(k, num_stages)), []).append(p)
-    return sorted(groups.items(), key=lambda g: g[0])
+from .warmup import FIRST_STEP, ring_param_groups
 
 
 def scaled_by_delay(groups: list[tuple[int, list]], lr: float, c: float) -> list[dict]:
-    """``[{"params", "lr": lr / (1 + c * step)}]`` for :func:`first_gradient_groups`' groups."""
+    """``[{"params", "lr": lr / (1 + c * step)}]`` for ``[(first-gradient step, params)]`` groups."""
     if c < 0:
         raise ValueError(f"stale_lr_scale: must be >= 0 (0 turns the mitigation off), got {c}")
     return [{"params": params, "lr": lr / (1.0 + c * step)} for step, params in groups]
@@ -54,8 +30,6 @@ def scaled_by_delay(groups: list[tuple[int, list]], lr: float, c: float) -> list
 
 def pipeline_groups(model, lr: float, c: float) -> list[dict]:
     """The rule for this rank's stage of an ``OuroborosPipelineModule``: the engine's own param
-    groups (``engine.ring_param_groups``, one per first-gradient step) with their lrs scaled."""
-    from .engine import FIRST_STEP, ring_param_groups
-
+    groups (:func:`ouroboros_ds.warmup.ring_param_groups`, one per first-gradient step) with their lrs scaled."""
     groups = ring_param_groups(model)
     return [{**g, **s} for g, s in zip(groups, scaled_by_delay([(g[FIRST_STEP], g["params"]) for g in groups], lr, c))]

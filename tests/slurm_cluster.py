@@ -11,17 +11,13 @@ import socket
 import subprocess
 import time
 
+from ouroboros_ds.utils import free_port
+
 BINARIES = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel")
 
 
 def missing_binaries() -> list[str]:
     return [b for b in BINARIES if shutil.which(b) is None and not os.path.exists(f"/usr/sbin/{b}")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _munge_works() -> bool:
@@ -58,8 +54,8 @@ class LocalSlurm:
         r = self.root
         conf = f"""ClusterName=ouroboros-test
 SlurmctldHost={self.host}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

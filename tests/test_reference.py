@@ -15,7 +15,8 @@ import torch
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch.func import functional_call
 
-from ouroboros_ds.models import dropout_key, gpt2_config, gpt2_layer_specs, lm_loss
+from ouroboros_ds.context import dropout_key
+from ouroboros_ds.models import gpt2_config, gpt2_layer_specs, lm_loss
 from ouroboros_ds.reference import Reference, make_optimizer, make_scheduler
 
 SEED, INIT_SEED = 5, 11

@@ -19,7 +19,8 @@ C = 1.5
 
 
 def test_groups_scale_by_delay_and_keep_the_tied_weight_fresh():
-    from ouroboros_ds.staleness import first_gradient_groups, scaled_by_delay
+    from ouroboros_ds.staleness import scaled_by_delay
+    from ouroboros_ds.warmup import first_gradient_groups
 
     a, b, tied, d, unused = (torch.nn.Parameter(torch.zeros(1)) for _ in range(5))
     # stage 0 of G = 3: modules 1 (delay 3) and 4 (delay 0); the tied parameter is used by both, so

@@ -149,7 +149,7 @@ def test_bad_replay_mode_names_the_choices():
 def test_snapshot_round_trip_rebuilds_the_same_graph():
     """A checkpoint stores a snapshot's copies (state_dict); from_state + the stashed input + the
     dropout key rebuild the kept graph, whose backward gives bit-identical gradients."""
-    from ouroboros_ds.models import dropout_key
+    from ouroboros_ds.context import dropout_key
     from ouroboros_ds.reference import build_layers
     from ouroboros_ds.stash import Snapshot, backward, forward
 

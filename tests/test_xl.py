@@ -27,7 +27,8 @@ def test_memory_continues_the_segment():
     """One block over segment 2 with segment 1 as memory equals the same block over both
     segments at once (relative positions line up), and the written memory is the input's tail."""
     from ouroboros_ds.models import gpt2_config
-    from ouroboros_ds.models_xl import XLBlock, recurrent_memory
+    from ouroboros_ds.context import recurrent_memory
+    from ouroboros_ds.models_xl import XLBlock
 
     cfg = gpt2_config({"arch": "transfo-xl", "n_layer": 2, "n_embd": 32, "n_head": 4, "n_positions": 64,
                        "mem_len": 16}, VOCAB, dropout=0.0)
@@ -53,7 +54,8 @@ def test_memory_continues_the_segment():
 
 def test_no_gradient_flows_into_memory():
     from ouroboros_ds.models import gpt2_config
-    from ouroboros_ds.models_xl import XLBlock, recurrent_memory
+    from ouroboros_ds.context import recurrent_memory
+    from ouroboros_ds.models_xl import XLBlock
 
     cfg = gpt2_config({"arch": "transfo-xl", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 8,
                        "mem_len": 8}, VOCAB, dropout=0.0)
@@ -79,7 +81,7 @@ def chained_eval(model, K: int, mem: bool = True) -> float:
     """Mean loss over eval_data() through modules 1..K of a Reference, each module's memory
     carried from segment to segment (or none)."""
     from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.models_xl import recurrent_memory
+    from ouroboros_ds.context import recurrent_memory
 
     model.train(False)
     mems, losses = {}, []
