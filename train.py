@@ -248,7 +248,7 @@ def main(argv=None) -> int:
 
     from ouroboros_ds import data as D
     from ouroboros_ds import hf, runlog
-    from ouroboros_ds.engine import initialize
+    from ouroboros_ds import initialize
     from ouroboros_ds.models import gpt2_config, gpt2_layer_specs, lm_loss
     from ouroboros_ds.module import OuroborosPipelineModule
 

@@ -137,7 +137,7 @@ class _Timers:
 def _build(args, name, plan, cfg, G):
     from deepspeed.pipe import PipelineModule
 
-    from .engine import initialize
+    from .launch import initialize
     from .models import lm_loss
     from .module import OuroborosPipelineModule, balanced_blocks_per_module, layer_costs
 

@@ -38,10 +38,8 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 from deepspeed import comm as dist
-from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.pipe import schedule as ds_schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
-from deepspeed.runtime.pipe.module import PipelineModule
 from deepspeed.runtime.pipe.schedule import PipeInstruction, PipeSchedule
 from deepspeed.utils import logger
 
@@ -49,6 +47,7 @@ from . import schedule as S
 from .context import dropout_key, recurrent_memory
 from .module import OuroborosPipelineModule
 from . import stash as W
+from .utils import atomic_write
 from .warmup import FIRST_STEP, ring_param_groups
 
 # Message tags: one per (kind, module, micro-batch), so every message matches its own receive.
@@ -686,13 +685,13 @@ class OuroborosEngine(PipelineEngine):
         tag = str(tag if tag is not None else f"global_step{self.global_steps}")
         state = self.ring_state_dict()
         self.save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, save_latest=False)
-        _atomic_write(self._ring_file(save_dir, tag), lambda f: torch.save(state, f))
+        atomic_write(self._ring_file(save_dir, tag), lambda f: torch.save(state, f))
         dist.barrier()
         if self.global_rank == 0:
             record = {**self.ring_meta(), **(meta or {}), "world": dist.get_world_size(), "tag": tag}
-            _atomic_write(os.path.join(save_dir, tag, self.META_FILE),
+            atomic_write(os.path.join(save_dir, tag, self.META_FILE),
                           lambda f: f.write(json.dumps(record, indent=1).encode()))
-            _atomic_write(os.path.join(save_dir, "latest"), lambda f: f.write(tag.encode()))
+            atomic_write(os.path.join(save_dir, "latest"), lambda f: f.write(tag.encode()))
         dist.barrier()
         return tag
 
@@ -725,71 +724,3 @@ class OuroborosEngine(PipelineEngine):
         self.load_ring_state_dict(torch.load(self._ring_file(load_dir, tag), map_location=self.device,
                                              weights_only=False))
         return client_state or {}
-
-
-def _atomic_write(path: str, write) -> None:
-    """Write a file aside, flush it to disk, then rename it into place."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def release_shm_buffers() -> None:
-    """Unlink this rank's DeepSpeed CPU shared-memory all-reduce buffer once every rank has mapped it.
-
-    On the CPU accelerator DeepSpeed's shm comm op creates ``/dev/shm/deepspeed_allreduce_buffer_
-    {uid}_{addr}_{port}_{rank}`` (about 66 MB) per rank and never unlinks it, so every launch leaves
-    that much RAM behind until reboot; a day of test runs filled 21 GB of a 24 GB box (and then
-    swapped). The ranks map every peer's buffer during ``init_distributed`` (after the barrier all
-    have); unlinking only removes the name, the mappings live until the processes exit."""
-    import os
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() != "cpu" or not tdist.is_initialized():
-        return
-    path = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{tdist.get_rank()}")
-    tdist.barrier()  # start-up only: every rank has opened every buffer before any name goes
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
-               lr_scheduler=None, config=None, seed: int = 0, replay: str = "recompute",
-               weight_prediction: float = 0.0):
-    """``deepspeed.initialize`` for pipelines: an :class:`OuroborosPipelineModule` gets the
-    :class:`OuroborosEngine` (``replay``: "recompute" or "stash"; ``weight_prediction``: see
-    :class:`ouroboros_ds.stash.LastUpdate`, needs "stash"), any other ``PipelineModule``
-    DeepSpeed's stock engine.
-
-    Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed.
-    """
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if not isinstance(model, PipelineModule):
-        raise TypeError("ouroboros_ds.initialize needs a deepspeed PipelineModule (e.g. OuroborosPipelineModule)")
-    dist.init_distributed(dist_backend=get_accelerator().communication_backend_name())
-    release_shm_buffers()
-    if config is None and getattr(args, "deepspeed_config", None):
-        config = args.deepspeed_config
-    if config is None:
-        raise ValueError("no DeepSpeed config: pass config= or --deepspeed_config")
-    config_class = DeepSpeedConfig(config, model.mpu())  # a dict or a JSON path, as DeepSpeed takes
-    deepspeed.set_optimizer_flags(config_class, model)
-    kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-                  training_data=training_data, lr_scheduler=lr_scheduler, mpu=model.mpu(),
-                  config=config, config_class=config_class)
-    if isinstance(model, OuroborosPipelineModule):
-        engine = OuroborosEngine(seed=seed, replay=replay, weight_prediction=weight_prediction, **kwargs)
-    else:
-        if weight_prediction:
-            raise ValueError("weight_prediction: only the Ouroboros ring has stale modules; drop it for 1f1b")
-        from .baseline import KeyedPipelineEngine
-        engine = KeyedPipelineEngine(seed=seed, **kwargs)
-    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

@@ -28,7 +28,7 @@ def pytest_sessionstart(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """A safety net for ouroboros_ds.engine.release_shm_buffers: a rank that died before it could
+    """A safety net for ouroboros_ds.launch.release_shm_buffers: a rank that died before it could
     unlink its DeepSpeed shm buffer leaves ~66 MB of RAM in /dev/shm; this session's go now."""
     for name in _ds_shm_files() - _shm_before:
         try:

@@ -138,7 +138,7 @@ def worker(rank: int, G: int, Ms: tuple, out: str) -> None:
     import deepspeed
     import torch.distributed as tdist
 
-    from ouroboros_ds.engine import initialize
+    from ouroboros_ds import initialize
     from ouroboros_ds.models import lm_loss
     from ouroboros_ds.module import OuroborosPipelineModule
 

@@ -51,7 +51,7 @@ def _pipeline_logits(module, G, ids):
 def _ranks(rank, G, src, out, tmp, steps):
     import deepspeed
     from ouroboros_ds import hf
-    from ouroboros_ds.engine import initialize
+    from ouroboros_ds import initialize
     from ouroboros_ds.models import gpt2_layer_specs, lm_loss
     from ouroboros_ds.module import OuroborosPipelineModule
 
@@ -139,7 +139,7 @@ def _stock_1f1b(rank, src, out, tmp):
     from deepspeed.pipe import PipelineModule
 
     from ouroboros_ds import hf
-    from ouroboros_ds.engine import initialize
+    from ouroboros_ds import initialize
     from ouroboros_ds.models import gpt2_layer_specs, lm_loss
 
     cfg = hf.config_from_pretrained(src, dropout=0.0)

@@ -74,7 +74,7 @@ def _reference(G: int, M: int, steps: int, prediction: float, synchronous: bool 
 
 
 def _engine(G, M, steps):
-    from ouroboros_ds.engine import initialize
+    from ouroboros_ds import initialize
     from ouroboros_ds.models import lm_loss
     from ouroboros_ds.module import OuroborosPipelineModule
 

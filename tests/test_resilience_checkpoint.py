@@ -32,7 +32,7 @@ def save_steps(G: int) -> tuple:
 
 
 def _engine(G, M):
-    from ouroboros_ds.engine import initialize
+    from ouroboros_ds import initialize
     from ouroboros_ds.models import lm_loss
     from ouroboros_ds.module import OuroborosPipelineModule
 

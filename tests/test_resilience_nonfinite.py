@@ -25,7 +25,7 @@ G, T, BAD_BATCH, BAD_MB, GRAD_NAN_STEP = 2, 6, 1, 2, 4
 
 def _run(M, mode):
     """mode: 'nan' or 'zero' loss at (BAD_BATCH, BAD_MB of M); returns per-step snapshots."""
-    from ouroboros_ds.engine import initialize
+    from ouroboros_ds import initialize
     from ouroboros_ds.models import lm_loss
     from ouroboros_ds.module import OuroborosPipelineModule
 

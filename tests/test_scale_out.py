@@ -51,7 +51,7 @@ def validation() -> list:
 
 
 def _train(M, zero, bf16, D, dp_rank, eval_at=None):
-    from ouroboros_ds.engine import initialize
+    from ouroboros_ds import initialize
     from ouroboros_ds.models import lm_loss
     from ouroboros_ds.module import OuroborosPipelineModule
 
@@ -85,7 +85,7 @@ def _train(M, zero, bf16, D, dp_rank, eval_at=None):
 
 def _init_error(cfg: dict, groups: bool = False) -> str:
     """The ValueError of initialize() with this config (and user param groups without the ring's key)."""
-    from ouroboros_ds.engine import initialize
+    from ouroboros_ds import initialize
     from ouroboros_ds.models import lm_loss
     from ouroboros_ds.module import OuroborosPipelineModule
 

@@ -42,7 +42,7 @@ def test_groups_scale_by_delay_and_keep_the_tied_weight_fresh():
 def worker(rank: int, G: int, M: int, out: str) -> None:
     import deepspeed
 
-    from ouroboros_ds.engine import initialize
+    from ouroboros_ds import initialize
     from ouroboros_ds.models import lm_loss
     from ouroboros_ds.module import OuroborosPipelineModule
     from ouroboros_ds.staleness import pipeline_groups

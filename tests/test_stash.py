@@ -28,7 +28,7 @@ M_VALUES = (1, 4)
 def worker(rank: int, G: int, Ms: tuple, out: str) -> None:
     import deepspeed
 
-    from ouroboros_ds.engine import initialize
+    from ouroboros_ds import initialize
     from ouroboros_ds.models import lm_loss
     from ouroboros_ds.module import OuroborosPipelineModule
 

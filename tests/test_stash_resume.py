@@ -15,7 +15,7 @@ G, M, T, SAVE_AT = 2, 4, 6, 3
 
 
 def _engine():
-    from ouroboros_ds.engine import initialize
+    from ouroboros_ds import initialize
     from ouroboros_ds.models import lm_loss
     from ouroboros_ds.module import OuroborosPipelineModule
 

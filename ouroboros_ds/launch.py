@@ -1,0 +1,74 @@
+"""Start-up: the process group, DeepSpeed's config, and the engine that fits the module.
+
+:func:`initialize` is the call to use instead of ``deepspeed.initialize``: DeepSpeed picks the
+engine class itself from the module type, so a custom engine has to be constructed directly, with
+the config parsed the way ``deepspeed.initialize`` parses it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch.distributed as tdist
+from deepspeed import comm as dist
+from deepspeed.runtime.config import DeepSpeedConfig
+from deepspeed.runtime.pipe.module import PipelineModule
+
+from .baseline import KeyedPipelineEngine
+from .engine import OuroborosEngine
+from .module import OuroborosPipelineModule
+
+
+def release_shm_buffers() -> None:
+    """Unlink this rank's DeepSpeed CPU shared-memory all-reduce buffer once every rank has mapped it.
+
+    On the CPU accelerator DeepSpeed's shm comm op creates ``/dev/shm/deepspeed_allreduce_buffer_
+    {uid}_{addr}_{port}_{rank}`` (about 66 MB) per rank and never unlinks it, so every launch leaves
+    that much RAM behind until reboot; a day of test runs filled 21 GB of a 24 GB box (and then
+    swapped). The ranks map every peer's buffer during ``init_distributed`` (after the barrier all
+    have); unlinking only removes the name, the mappings live until the processes exit."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu" or not tdist.is_initialized():
+        return
+    path = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{tdist.get_rank()}")
+    tdist.barrier()  # start-up only: every rank has opened every buffer before any name goes
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
+               lr_scheduler=None, config=None, seed: int = 0, replay: str = "recompute",
+               weight_prediction: float = 0.0):
+    """``deepspeed.initialize`` for pipelines: an :class:`OuroborosPipelineModule` gets the
+    :class:`OuroborosEngine` (``replay``: "recompute" or "stash"; ``weight_prediction``: see
+    :class:`ouroboros_ds.stash.LastUpdate`, needs "stash"), any other ``PipelineModule``
+    DeepSpeed's stock engine.
+
+    Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if not isinstance(model, PipelineModule):
+        raise TypeError("ouroboros_ds.initialize needs a deepspeed PipelineModule (e.g. OuroborosPipelineModule)")
+    dist.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    release_shm_buffers()
+    if config is None and getattr(args, "deepspeed_config", None):
+        config = args.deepspeed_config
+    if config is None:
+        raise ValueError("no DeepSpeed config: pass config= or --deepspeed_config")
+    config_class = DeepSpeedConfig(config, model.mpu())  # a dict or a JSON path, as DeepSpeed takes
+    deepspeed.set_optimizer_flags(config_class, model)
+    kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                  training_data=training_data, lr_scheduler=lr_scheduler, mpu=model.mpu(),
+                  config=config, config_class=config_class)
+    if isinstance(model, OuroborosPipelineModule):
+        engine = OuroborosEngine(seed=seed, replay=replay, weight_prediction=weight_prediction, **kwargs)
+    else:
+        if weight_prediction:
+            raise ValueError("weight_prediction: only the Ouroboros ring has stale modules; drop it for 1f1b")
+        engine = KeyedPipelineEngine(seed=seed, **kwargs)
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
