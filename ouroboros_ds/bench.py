@@ -93,7 +93,7 @@ class _Cycle:
 
 class _Timers:
     """Wraps an engine's instruction handlers (a per-instance ``_INSTRUCTION_MAP``): per (kind,
-    module) the durations of the compute instructions, minus the time spent in ``_wait``."""
+    module) the durations of the compute instructions, minus the time spent waiting on receives."""
 
     def __init__(self, engine, kinds: dict, sync):
         self.durations: dict = {}
@@ -105,7 +105,7 @@ class _Timers:
             table[cls] = self._wrap(table[cls], name)
         engine._INSTRUCTION_MAP = table
         from .runlog import track_waits
-        track_waits(engine)  # engine.wait_seconds: time blocked in _wait (stock 1F1B has none)
+        track_waits(engine)  # engine.wait_seconds: time blocked on receives (stock 1F1B has none)
 
     @property
     def waited(self) -> float:
@@ -181,7 +181,7 @@ def _rank_main(rank, args, outdir):
     from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.pipe import schedule as ds_schedule
 
-    from . import engine as E
+    from . import instructions as E
     from .models import gpt2_config, gpt2_layer_specs
     from .reference import build_layers
     from .stash import SavedBytes

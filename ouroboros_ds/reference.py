@@ -1,7 +1,7 @@
 """The Ouroboros update rule in one process, in plain PyTorch: the specification the engine is
-tested against (SPEC section 4).
+tested against.
 
-All K modules live in this process; the delays are kept in dicts exactly as SPEC section 2 says:
+All K modules live in this process; the delays are kept in dicts exactly as docs/ring.md says:
 module k < K forwards batch t without a graph and stashes its input; at step t it replays batch
 ``t - (K - k)`` with its current weights and the same dropout masks, and backprops the error
 gradient that module k + 1 produced for that batch one step earlier. Module K is fresh. Each

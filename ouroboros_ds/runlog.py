@@ -84,13 +84,14 @@ def delays(engine) -> dict[int, int]:
 
 
 def track_waits(engine) -> bool:
-    """Count the seconds the Ouroboros engine spends blocked on receives (its ``_wait``), for the
-    per-stage utilization. Wraps the method on this instance only, so the engine's code is
-    unchanged; returns False for an engine without ``_wait`` (DeepSpeed's stock 1F1B, whose
-    receives are blocking calls inside its instructions: no utilization is reported for it)."""
-    inner = getattr(engine, "_wait", None)
-    if inner is None:
+    """Count the seconds the Ouroboros engine spends blocked on receives (its ``p2p.wait``), for
+    the per-stage utilization. Wraps the channel's method on this instance only; returns False
+    for an engine without a ring channel (DeepSpeed's stock 1F1B, whose receives are blocking
+    calls inside its instructions: no utilization is reported for it)."""
+    channel = getattr(engine, "p2p", None)
+    if channel is None:
         return False
+    inner = channel.wait
     engine.wait_seconds = 0.0
 
     def timed_wait(entry):
@@ -100,7 +101,7 @@ def track_waits(engine) -> bool:
         finally:
             engine.wait_seconds += time.perf_counter() - t0
 
-    engine._wait = timed_wait
+    channel.wait = timed_wait
     return True
 
 

@@ -12,7 +12,7 @@ error gradient that module k + 1 computed for that batch one step earlier.
 
 One step (one ``train_batch()``) runs M micro-batches. Each stage runs the per-stage list of
 :class:`Action` returned by :func:`ouroboros_schedule` once per step, the same list every step;
-the engine maps each action to one DeepSpeed ``PipeInstruction``. Text form ``<module><KIND><mb>``
+the engine maps each action to one DeepSpeed ``PipeInstruction``. Text form ``<k><KIND><mb>``
 (``1F0``, ``3B2``, ``2SEND_F1``) or ``STEP``; :meth:`Action.parse` reads it back.
 
 The actions, their pseudo-code, and what each pairs with (k < K unless said):
@@ -54,10 +54,10 @@ _TEXT = re.compile(r"^(\d+)(LOAD|SEND_F|RECV_F|SEND_B|RECV_B|F|B|L)(\d+)$")
 
 @dataclass(frozen=True)
 class Action:
-    """One instruction of one stage: ``kind`` done by ``module`` (1..K) on micro-batch ``mb``."""
+    """One instruction of one stage: ``kind`` done by ring module ``k`` (1..K) on micro-batch ``mb``."""
 
     kind: str
-    module: int = 0
+    k: int = 0
     mb: int = 0
 
     def __post_init__(self):
@@ -65,7 +65,7 @@ class Action:
             raise ValueError(f"unknown action kind {self.kind!r}; expected one of {KINDS}")
 
     def __str__(self) -> str:
-        return STEP if self.kind == STEP else f"{self.module}{self.kind}{self.mb}"
+        return STEP if self.kind == STEP else f"{self.k}{self.kind}{self.mb}"
 
     __repr__ = __str__
 
@@ -86,12 +86,12 @@ def num_modules(stages: int) -> int:
     return stages + 1
 
 
-def stage_of(module: int, stages: int) -> int:
-    """The stage that holds ``module``: K sits on stage 0 beside module 1."""
+def stage_of(k: int, stages: int) -> int:
+    """The stage that holds ring module ``k``: K sits on stage 0 beside module 1."""
     K = num_modules(stages)
-    if not 1 <= module <= K:
-        raise ValueError(f"module {module} out of range 1..{K}")
-    return 0 if module == K else module - 1
+    if not 1 <= k <= K:
+        raise ValueError(f"module {k} out of range 1..{K}")
+    return 0 if k == K else k - 1
 
 
 def modules_of(stage: int, stages: int) -> list[int]:
@@ -101,15 +101,15 @@ def modules_of(stage: int, stages: int) -> list[int]:
     return [1, num_modules(stages)] if stage == 0 else [stage + 1]
 
 
-def delay(module: int, stages: int) -> int:
-    """Steps between a batch's forward through ``module`` and the update that uses its gradient."""
-    return num_modules(stages) - module
+def delay(k: int, stages: int) -> int:
+    """Steps between a batch's forward through module ``k`` and the update that uses its gradient."""
+    return num_modules(stages) - k
 
 
-def stash_depth(module: int, stages: int) -> int:
-    """Batches whose inputs module k keeps stashed during a step: K - k + 1 (SPEC section 2);
+def stash_depth(k: int, stages: int) -> int:
+    """Batches whose inputs module k keeps stashed during a step: K - k + 1 (docs/ring.md#memory);
     one fewer between steps, after the replay has consumed the oldest. Module K keeps none."""
-    return delay(module, stages) + (1 if module < num_modules(stages) else 0)
+    return delay(k, stages) + (1 if k < num_modules(stages) else 0)
 
 
 # ---------------------------------------------------------------- the schedule

@@ -55,7 +55,7 @@ class Costs:
 
     def of(self, a: Action) -> float:
         def pick(v):
-            return v.get(a.module, 0.0) if isinstance(v, dict) else v
+            return v.get(a.k, 0.0) if isinstance(v, dict) else v
 
         if a.kind == F:
             return pick(self.forward)
@@ -116,14 +116,14 @@ def _dependency(a: Action, stages: int, step: int):
     """(kind, module, mb, step) of the event ``a`` waits for, or None."""
     K = num_modules(stages)
     local = stages == 1
-    if a.kind == F and a.module > 1:
-        return (SEND_F, a.module - 1, a.mb, step)
+    if a.kind == F and a.k > 1:
+        return (SEND_F, a.k - 1, a.mb, step)
     if a.kind == L:
         return (F, 1, a.mb, step) if local else (SEND_F, K - 1, a.mb, step)
     if a.kind == B and step > 0:
-        if a.module + 1 == K:
+        if a.k + 1 == K:
             return (L, K, a.mb, step - 1) if local else (SEND_B, K, a.mb, step - 1)
-        return (SEND_B, a.module + 1, a.mb, step - 1)
+        return (SEND_B, a.k + 1, a.mb, step - 1)
     return None
 
 
@@ -148,7 +148,7 @@ def simulate(plan: list[list[Action]], costs: Costs | None = None, steps: int = 
                 start = max(clock[s], done[dep] if dep is not None else 0.0)
                 end = start + costs.of(a)
                 avail = end + (costs.latency if a.kind in (SEND_F, SEND_B) else 0.0)
-                done[(a.kind, a.module, a.mb, step)] = avail
+                done[(a.kind, a.k, a.mb, step)] = avail
                 if a.kind in (F, B, L, STEP):
                     tl.events[s].append((step, a, start, end))
                 clock[s] = end

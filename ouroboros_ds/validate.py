@@ -53,11 +53,11 @@ def delay_table(stages: int) -> list[tuple[int, int, int, int]]:
 
 
 def _key(a: Action) -> tuple[str, int, int]:
-    return (a.kind, a.module, a.mb)
+    return (a.kind, a.k, a.mb)
 
 
-def _text(kind: str, module: int, mb: int) -> str:
-    return str(Action(kind, module, mb))
+def _text(kind: str, k: int, mb: int) -> str:
+    return str(Action(kind, k, mb))
 
 
 def validate(plan: list[list[Action]], stages: int | None = None, micro_batches: int | None = None) -> None:
@@ -87,7 +87,7 @@ def validate(plan: list[list[Action]], stages: int | None = None, micro_batches:
         for i, a in enumerate(acts):
             if a.kind == STEP:
                 continue
-            k = a.module
+            k = a.k
             if not 1 <= k <= K:
                 fail(s, i, f"module {k} out of range 1..{K} (G={G}, K=G+1)")
             if not 0 <= a.mb < M:
@@ -154,7 +154,7 @@ def validate(plan: list[list[Action]], stages: int | None = None, micro_batches:
 
     for s, acts in enumerate(plan):
         for i, a in enumerate(acts):
-            k, j = a.module, a.mb
+            k, j = a.k, a.mb
             if a.kind == F and k == 1:
                 before(s, i, (LOAD, 1, j), f"{a} forwards micro-batch {j}'s input, loaded by 1LOAD{j}")
             elif a.kind in (F, L):
@@ -179,8 +179,8 @@ def validate(plan: list[list[Action]], stages: int | None = None, micro_batches:
             if a.kind not in mate:
                 continue
             kind, dk = mate[a.kind]
-            other = (kind, a.module + dk, a.mb)
-            peer = stage_of(a.module + dk, G)
+            other = (kind, a.k + dk, a.mb)
+            peer = stage_of(a.k + dk, G)
             if other not in where:
                 fail(s, i, f"{a} has no matching {_text(*other)} on stage {peer} in the same step")
 
@@ -188,12 +188,12 @@ def validate(plan: list[list[Action]], stages: int | None = None, micro_batches:
     def message(a: Action):
         """(sender stage, receiver stage, the SEND's key) of a SEND or RECV."""
         if a.kind == SEND_F:
-            return stage_of(a.module, G), stage_of(a.module + 1, G), _key(a)
+            return stage_of(a.k, G), stage_of(a.k + 1, G), _key(a)
         if a.kind == SEND_B:
-            return stage_of(a.module, G), stage_of(a.module - 1, G), _key(a)
+            return stage_of(a.k, G), stage_of(a.k - 1, G), _key(a)
         if a.kind == RECV_F:
-            return stage_of(a.module - 1, G), stage_of(a.module, G), (SEND_F, a.module - 1, a.mb)
-        return stage_of(a.module + 1, G), stage_of(a.module, G), (SEND_B, a.module + 1, a.mb)
+            return stage_of(a.k - 1, G), stage_of(a.k, G), (SEND_F, a.k - 1, a.mb)
+        return stage_of(a.k + 1, G), stage_of(a.k, G), (SEND_B, a.k + 1, a.mb)
 
     for src in range(G):
         for dst in range(G):
@@ -216,14 +216,14 @@ def validate(plan: list[list[Action]], stages: int | None = None, micro_batches:
         fail(s, where[(L, K, 0)][1], f"module K={K} must have delay 0, schedule.delay gives {delay(K, G)}")
     for s, acts in enumerate(plan):
         for i, a in enumerate(acts):
-            if a.kind == B and (delay(a.module, G) != K - a.module or table[a.module][1] != K - a.module
-                                or table[a.module][0] != s):
-                fail(s, i, f"{a}: module {a.module} on stage {s} must replay the batch of step "
-                           f"t - {K - a.module} (K - k), schedule.delay gives {delay(a.module, G)}, "
-                           f"the ring placement {table[a.module][1]}")
-            if a.kind == B and stash_depth(a.module, G) != K - a.module + 1:
-                fail(s, i, f"{a}: module {a.module} must stash K - k + 1 = {K - a.module + 1} inputs, "
-                           f"schedule.stash_depth gives {stash_depth(a.module, G)}")
+            if a.kind == B and (delay(a.k, G) != K - a.k or table[a.k][1] != K - a.k
+                                or table[a.k][0] != s):
+                fail(s, i, f"{a}: module {a.k} on stage {s} must replay the batch of step "
+                           f"t - {K - a.k} (K - k), schedule.delay gives {delay(a.k, G)}, "
+                           f"the ring placement {table[a.k][1]}")
+            if a.kind == B and stash_depth(a.k, G) != K - a.k + 1:
+                fail(s, i, f"{a}: module {a.k} must stash K - k + 1 = {K - a.k + 1} inputs, "
+                           f"schedule.stash_depth gives {stash_depth(a.k, G)}")
 
     # 8. no deadlock (the simulator names where it blocks)
     try:

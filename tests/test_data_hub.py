@@ -1,4 +1,4 @@
-"""Data through ``datasets`` (issue 4): hub names map to the right ``load_dataset`` call, and the
+"""Data through ``datasets``: hub names map to the right ``load_dataset`` call, and the
 loading code reads local data set directories with HF_DATASETS_OFFLINE=1 and no network."""
 from __future__ import annotations
 

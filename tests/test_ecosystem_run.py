@@ -1,4 +1,4 @@
-"""train.py as a user with a Hugging Face model and a wandb account runs it (issue 4):
+"""train.py as a user with a Hugging Face model and a wandb account runs it:
 ``--model HF_DIR --wandb PROJECT --export DIR --metrics PATH`` on 2 torchrun ranks, no API key
 and no network. Checks the start-up summary, that wandb ran offline by default and logged what
 the metrics file says (read back from the ``.wandb`` file wandb wrote), and that the export loads

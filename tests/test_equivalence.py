@@ -1,11 +1,11 @@
-"""The DeepSpeed Ouroboros engine equals the single-process Reference (SPEC section 4).
+"""The DeepSpeed Ouroboros engine equals the single-process Reference, parameter for parameter.
 
 Each G spawns G gloo ranks (CPU, one torch thread each) once and trains two engines in the same
 processes, M = 1 then M = 4, for 2K + 2 steps (K = G + 1) with dropout 0.1, AdamW with weight
 decay, WarmupCosineLR and a gradient clip that does clip on some steps. The parent then runs
 :class:`ouroboros_ds.reference.Reference` on the same batches and compares every parameter and
 every per-step loss. The same runs also record, after every step, the engine's in-flight state
-(stash and pending error gradients, SPEC section 2) and every ``c10d`` op issued during
+(stash and pending error gradients, docs/ring.md#memory) and every ``c10d`` op issued during
 ``train_batch()`` (no collective may cross pipeline stages; with dp = 1 no collective at all).
 """
 from __future__ import annotations
@@ -252,7 +252,7 @@ def test_engine_equals_reference(ring_run, G, M):
 def test_in_flight_state(ring_run, G):
     """After step t, module k < K holds the inputs of exactly min(t + 1, K - k) batches (the last
     ones, all M micro-batches), and the error gradient of the batch it replays at step t + 1;
-    module K holds nothing between steps (SPEC section 2)."""
+    module K holds nothing between steps (docs/ring.md#memory)."""
     K = G + 1
     for M in M_VALUES:
         for r in (run[M] for run in ring_run(G)):

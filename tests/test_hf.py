@@ -1,4 +1,4 @@
-"""Hugging Face in and out (issue 4): a saved GPT2LMHeadModel loads into a 2-stage ring, trains,
+"""Hugging Face in and out: a saved GPT2LMHeadModel loads into a 2-stage ring, trains,
 exports, and ``AutoModelForCausalLM.from_pretrained`` gives the pipeline's logits."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The paper's recipe (ds_configs/paper.json + --model xl-base) runs as documented, with the
-paper's optimizer and a cosine schedule that ends at 0 (SPEC section 2)."""
+paper's optimizer and a cosine schedule that ends at 0."""
 from __future__ import annotations
 
 import json

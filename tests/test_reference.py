@@ -1,4 +1,4 @@
-"""The single-process Reference is the update rule of SPEC section 2 (single process, a few seconds).
+"""The single-process Reference is the Ouroboros update rule (docs/ring.md; single process, a few seconds).
 
 - M = 1 is the paper's update, checked against an independent transcription of the formula that
   keeps every step's weights and recomputes each delayed gradient from them (no queues).
@@ -21,7 +21,7 @@ from ouroboros_ds.reference import Reference, make_optimizer, make_scheduler
 
 SEED, INIT_SEED = 5, 11
 VOCAB, SEQ, MICRO, N_LAYER = 64, 8, 2, 4
-# Explicit ring partition of the 4 blocks into modules 1..K (SPEC section 2 allows an explicit one).
+# Explicit ring partition of the 4 blocks into modules 1..K (any explicit partition is allowed).
 BLOCKS = {1: [2, 2], 2: [1, 2, 1], 3: [1, 1, 1, 1]}
 
 
@@ -109,7 +109,7 @@ class Net(torch.nn.Module):
 
 
 def _independent_update(G: int, cfg: dict, data: list) -> tuple[dict, list, list]:
-    """SPEC section 2 transcribed for M = 1, from a history of weights.
+    """The update rule (docs/ring.md) transcribed for M = 1, from a history of weights.
 
     theta[s] are all weights at the start of step s. Batch b's forward at step b uses theta[b]:
     x_1(b) = tokens, x_{j+1}(b) = f_j(x_j(b); theta_j[b]). Module j < K backprops batch b at step

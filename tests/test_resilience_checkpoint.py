@@ -1,4 +1,4 @@
-"""Issue 5: exact resume and atomic checkpoints, driving the engine directly on gloo CPU ranks.
+"""Exact resume and atomic checkpoints, driving the engine directly on gloo CPU ranks.
 
 Per G in {2, 3}, one spawn trains M = 1 and M = 4 for T = G + 3 steps and saves at global step
 1 (inside the warm-up: module 1 first updates at step G) and at step G + 1 (after it), into one

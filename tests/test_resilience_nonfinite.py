@@ -1,4 +1,4 @@
-"""Issue 5: a NaN loss or gradient is dropped coherently around the ring, with no collective.
+"""A NaN loss or gradient is dropped coherently around the ring, with no collective.
 
 One G = 2 spawn (K = 3 modules: 1 and 3 on stage 0, 2 on stage 1) runs three engines:
 

@@ -1,4 +1,4 @@
-"""Issue 5 through train.py: bad input (in-process), preemption and resume, a killed rank."""
+"""Resilience through train.py: bad input (in-process), preemption and resume, a killed rank."""
 from __future__ import annotations
 
 import json

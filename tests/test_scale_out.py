@@ -1,4 +1,4 @@
-"""Issue 7: G stages x D data-parallel replicas, ZeRO-1, bf16 and evaluation on the Ouroboros ring.
+"""G stages x D data-parallel replicas, ZeRO-1, bf16 and evaluation on the Ouroboros ring.
 
 Two spawned runs (gloo, CPU, one thread per rank), each computed once per module and training
 several engines in the same processes (the tiny model of test_equivalence, dropout 0.1, AdamW with
@@ -69,7 +69,7 @@ def _train(M, zero, bf16, D, dp_rank, eval_at=None):
                 loss = engine.eval_batch(iter(val) if engine.stage_id == 0 else None, num_micro_batches=len(val))
                 evals.append(None if loss is None else loss.item())
                 # nothing of the evaluation is left in flight: a rank may return and exit right after it
-                assert not engine._sends, "eval_batch returned with its sends in flight"
+                assert not engine.p2p.sends, "eval_batch returned with its sends in flight"
             loss = engine.train_batch(it)
             losses.append(None if loss is None else loss.float().item())
     params = {n: p.float() for n, p in _parameters(mod).items()}

@@ -277,7 +277,7 @@ def test_m1_bounded_by_the_sequential_forward(G):
     # batch t only after module k has, stage 0's loss needs module K - 1's output, and module 1
     # forwards batch t + 1 only after stage 0's STEP of step t, which follows the loss. So each step
     # contains the chain F1 -> F2 -> ... -> FG -> L: no backward locking, but the forward is still
-    # sequential (SPEC section 2, "the headroom"). Step time >= sum of forwards + loss, and a stage
+    # sequential (docs/ring.md#micro-batches). Step time >= sum of forwards + loss, and a stage
     # with work w per step is busy at most w / that.
     costs = balanced_costs(G)
     K = num_modules(G)
@@ -309,12 +309,12 @@ def reordered(G, M, how):
     puts stage 0's losses before its replays."""
     plan = []
     for acts in ouroboros_schedule(G, M):
-        head = [a for a in acts if a.kind == RECV_F and a.module != 1]
+        head = [a for a in acts if a.kind == RECV_F and a.k != 1]
         groups = {j: {"f": [], "b": [], "l": []} for j in range(M)}
         for a in acts:
             if a.kind in (LOAD, F, SEND_F, RECV_B):
                 groups[a.mb]["f"].append(a)
-            elif a.kind == B or (a.kind == SEND_B and a.module != num_modules(G)):
+            elif a.kind == B or (a.kind == SEND_B and a.k != num_modules(G)):
                 groups[a.mb]["b"].append(a)
             elif a.kind in (L, SEND_B):
                 groups[a.mb]["l"].append(a)

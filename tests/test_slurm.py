@@ -1,4 +1,4 @@
-"""launch_scripts/ouroboros.sbatch on a real single-node Slurm (issue 4): the job trains on 2 ranks
+"""launch_scripts/ouroboros.sbatch on a real single-node Slurm: the job trains on 2 ranks
 and writes its metrics; SIGUSR1 to the batch shell (what ``--signal=B:USR1@180`` sends before the
 time limit) makes the ranks save, the job requeue, and the requeued run resume from the save.
 
@@ -55,7 +55,7 @@ def test_sbatch_trains_writes_metrics_and_requeues_on_usr1(slurm, tmp_path):
     # world of one) would reach the job: the sbatch script must choose its own rendezvous.
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
-    # 2 tasks on this 2-core node; -O (overcommit) so a busy machine does not leave it pending.
+    # 2 tasks, even on a 2-core node; -O (overcommit) so a busy machine does not leave it pending.
     sub = slurm.run(["sbatch", "--parsable", "-O", "--chdir", str(tmp_path), "--output", str(tmp_path / "job.out"),
                      os.path.join(ROOT, "launch_scripts", "ouroboros.sbatch"),
                      "--steps", str(STEPS), "--seq-len", "32", "--max-bytes", "200000", "--eval-every", "12",

@@ -1,4 +1,4 @@
-"""Issue 3 (speed): the simulator at scale, the tied-weight cycle bound, the balanced partition,
+"""Speed: the simulator at scale, the tied-weight cycle bound, the balanced partition,
 and the benchmark's one-command table (tiny model; the real numbers are in docs/benchmarks.md)."""
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_schedule_meets_the_cycle_bound(G, M):
 
 
 def test_g8_utilization_target_and_the_m1_bound():
-    """Issue 3 asks utilization >= 0.95 at G = 8 for every M. It holds from M = 4 on; at M = 1 and
+    """The target is utilization >= 0.95 at G = 8 for every M. It holds from M = 4 on; at M = 1 and
     2 the tied-weight cycle forbids it for any schedule: (f + b) / (sum of forwards + loss)."""
     costs = balanced_costs(8)
     for M in (4, 8, 16, 32):

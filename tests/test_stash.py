@@ -1,11 +1,11 @@
-"""Issue 3: the weight-stashing replay mode (``replay="stash"``).
+"""The weight-stashing replay mode (``replay="stash"``).
 
 - The engine in stash mode equals the single-process Reference in stash mode **bit for bit**
   (every parameter, every loss) for G in {1, 2, 3} x M in {1, 4}, with dropout, clipping and an
   LR schedule, as tests/test_equivalence.py does for features replay. Midway the engine drops its
   cache of kept graphs (what a restore from a checkpoint does); it rebuilds them from the stashed
   input, the weight snapshot and the dropout key, and stays bitwise equal.
-- Stashed state is bounded as SPEC section 2 says: after step t module k < K holds the inputs, the
+- Stashed state is bounded as docs/ring.md#memory says: after step t module k < K holds the inputs, the
   kept graphs and one weight snapshot for each of the last min(t + 1, K - k) batches; module K none.
 - Stash mode is a different update (gradient at the forward's weights) except in the synchronous
   limit, where it equals features replay bit for bit.

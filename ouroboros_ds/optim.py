@@ -1,0 +1,73 @@
+"""How DeepSpeed's optimizer wrappers see one ring stage.
+
+The engine keeps DeepSpeed's optimizers and wrappers (torch Adam/AdamW, ZeRO-1, bf16) as they are
+and changes only what they are given:
+
+- one param group per first-gradient step (:func:`ouroboros_ds.warmup.ring_param_groups`) and a
+  step pre-hook (:func:`warmup_hook`) that keeps a group in warm-up still. ZeRO and
+  BF16_Optimizer turn a missing gradient into zeros, and Adam would then move the module
+  (weight decay, step count) before its first delayed gradient; with the gradient set to None
+  the torch optimizer skips it, as it skips a parameter without gradient in the plain fp32 path
+  and in the Reference;
+- a grid whose model-parallel group is this stage (:class:`StageGrid`), so the gradient norm a
+  wrapper clips by is the stage's, with no cross-stage collective.
+"""
+from __future__ import annotations
+
+import torch
+
+from .warmup import FIRST_STEP, ring_param_groups
+
+
+def ring_optimizer_groups(module, model_parameters) -> list[dict]:
+    """The param groups to build the stage's optimizer from: :func:`ring_param_groups` when the
+    caller passes None or this stage's plain parameters; the caller's groups when each carries
+    ``FIRST_STEP`` (e.g. :func:`ouroboros_ds.staleness.pipeline_groups`)."""
+    if model_parameters is None or all(torch.is_tensor(p) for p in model_parameters):
+        given = None if model_parameters is None else {id(p) for p in model_parameters}
+        groups = ring_param_groups(module)
+        if given is not None and given != {id(p) for g in groups for p in g["params"]}:
+            raise ValueError("model_parameters: pass this stage's trainable parameters (module.parameters()) "
+                             "or None; the engine groups them by first-gradient step")
+        return groups
+    if not all(isinstance(g, dict) and FIRST_STEP in g for g in model_parameters):
+        raise ValueError(f"model_parameters: param groups need the key {FIRST_STEP!r} (the first step their "
+                         "parameters have a gradient); pass plain parameters to get ring_param_groups(module)")
+    return model_parameters
+
+
+def warmup_hook(current_step):
+    """A torch optimizer step pre-hook: no gradient for a group whose first-gradient step is
+    still ahead of ``current_step()`` (the step t being run)."""
+    def hook(optimizer, args, kwargs):
+        t = current_step()
+        for group in optimizer.param_groups:
+            if t < group[FIRST_STEP]:
+                for p in group["params"]:
+                    p.grad = None
+    return hook
+
+
+class StageGrid:
+    """DeepSpeed's pipe grid as the optimizer wrappers (ZeRO, BF16_Optimizer) see it.
+
+    They all-reduce the gradient norm (and fp16's overflow flag) over ``get_model_parallel_group()``,
+    which for a pipeline is every stage of the replica: a cross-stage collective each step, and a
+    global clip where Ouroboros clips per stage. Here the model-parallel group is this stage's
+    tensor-slice group (this rank alone, no tensor parallelism), so the norm a wrapper clips by is
+    the stage's own, reduced over the data-parallel group only. Everything else is the grid's."""
+
+    def __init__(self, grid):
+        self._grid = grid
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def get_model_parallel_group(self):
+        return self._grid.get_slice_parallel_group()
+
+    def get_model_parallel_world_size(self):
+        return self._grid.get_slice_parallel_world_size()
+
+    def get_model_parallel_rank(self):
+        return self._grid.get_slice_parallel_rank()
