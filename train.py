@@ -304,8 +304,8 @@ def main(argv=None) -> int:
                                         blocks_per_module=bpm)
         model.partition_note = note
     else:
-        from deepspeed.pipe import PipelineModule
-        model = PipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block",
+        from ouroboros_ds.baseline import BaselinePipelineModule
+        model = BaselinePipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block",
                                activation_checkpoint_interval=1 if args.activation_checkpointing else 0,
                                # only the blocks: reentrant checkpointing of the embedding (integer input)
                                # would cut it off from autograd

@@ -15,10 +15,17 @@ schedule runs them in order on every stage), as the Ouroboros engine's ``eval_ba
 """
 from __future__ import annotations
 
+from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe import schedule as ds_schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from .context import dropout_key, recurrent_memory
+from .module import TiedSyncWithoutGraph
+
+
+class BaselinePipelineModule(TiedSyncWithoutGraph, PipelineModule):
+    """DeepSpeed's stock ``PipelineModule``; only its tied-weight synchronization leaves no
+    autograd history (see :class:`~ouroboros_ds.module.TiedSyncWithoutGraph`)."""
 
 
 class KeyedPipelineEngine(PipelineEngine):

@@ -6,6 +6,8 @@ the config parsed the way ``deepspeed.initialize`` parses it.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 import torch.distributed as tdist
@@ -16,6 +18,28 @@ from deepspeed.runtime.pipe.module import PipelineModule
 from .baseline import KeyedPipelineEngine
 from .engine import OuroborosEngine
 from .module import OuroborosPipelineModule
+
+
+# DeepSpeed's warm-up LR schedules (WarmupLR, WarmupCosineLR, WarmupDecayLR) call their own
+# get_lr() from their constructor, at iteration -1, to set the starting learning rate; that call
+# always logs this warning, on every rank, before any step. The value it returns is the intended
+# start, so the message says nothing about the run and is dropped, exactly this text only, while
+# the engine (and with it the scheduler) is built.
+_SCHEDULER_START_MESSAGE = "Attempting to get learning rate from scheduler before it has started"
+
+
+@contextlib.contextmanager
+def _without_scheduler_start_warning():
+    from deepspeed.utils import logger
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.getMessage() != _SCHEDULER_START_MESSAGE
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def release_shm_buffers() -> None:
@@ -65,10 +89,11 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                   training_data=training_data, lr_scheduler=lr_scheduler, mpu=model.mpu(),
                   config=config, config_class=config_class)
-    if isinstance(model, OuroborosPipelineModule):
-        engine = OuroborosEngine(seed=seed, replay=replay, weight_prediction=weight_prediction, **kwargs)
-    else:
-        if weight_prediction:
-            raise ValueError("weight_prediction: only the Ouroboros ring has stale modules; drop it for 1f1b")
-        engine = KeyedPipelineEngine(seed=seed, **kwargs)
+    if not isinstance(model, OuroborosPipelineModule) and weight_prediction:
+        raise ValueError("weight_prediction: only the Ouroboros ring has stale modules; drop it for 1f1b")
+    with _without_scheduler_start_warning():
+        if isinstance(model, OuroborosPipelineModule):
+            engine = OuroborosEngine(seed=seed, replay=replay, weight_prediction=weight_prediction, **kwargs)
+        else:
+            engine = KeyedPipelineEngine(seed=seed, **kwargs)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

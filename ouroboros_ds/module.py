@@ -108,7 +108,22 @@ def balanced_blocks_per_module(num_blocks: int, stages: int, costs: dict, replay
     return min(candidates, key=key)
 
 
-class OuroborosPipelineModule(PipelineModule):
+class TiedSyncWithoutGraph:
+    """``PipelineModule`` mixin: tied weights synchronized without autograd history.
+
+    DeepSpeed's ``_synchronize_tied_weights`` (at construction and after a checkpoint load)
+    broadcasts each tied parameter itself, not its ``.data``, with grad mode on. torch then records
+    the in-place ``c10d::broadcast_`` in the parameter's history, and every backward through the
+    tied head warns that the op has no autograd kernel ("may lead to silently incorrect
+    behavior"). The broadcast only copies values between the stages that hold the tied layer, so
+    running it under ``no_grad`` moves the same values and leaves nothing in the graph."""
+
+    def _synchronize_tied_weights(self):
+        with torch.no_grad():
+            super()._synchronize_tied_weights()
+
+
+class OuroborosPipelineModule(TiedSyncWithoutGraph, PipelineModule):
     """A ``PipelineModule`` cut into the Ouroboros ring.
 
     Args beyond ``PipelineModule``'s:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 
 import pytest
 import torch
@@ -161,7 +162,8 @@ def worker(rank: int, G: int, Ms: tuple, out: str) -> None:
                                 seed=SEED)
         it = iter([mb for step in batches(steps, M) for mb in step]) if engine.stage_id == 0 else None
         losses, in_flight, step_norms = [], [], []
-        with _ApiRecorder() as api, _C10dRecorder() as c10d:
+        with _ApiRecorder() as api, _C10dRecorder() as c10d, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             for _ in range(steps):
                 del norms[:]
                 loss = engine.train_batch(it)
@@ -173,6 +175,7 @@ def worker(rank: int, G: int, Ms: tuple, out: str) -> None:
             tdist.barrier()
         results[M] = {"losses": losses, "in_flight": in_flight, "norms": step_norms, "params": _parameters(mod),
                       "stage": engine.stage_id, "local_modules": list(mod.local_modules),
+                      "warnings": [str(w.message)[:200] for w in caught],
                       "api_calls": api.calls, "c10d_ops": c10d.ops,
                       "check": (api_check.calls, c10d_check.ops)}
     torch.nn.utils.clip_grad_norm_ = clip
@@ -286,3 +289,15 @@ def test_no_collective_across_stages(ring_run, G):
                 assert r["c10d_ops"], f"{where}: no point-to-point either: is the recorder blind?"
             api_check, c10d_check = r["check"]
             assert [n for n, _ in api_check] == ["barrier"] and "c10d.barrier.default" in c10d_check
+
+
+@pytest.mark.parametrize("G", G_VALUES, ids=lambda g: f"G{g}")
+def test_training_raises_no_warning(ring_run, G):
+    """DeepSpeed broadcasts tied weights at construction; done with grad mode on, torch records
+    that broadcast and warns at every backward through the tied head that ``c10d::broadcast_``
+    has no autograd kernel. The ring module synchronizes them without autograd, so training
+    raises no warning at all; that the head's gradient is right is pinned by
+    test_engine_equals_reference (``wte`` against the Reference)."""
+    for M in M_VALUES:
+        for r in (run[M] for run in ring_run(G)):
+            assert r["warnings"] == [], f"G={G} M={M} stage {r['stage']}: {r['warnings']}"

@@ -23,6 +23,9 @@ def test_short_run_learns_well_below_unigram_entropy(tmp_path):
     r = _run(["--steps", "300", "--seq-len", "64", "--lr", "1e-3", "--eval-every", "150",
               "--eval-batches", "16", "--no-progress", "--metrics", str(metrics)])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # a normal run has nothing for the user to ignore: no Python warning, no scheduler start noise
+    assert "Warning:" not in r.stderr + r.stdout, (r.stderr + r.stdout)[-3000:]
+    assert "Attempting to get learning rate" not in r.stderr + r.stdout
     recs = [json.loads(line) for line in metrics.read_text().splitlines()]
     steps = [x for x in recs if "loss" in x]
     evals = [x for x in recs if "val_bpb" in x]
