@@ -121,7 +121,7 @@ def ouroboros_schedule(stages: int, micro_batches: int) -> list[list[Action]]:
     for as early as possible and costs no memory (the forward keeps no graph, and the inputs are
     stashed for the replay anyway); the replays, whose error gradients are already local, fill
     the time until the micro-batches come back around the ring. The simulator chose this order
-    over interleaved ones (``docs/`` and ``tests/test_schedule.py`` show the numbers).
+    over interleaved ones (``docs/`` and ``tests/unit/test_schedule.py`` show the numbers).
     """
     G, M = stages, micro_batches
     if isinstance(G, bool) or not isinstance(G, int) or G < 1:

@@ -1,6 +1,6 @@
 """Shared test setup: import paths for `python -m pytest` from the repository root.
 
-Spawned ranks (tests/ring.py) inherit this process's environment and sys.path, so they share
+Spawned ranks (tests/helpers.py) inherit this process's environment and sys.path, so they share
 one torch-extensions cache: DeepSpeed's CPU comm op is JIT-built once (TORCH_EXTENSIONS_DIR if
 set, else torch's default ~/.cache/torch_extensions/py<ver>_cpu) and reused by every rank.
 """

@@ -17,131 +17,24 @@ import warnings
 import pytest
 import torch
 
-from ring import run_ranks
+from helpers import (CLIP, P2P_OPS, SEED, ApiRecorder, C10dRecorder, batches, ds_config, feed, model_plan,
+                     ring_engine, run_ranks, stage_parameters, steps_for)
 
 G_VALUES = (1, 2, 3)
 M_VALUES = (1, 4)
-SEED, INIT_SEED = 3, 7
-VOCAB, SEQ, MICRO = 64, 8, 2
-CLIP = {1: 1.6, 4: 0.8}  # by M: the clip acts on some steps, not all (the test checks)
-P2P_OPS = {"c10d.send.default", "c10d.recv_.default"}
-
-
-def steps_for(G: int) -> int:
-    return 2 * (G + 1) + 2
-
-
-def ds_config(M: int, steps: int) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": MICRO,
-        "gradient_accumulation_steps": M,
-        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                  "weight_decay": 0.05, "torch_adam": True}},
-        "scheduler": {"type": "WarmupCosineLR",
-                      "params": {"total_num_steps": steps, "warmup_num_steps": 2, "warmup_min_ratio": 0.1,
-                                 "cos_min_ratio": 0.1}},
-        "gradient_clipping": CLIP[M],
-        "steps_per_print": 4,  # progress reports happen inside the monitored steps
-        "wall_clock_breakdown": False,
-    }
-
-
-def batches(steps: int, M: int) -> list:
-    """``steps`` lists of M (input_ids, labels) micro-batches, the same on every call."""
-    g = torch.Generator().manual_seed(0)
-    return [[(torch.randint(0, VOCAB, (MICRO, SEQ), generator=g), torch.randint(0, VOCAB, (MICRO, SEQ), generator=g))
-             for _ in range(M)] for _ in range(steps)]
-
-
-def model_plan():
-    from ouroboros_ds.models import gpt2_config, gpt2_layer_specs
-
-    cfg = gpt2_config({"n_layer": 4, "n_embd": 16, "n_head": 2, "n_positions": SEQ}, VOCAB, dropout=0.1)
-    return gpt2_layer_specs(cfg, seed=INIT_SEED)
 
 
 # ------------------------------------------------------------------ what the ranks run
-class _C10dRecorder(torch.utils._python_dispatch.TorchDispatchMode):
-    """Every ``c10d`` op dispatched while active (catches any Python or DeepSpeed API path)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func).startswith("c10d."):
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-_COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "broadcast", "barrier", "monitored_barrier", "all_gather",
-                "all_gather_into_tensor", "all_gather_object", "all_gather_coalesced", "reduce_scatter",
-                "reduce_scatter_tensor", "reduce", "gather", "scatter", "all_to_all", "all_to_all_single",
-                "broadcast_object_list", "gather_object", "scatter_object_list", "new_group")
-
-
-class _ApiRecorder:
-    """Wraps torch.distributed's collective functions: (name, ranks of the group) of each call."""
-
-    def __init__(self):
-        self.calls: list = []
-        self._orig: dict = {}
-
-    def __enter__(self):
-        import torch.distributed as tdist
-
-        for name in _COLLECTIVES:
-            if hasattr(tdist, name):
-                self._orig[name] = fn = getattr(tdist, name)
-                setattr(tdist, name, self._wrap(name, fn))
-        return self
-
-    def _wrap(self, name, fn):
-        def wrapper(*args, **kwargs):
-            import torch.distributed as tdist
-
-            group = kwargs.get("group")
-            ranks = sorted(tdist.get_process_group_ranks(group)) if group is not None else "WORLD"
-            self.calls.append((name, ranks))
-            return fn(*args, **kwargs)
-        return wrapper
-
-    def __exit__(self, *exc):
-        import torch.distributed as tdist
-
-        for name, fn in self._orig.items():
-            setattr(tdist, name, fn)
-
-
 def _in_flight(engine) -> dict:
     """The engine's state between steps: stash and pending error-gradient keys, leftovers."""
     return {"stash": sorted(engine.stash), "grads_in": sorted(engine.grads_in),
             "leftover": {"acts_in": len(engine.acts_in), "outbox": len(engine.outbox), "labels": len(engine.labels)}}
 
 
-def _parameters(mod) -> dict:
-    """Every parameter of this rank's modules, named ``{layer index}.{name}`` like the Reference."""
-    state, seen = {}, set()
-    for k in mod.local_modules:
-        start, stop = mod.module_bounds[k - 1]
-        for i, layer in zip(range(start, stop), mod.module_funcs[k]):
-            if isinstance(layer, torch.nn.Module):
-                for n, p in layer.named_parameters():
-                    if id(p) not in seen:
-                        seen.add(id(p))
-                        state[f"{i}.{n}"] = p.detach().clone()
-    # nothing the engine trains is left out of the comparison
-    assert seen == {id(p) for p in mod.parameters()}, "some engine parameter is not named by its layer"
-    return state
-
-
 def worker(rank: int, G: int, Ms: tuple, out: str) -> None:
     import deepspeed
     import torch.distributed as tdist
 
-    from ouroboros_ds import initialize
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.module import OuroborosPipelineModule
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
     steps = steps_for(G)
@@ -156,13 +49,10 @@ def worker(rank: int, G: int, Ms: tuple, out: str) -> None:
     torch.nn.utils.clip_grad_norm_ = recording_clip
     results = {}
     for M in Ms:
-        plan = model_plan()
-        mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
-        engine, *_ = initialize(model=mod, model_parameters=list(mod.parameters()), config=ds_config(M, steps),
-                                seed=SEED)
-        it = iter([mb for step in batches(steps, M) for mb in step]) if engine.stage_id == 0 else None
+        engine, mod = ring_engine(G, ds_config(M, steps))
+        it = feed(engine, batches(steps, M))
         losses, in_flight, step_norms = [], [], []
-        with _ApiRecorder() as api, _C10dRecorder() as c10d, warnings.catch_warnings(record=True) as caught:
+        with ApiRecorder() as api, C10dRecorder() as c10d, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for _ in range(steps):
                 del norms[:]
@@ -171,9 +61,9 @@ def worker(rank: int, G: int, Ms: tuple, out: str) -> None:
                 in_flight.append(_in_flight(engine))
                 step_norms.append(list(norms))
         # The recorders are not blind: a deliberate collective is seen by both.
-        with _ApiRecorder() as api_check, _C10dRecorder() as c10d_check:
+        with ApiRecorder() as api_check, C10dRecorder() as c10d_check:
             tdist.barrier()
-        results[M] = {"losses": losses, "in_flight": in_flight, "norms": step_norms, "params": _parameters(mod),
+        results[M] = {"losses": losses, "in_flight": in_flight, "norms": step_norms, "params": stage_parameters(mod),
                       "stage": engine.stage_id, "local_modules": list(mod.local_modules),
                       "warnings": [str(w.message)[:200] for w in caught],
                       "api_calls": api.calls, "c10d_ops": c10d.ops,
@@ -267,14 +157,14 @@ def test_in_flight_state(ring_run, G):
                 assert set(m for m, _, _ in state["stash"]) <= set(r["local_modules"]) - {K}, where
                 assert set(m for m, _, _ in state["grads_in"]) <= set(r["local_modules"]) - {K}, where
                 for k in r["local_modules"]:
-                    if k == K:
+                     if k == K:
                         assert stash[k] == [] and grads[k] == [], where
                         continue
-                    kept = range(max(0, t - (K - k) + 1), t + 1)
-                    assert stash[k] == [(b, j) for b in kept for j in range(M)], f"{where}, module {k}"
-                    assert len({b for b, _ in stash[k]}) == min(t + 1, K - k)
-                    nxt = t + 1 - (K - k)
-                    assert grads[k] == ([(nxt, j) for j in range(M)] if nxt >= 0 else []), f"{where}, module {k}"
+                     kept = range(max(0, t - (K - k) + 1), t + 1)
+                     assert stash[k] == [(b, j) for b in kept for j in range(M)], f"{where}, module {k}"
+                     assert len({b for b, _ in stash[k]}) == min(t + 1, K - k)
+                     nxt = t + 1 - (K - k)
+                     assert grads[k] == ([(nxt, j) for j in range(M)] if nxt >= 0 else []), f"{where}, module {k}"
 
 
 @pytest.mark.parametrize("G", G_VALUES, ids=lambda g: f"G{g}")

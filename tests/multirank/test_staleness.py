@@ -11,8 +11,7 @@ import os
 import pytest
 import torch
 
-from ring import run_ranks
-from test_equivalence import SEED, _parameters, batches, ds_config, model_plan, steps_for
+from helpers import SEED, batches, ds_config, feed, model_plan, ring_engine, run_ranks, stage_parameters, steps_for
 
 LR = 3e-3  # test_equivalence.ds_config's lr
 C = 1.5
@@ -42,20 +41,15 @@ def test_groups_scale_by_delay_and_keep_the_tied_weight_fresh():
 def worker(rank: int, G: int, M: int, out: str) -> None:
     import deepspeed
 
-    from ouroboros_ds import initialize
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.module import OuroborosPipelineModule
     from ouroboros_ds.staleness import pipeline_groups
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
     steps = steps_for(G)
-    plan = model_plan()
-    mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
-    engine, opt, *_ = initialize(model=mod, model_parameters=pipeline_groups(mod, LR, C),
-                                 config=ds_config(M, steps), seed=SEED)
-    it = iter([mb for step in batches(steps, M) for mb in step]) if engine.stage_id == 0 else None
+    engine, mod = ring_engine(G, ds_config(M, steps), model_parameters=lambda mod: pipeline_groups(mod, LR, C))
+    opt = engine.optimizer
+    it = feed(engine, batches(steps, M))
     losses = [engine.train_batch(it) for _ in range(steps)]
-    torch.save({"losses": [None if x is None else x.item() for x in losses], "params": _parameters(mod),
+    torch.save({"losses": [None if x is None else x.item() for x in losses], "params": stage_parameters(mod),
                 "lrs": sorted(g["lr"] for g in opt.param_groups)}, os.path.join(out, f"rank{rank}.pt"))
 
 

@@ -17,8 +17,7 @@ import os
 import pytest
 import torch
 
-from ring import run_ranks
-from test_equivalence import SEED, _parameters, batches, ds_config, model_plan
+from helpers import SEED, batches, ds_config, model_plan, ring_engine, run_ranks, stage_parameters
 
 H = 1.0  # horizon, as a multiple of each module's delay
 T, SAVE_AT = 6, 3
@@ -74,15 +73,8 @@ def _reference(G: int, M: int, steps: int, prediction: float, synchronous: bool 
 
 
 def _engine(G, M, steps):
-    from ouroboros_ds import initialize
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.module import OuroborosPipelineModule
 
-    plan = model_plan()
-    mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
-    engine, *_ = initialize(model=mod, model_parameters=list(mod.parameters()), config=ds_config(M, steps),
-                            seed=SEED, replay="stash", weight_prediction=H)
-    return engine, mod
+    return ring_engine(G, ds_config(M, steps), replay="stash", weight_prediction=H)
 
 
 def worker(rank, G, M, ckpt, out, resume):
@@ -103,7 +95,7 @@ def worker(rank, G, M, ckpt, out, resume):
         if ckpt and not resume and engine.global_steps == SAVE_AT:
             kept = engine.last_update.nbytes()
             engine.save_ring_checkpoint(ckpt)
-    torch.save({"losses": losses, "params": _parameters(mod), "start": start, "kept": kept},
+    torch.save({"losses": losses, "params": stage_parameters(mod), "start": start, "kept": kept},
                os.path.join(out, f"{'resume' if resume else 'full'}{rank}.pt"))
 
 

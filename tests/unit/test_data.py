@@ -14,7 +14,7 @@ import torch
 
 from ouroboros_ds import data as D
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -18,7 +18,7 @@ import sys
 
 from ouroboros_ds.utils import free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 README = os.path.join(ROOT, "README.md")
 
 

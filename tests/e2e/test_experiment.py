@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import staleness as E  # noqa: E402
 

@@ -17,17 +17,14 @@ import os
 import pytest
 import torch
 
-from ring import run_ranks
-from test_equivalence import SEED, _parameters, batches, ds_config, model_plan
+from helpers import batches, ds_config, ring_engine, run_ranks, stage_parameters
 
 G, T, BAD_BATCH, BAD_MB, GRAD_NAN_STEP = 2, 6, 1, 2, 4
 
 
 def _run(M, mode):
     """mode: 'nan' or 'zero' loss at (BAD_BATCH, BAD_MB of M); returns per-step snapshots."""
-    from ouroboros_ds import initialize
     from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.module import OuroborosPipelineModule
 
     calls = [0]
     bad_mb = min(BAD_MB, M - 1)
@@ -40,9 +37,7 @@ def _run(M, mode):
             loss = loss * (float("nan") if mode == "nan" else 0.0)
         return loss
 
-    plan = model_plan()
-    mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=loss_fn, block_indices=plan.block_indices)
-    engine, *_ = initialize(model=mod, model_parameters=list(mod.parameters()), config=ds_config(M, T), seed=SEED)
+    engine, mod = ring_engine(G, ds_config(M, T), loss_fn=loss_fn)
     if M == 1 and engine.stage_id == 1:  # an overflow inside stage 1's own backward at step 4
         p = mod.module_parameters(2)[0]
         p.register_hook(lambda g: g * float("nan") if engine.global_steps == GRAD_NAN_STEP else g)
@@ -60,7 +55,7 @@ def _run(M, mode):
         loss = engine.train_batch(it)
         losses.append(None if loss is None else loss.item())
         snaps.append({k: own(k) for k in mod.local_modules})
-    return {"losses": losses, "snaps": snaps, "params": _parameters(mod), "events": list(engine.nonfinite_events),
+    return {"losses": losses, "snaps": snaps, "params": stage_parameters(mod), "events": list(engine.nonfinite_events),
             "stage": engine.stage_id, "in_flight": (sorted(engine.stash), sorted(engine.grads_in))}
 
 

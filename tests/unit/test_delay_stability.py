@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+from helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
 from delay_stability import max_stable_step  # noqa: E402
 
 

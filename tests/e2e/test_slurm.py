@@ -16,7 +16,7 @@ import pytest
 
 from slurm_cluster import LocalSlurm, missing_binaries
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 STEPS = 24
 
 

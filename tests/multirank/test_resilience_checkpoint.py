@@ -16,8 +16,7 @@ import os
 import pytest
 import torch
 
-from ring import run_ranks
-from test_equivalence import SEED, _parameters, batches, ds_config, model_plan
+from helpers import batches, ds_config, model_plan, ring_engine, run_ranks, stage_parameters
 
 M_VALUES = (1, 4)
 MODEL_META = {"model": {"n_layer": 4, "n_embd": 16}}
@@ -32,15 +31,8 @@ def save_steps(G: int) -> tuple:
 
 
 def _engine(G, M):
-    from ouroboros_ds import initialize
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.module import OuroborosPipelineModule
 
-    plan = model_plan()
-    mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
-    engine, *_ = initialize(model=mod, model_parameters=list(mod.parameters()),
-                            config=ds_config(M, total_steps(G)), seed=SEED)
-    return engine, mod
+    return ring_engine(G, ds_config(M, total_steps(G)))
 
 
 def _feed(engine, G, M, start):
@@ -68,7 +60,7 @@ def full_worker(rank, G, ckpt, out):
             losses.append(None if loss is None else loss.clone())
             if engine.global_steps in save_steps(G):
                 engine.save_ring_checkpoint(folder, client_state={"note": engine.global_steps}, meta=MODEL_META)
-                at_save = _parameters(mod)
+                at_save = stage_parameters(mod)
         # A save that dies halfway: DeepSpeed's files are written, the ring state and `latest` not.
         real = engine.save_checkpoint
 
@@ -81,7 +73,7 @@ def full_worker(rank, G, ckpt, out):
             raise AssertionError("the crashing save did not crash")
         except _Crash:
             pass
-        results[M] = {"losses": losses, "params": _parameters(mod), "params_at_save": at_save}
+        results[M] = {"losses": losses, "params": stage_parameters(mod), "params_at_save": at_save}
     torch.save(results, os.path.join(out, f"full{rank}.pt"))
 
 
@@ -132,7 +124,7 @@ def resume_worker(rank, G, ckpt, other_ckpt, out):
             for _ in range(start, T):
                 loss = engine.train_batch(it)
                 losses.append(None if loss is None else loss.clone())
-            results[(M, tag)] = {"losses": losses, "params": _parameters(mod), "start": start, "client": client}
+            results[(M, tag)] = {"losses": losses, "params": stage_parameters(mod), "start": start, "client": client}
     torch.save({"results": results, "errors": errors}, os.path.join(out, f"resume{rank}.pt"))
 
 
@@ -169,13 +161,13 @@ def test_resume_is_bitwise_exact(runs, G):
                 assert res["start"] == expect_start, where
                 assert res["client"]["note"] == expect_start, where
                 for t in range(expect_start, total_steps(G)):
-                    a, b = full["losses"][t], res["losses"][t]
-                    assert (a is None) == (b is None) == (r != 0), where
-                    if a is not None:
+                     a, b = full["losses"][t], res["losses"][t]
+                     assert (a is None) == (b is None) == (r != 0), where
+                     if a is not None:
                         assert torch.equal(a, b), f"{where}: loss of step {t}: {a.item()!r} != {b.item()!r}"
                 assert full["params"].keys() == res["params"].keys()
                 for name, p in full["params"].items():
-                    assert torch.equal(p, res["params"][name]), f"{where}: parameter {name} differs"
+                     assert torch.equal(p, res["params"][name]), f"{where}: parameter {name} differs"
         # the comparison can fail: every rank's parameters moved after the last save
         for r in range(G):
             full = run["full"][r][M]

@@ -9,10 +9,8 @@ import glob
 import json
 import os
 import struct
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import run_train, train_env
 
 
 def read_wandb_history(path: str) -> list[dict]:
@@ -59,25 +57,21 @@ def test_hf_model_wandb_offline_export_end_to_end(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-    from ring import free_port
-
     torch.manual_seed(0)
     src = tmp_path / "hf_in"
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=256,
                                bos_token_id=None, eos_token_id=None)).save_pretrained(src)
     metrics, out = tmp_path / "m.jsonl", tmp_path / "hf_out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    # Caches stay where they are (a fresh HOME would rebuild DeepSpeed's JIT op, ~30 s).
+    # Caches stay where they are (a fresh HOME would rebuild DeepSpeed's JIT op, ~30 s); HOME: no
+    # ~/.netrc login, so no API key anywhere.
+    env = {k: v for k, v in train_env().items() if not k.startswith("WANDB_")}
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
     env.setdefault("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
-    env.update(OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", WANDB_DIR=str(tmp_path), HOME=str(tmp_path),
-               PYTHONPATH=ROOT, WANDB_SILENT="true")  # HOME: no ~/.netrc login, so no API key anywhere
+    env.update(WANDB_DIR=str(tmp_path), HOME=str(tmp_path), WANDB_SILENT="true")
     steps = 10
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(ROOT, "train.py"), "--model", str(src), "--wandb", "ouroboros-test", "--export", str(out),
-           "--metrics", str(metrics), "--steps", str(steps), "--seq-len", "32", "--max-bytes", "100000",
-           "--eval-every", "5", "--eval-batches", "2", "--stage-stats-every", "5"]
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = run_train(["--model", str(src), "--wandb", "ouroboros-test", "--export", str(out), "--metrics", str(metrics),
+                   "--steps", str(steps), "--seq-len", "32", "--max-bytes", "100000", "--eval-every", "5",
+                   "--eval-batches", "2", "--stage-stats-every", "5"], env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     # The progress bar (launching rank), updated every step with loss and tokens/s.

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from ring import run_ranks
-from test_equivalence import MICRO, SEED, SEQ, VOCAB, _parameters, batches, ds_config, steps_for
+from helpers import (MICRO, SEED, SEQ, VOCAB, batches, ds_config, feed, ring_engine, run_ranks, stage_parameters,
+                     steps_for)
 
 MEM_LEN = 6  # shorter than a segment (SEQ = 8): the memory is truncated, as in real runs
 
@@ -89,7 +89,7 @@ def chained_eval(model, K: int, mem: bool = True) -> float:
         for x, y in eval_data():
             for k in range(1, K + 1):
                 with recurrent_memory(mems.get(k) if mem else None) as mems[k]:
-                    x = model.forward_module(k, x)
+                     x = model.forward_module(k, x)
             losses.append(lm_loss(x, y))
     return torch.stack(losses).mean().item()
 
@@ -99,24 +99,20 @@ def worker(rank: int, G: int, Ms: tuple, out: str) -> None:
 
     from ouroboros_ds import initialize
     from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.module import OuroborosPipelineModule
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
     steps = steps_for(G)
     results = {}
     for M in (*Ms, "stash"):  # "stash": M = 4 with replay="stash" (kept graphs read the memory once)
         replay, M = ("stash", 4) if M == "stash" else ("recompute", M)
-        plan = xl_plan()
-        mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
-        engine, *_ = initialize(model=mod, model_parameters=list(mod.parameters()), config=ds_config(M, steps),
-                                seed=SEED, replay=replay)
-        it = iter([mb for step in batches(steps, M) for mb in step]) if engine.stage_id == 0 else None
+        engine, mod = ring_engine(G, ds_config(M, steps), plan=xl_plan(), replay=replay)
+        it = feed(engine, batches(steps, M))
         losses, mem_keys = [], []
         for _ in range(steps):
             loss = engine.train_batch(it)
             losses.append(None if loss is None else loss.item())
             mem_keys.append((sorted(engine.mems), sorted(engine.stash_mems)))
-        results[M if replay == "recompute" else "stash"] = {"losses": losses, "params": _parameters(mod), "mem_keys": mem_keys,
+        results[M if replay == "recompute" else "stash"] = {"losses": losses, "params": stage_parameters(mod), "mem_keys": mem_keys,
                       "local_modules": list(mod.local_modules), "in_flight": engine.in_flight_bytes()}
         if (M, replay) == (4, "recompute"):  # evaluation with memory, after training
             before = {k: sorted(v) for k, v in engine.mems.items()}

@@ -2,25 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run(args, timeout=300):
-    from ring import free_port
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(ROOT, "train.py"), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+from helpers import run_train, run_train_single
 
 
 def test_short_run_learns_well_below_unigram_entropy(tmp_path):
     metrics = tmp_path / "m.jsonl"
-    r = _run(["--steps", "300", "--seq-len", "64", "--lr", "1e-3", "--eval-every", "150",
+    r = run_train(["--steps", "300", "--seq-len", "64", "--lr", "1e-3", "--eval-every", "150",
               "--eval-batches", "16", "--no-progress", "--metrics", str(metrics)])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # a normal run has nothing for the user to ignore: no Python warning, no scheduler start noise
@@ -42,19 +30,11 @@ def test_short_run_learns_well_below_unigram_entropy(tmp_path):
     assert evals[-1]["val_bpb"] < evals[0]["val_bpb"]
 
 
-def _run_single(args, timeout=120):
-    """One process (python train.py): torchrun would add its own traceback for a failed child."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1")
-    env.pop("RANK", None)
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def test_bad_input_is_one_clear_line(tmp_path):
-    r = _run_single(["--steps", "2", "--pipeline-parallel-size", "3", "--no-progress"])
+    r = run_train_single(["--steps", "2", "--pipeline-parallel-size", "3", "--no-progress"])
     assert r.returncode == 2
     assert "error: --pipeline-parallel-size: 3 must divide the world size 1" in r.stderr
     assert "Traceback" not in r.stderr
-    r = _run_single(["--steps", "2", "--data", str(tmp_path / "missing.txt"), "--no-progress"])
+    r = run_train_single(["--steps", "2", "--data", str(tmp_path / "missing.txt"), "--no-progress"])
     assert r.returncode == 2 and "error:" in r.stderr and "missing.txt" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, launch_train
 TINY = '{"n_layer": 2, "n_embd": 16, "n_head": 2, "n_positions": 32}'
 
 
@@ -105,18 +105,6 @@ def test_bytes_mode_takes_any_bytes(tmp_path, capsys, monkeypatch):
 
 
 # ------------------------------------------------------------------ processes
-def _launch(args, nproc=2, stderr=subprocess.PIPE):
-    from ring import free_port
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(free_port()), os.path.join(ROOT, "train.py"), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=ROOT)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                            start_new_session=True)
-
-
 def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
     """The pid of a worker of this torchrun (its child with RANK=rank in its environment)."""
     deadline = time.time() + 60
@@ -155,9 +143,9 @@ def test_preempted_run_resumes_bitwise(tmp_path):
     ckpt = tmp_path / "ckpt"
     full_m, pre_m, res_m = tmp_path / "full.jsonl", tmp_path / "pre.jsonl", tmp_path / "res.jsonl"
     # the uninterrupted run, at the same time as the one to preempt (they share nothing)
-    full = _launch([*_common(cfg, steps), "--metrics", str(full_m)], stderr=subprocess.DEVNULL)
+    full = launch_train([*_common(cfg, steps), "--metrics", str(full_m)], stderr=subprocess.DEVNULL)
     # a requeued job's command line: --save and --load the same folder (the first launch has no save)
-    pre = _launch([*_common(cfg, steps), "--metrics", str(pre_m), "--save", str(ckpt), "--load", str(ckpt)])
+    pre = launch_train([*_common(cfg, steps), "--metrics", str(pre_m), "--save", str(ckpt), "--load", str(ckpt)])
     _wait_for_steps(pre, pre_m, 3)
     os.kill(_rank_pid(pre, 1), signal.SIGUSR1)
     out, err = pre.communicate(timeout=600)
@@ -170,7 +158,7 @@ def test_preempted_run_resumes_bitwise(tmp_path):
     assert "stopped by" in out and f"global_step{stopped}" in out, out
     assert (ckpt / "latest").read_text() == f"global_step{stopped}"
 
-    res = _launch([*_common(cfg, steps), "--metrics", str(res_m), "--save", str(ckpt), "--load", str(ckpt)])
+    res = launch_train([*_common(cfg, steps), "--metrics", str(res_m), "--save", str(ckpt), "--load", str(ckpt)])
     out, err = res.communicate(timeout=600)
     assert res.returncode == 0, err[-3000:]
     assert f"resumed from {ckpt} at step {stopped}" in out
@@ -183,7 +171,7 @@ def test_preempted_run_resumes_bitwise(tmp_path):
 def test_killed_rank_ends_the_job_with_a_clear_error(tmp_path):
     """SIGKILL one rank mid-run: the job ends within a bounded time, nonzero, saying why."""
     metrics = tmp_path / "m.jsonl"
-    job = _launch([*_common(_config(tmp_path), 100000), "--metrics", str(metrics)])
+    job = launch_train([*_common(_config(tmp_path), 100000), "--metrics", str(metrics)])
     try:
         _wait_for_steps(job, metrics, 3)
         os.kill(_rank_pid(job, 1), signal.SIGKILL)
@@ -209,11 +197,11 @@ def _hung_worker(rank, out):
     import deepspeed
     import torch
 
-    from test_resilience_checkpoint import _engine, _feed
+    from helpers import batches, ds_config, feed, ring_engine
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=3))
-    engine, _ = _engine(2, 1)
-    it = _feed(engine, 2, 1, 0)
+    engine, _ = ring_engine(2, ds_config(1, 5))
+    it = feed(engine, batches(5, 1))
     for _ in range(2):
         engine.train_batch(it)
     done = os.path.join(out, "rank0_done")
@@ -238,7 +226,7 @@ def test_hung_rank_times_out(tmp_path):
     train.py sets from --comm-timeout and turns into one 'lost a peer' line (see the kill test)."""
     import torch
 
-    from ring import run_ranks
+    from helpers import run_ranks
 
     run_ranks(_hung_worker, 2, str(tmp_path), tmpdir=str(tmp_path), timeout=120)
     res = torch.load(tmp_path / "hung.pt")

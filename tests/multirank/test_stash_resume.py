@@ -8,22 +8,14 @@ import os
 
 import torch
 
-from ring import run_ranks
-from test_equivalence import SEED, _parameters, batches, ds_config, model_plan
+from helpers import batches, ds_config, ring_engine, run_ranks, stage_parameters
 
 G, M, T, SAVE_AT = 2, 4, 6, 3
 
 
 def _engine():
-    from ouroboros_ds import initialize
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.module import OuroborosPipelineModule
 
-    plan = model_plan()
-    mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
-    engine, *_ = initialize(model=mod, model_parameters=list(mod.parameters()), config=ds_config(M, T),
-                            seed=SEED, replay="stash")
-    return engine, mod
+    return ring_engine(G, ds_config(M, T), replay="stash")
 
 
 def _feed(engine, start):
@@ -46,7 +38,7 @@ def worker(rank, ckpt, out, resume):
         if not resume and engine.global_steps == SAVE_AT:
             snaps = len(engine.weight_stash)
             engine.save_ring_checkpoint(ckpt)
-    torch.save({"losses": losses, "params": _parameters(mod), "start": start, "snaps": snaps},
+    torch.save({"losses": losses, "params": stage_parameters(mod), "start": start, "snaps": snaps},
                os.path.join(out, f"{'resume' if resume else 'full'}{rank}.pt"))
 
 

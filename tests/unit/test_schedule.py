@@ -3,8 +3,8 @@
 Golden schedules live in tests/golden/g{G}_m{M}.txt (format_schedule's text). After an intended
 schedule change, regenerate them and review the diff:
 
-    REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/test_schedule.py -q
-    # or: .venv/bin/python -m tests.test_schedule --regen
+    REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/unit/test_schedule.py -q
+    # or: .venv/bin/python tests/unit/test_schedule.py --regen
     git diff tests/golden/
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ from ouroboros_ds.simulate import (Costs, ScheduleError, balanced_costs, bubble_
                                    simulate, stage_costs, steady_steps)
 from ouroboros_ds.validate import delay_table, validate
 
-ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = Path(__file__).resolve().parent / "golden"
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 GOLDEN_CASES = [(1, 1), (1, 4), (2, 1), (2, 4), (3, 2), (4, 3)]
 GRID = [(G, M) for G in range(1, 7) for M in range(1, 9)]
 
@@ -373,4 +373,4 @@ if __name__ == "__main__":
         regen_golden()
         print(f"wrote {len(GOLDEN_CASES)} golden schedules under {GOLDEN}")
     else:
-        print("usage: python -m tests.test_schedule --regen")
+        print("usage: python tests/unit/test_schedule.py --regen")

@@ -11,7 +11,7 @@ import pytest
 
 from ouroboros_ds import data as D
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 @pytest.mark.parametrize("name, want", [

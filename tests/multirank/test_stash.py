@@ -2,7 +2,7 @@
 
 - The engine in stash mode equals the single-process Reference in stash mode **bit for bit**
   (every parameter, every loss) for G in {1, 2, 3} x M in {1, 4}, with dropout, clipping and an
-  LR schedule, as tests/test_equivalence.py does for features replay. Midway the engine drops its
+  LR schedule, as test_equivalence.py does for features replay. Midway the engine drops its
   cache of kept graphs (what a restore from a checkpoint does); it rebuilds them from the stashed
   input, the weight snapshot and the dropout key, and stays bitwise equal.
 - Stashed state is bounded as docs/ring.md#memory says: after step t module k < K holds the inputs, the
@@ -18,8 +18,7 @@ import os
 import pytest
 import torch
 
-from ring import run_ranks
-from test_equivalence import _parameters, batches, ds_config, model_plan, steps_for
+from helpers import batches, ds_config, feed, model_plan, ring_engine, run_ranks, stage_parameters, steps_for
 
 SEED = 3
 M_VALUES = (1, 4)
@@ -28,19 +27,13 @@ M_VALUES = (1, 4)
 def worker(rank: int, G: int, Ms: tuple, out: str) -> None:
     import deepspeed
 
-    from ouroboros_ds import initialize
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.module import OuroborosPipelineModule
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
     steps = steps_for(G)
     results = {}
     for M in Ms:
-        plan = model_plan()
-        mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
-        engine, *_ = initialize(model=mod, model_parameters=list(mod.parameters()), config=ds_config(M, steps),
-                                seed=SEED, replay="stash")
-        it = iter([mb for step in batches(steps, M) for mb in step]) if engine.stage_id == 0 else None
+        engine, mod = ring_engine(G, ds_config(M, steps), replay="stash")
+        it = feed(engine, batches(steps, M))
         losses, state = [], []
         for t in range(steps):
             loss = engine.train_batch(it)
@@ -49,7 +42,7 @@ def worker(rank: int, G: int, Ms: tuple, out: str) -> None:
                           "snapshots": sorted(engine.weight_stash), "memory": engine.stash_memory()})
             if t == steps // 2:
                 engine.graphs.clear()  # as after a restore: the cache is rebuilt on demand
-        results[M] = {"losses": losses, "state": state, "params": _parameters(mod), "stage": engine.stage_id,
+        results[M] = {"losses": losses, "state": state, "params": stage_parameters(mod), "stage": engine.stage_id,
                       "local_modules": list(mod.local_modules)}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
@@ -114,11 +107,11 @@ def test_stashed_state_is_bounded(stash_run, G):
                 where = f"G={G} M={M} stage {r['stage']} after step {t}"
                 want_inputs, want_snaps = [], []
                 for k in r["local_modules"]:
-                    if k == K:
+                     if k == K:
                         continue
-                    kept = range(max(0, t - (K - k) + 1), t + 1)
-                    want_inputs += [(k, b, j) for b in kept for j in range(M)]
-                    want_snaps += [(k, b) for b in kept]
+                     kept = range(max(0, t - (K - k) + 1), t + 1)
+                     want_inputs += [(k, b, j) for b in kept for j in range(M)]
+                     want_snaps += [(k, b) for b in kept]
                 assert st["stash"] == sorted(want_inputs), where
                 assert st["snapshots"] == sorted(want_snaps), where
                 # the graph cache holds the same keys, except those dropped at step `dropped`:

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from ring import run_ranks
+from helpers import run_ranks
 
 VOCAB, SEQ, MICRO, M = 48, 8, 2, 2
 HF_FIELDS = dict(n_layer=3, n_embd=16, n_head=2, n_positions=SEQ, vocab_size=VOCAB,

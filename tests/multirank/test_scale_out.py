@@ -19,8 +19,8 @@ import os
 import pytest
 import torch
 
-from ring import run_ranks
-from test_equivalence import MICRO, SEED, SEQ, VOCAB, _ApiRecorder, _parameters, batches, ds_config, model_plan
+from helpers import (MICRO, SEED, SEQ, VOCAB, ApiRecorder, batches, ds_config, model_plan, ring_engine, run_ranks,
+                     stage_parameters)
 
 G, GLOBAL_MB, STEPS, EVAL_AT = 2, 4, 7, 3  # GLOBAL_MB micro-batches of 2 sequences per global batch
 
@@ -51,18 +51,12 @@ def validation() -> list:
 
 
 def _train(M, zero, bf16, D, dp_rank, eval_at=None):
-    from ouroboros_ds import initialize
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.module import OuroborosPipelineModule
 
-    plan = model_plan()
-    mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
-    engine, *_ = initialize(model=mod, model_parameters=list(mod.parameters()), config=config(M, zero, bf16),
-                            seed=SEED)
+    engine, mod = ring_engine(G, config(M, zero, bf16))
     assert engine.dp_world_size == D and engine.grid.get_data_parallel_rank() == dp_rank
     it = iter(replica_stream(D, dp_rank)) if engine.stage_id == 0 else None
     losses, evals = [], []
-    with _ApiRecorder() as api:
+    with ApiRecorder() as api:
         for t in range(STEPS):
             if t == eval_at:
                 val = validation()
@@ -72,7 +66,7 @@ def _train(M, zero, bf16, D, dp_rank, eval_at=None):
                 assert not engine.p2p.sends, "eval_batch returned with its sends in flight"
             loss = engine.train_batch(it)
             losses.append(None if loss is None else loss.float().item())
-    params = {n: p.float() for n, p in _parameters(mod).items()}
+    params = {n: p.float() for n, p in stage_parameters(mod).items()}
     in_flight = [x for x in engine.stash.values() if x.is_floating_point()] + [
         g if torch.is_tensor(g) else g.buf for g in engine.grads_in.values()]
     return {"losses": losses, "evals": evals, "params": params, "stage": engine.stage_id, "dp_rank": dp_rank,
@@ -150,12 +144,12 @@ def _reference():
             if t == EVAL_AT:
                 ref.train(False)
                 with torch.no_grad():
-                    ev = []
-                    for x, y in validation():
+                     ev = []
+                     for x, y in validation():
                         for k in range(1, ref.K + 1):
                             x = ref.forward_module(k, x)
                         ev.append(lm_loss(x, y))
-                    eval_loss = torch.stack(ev).mean().item()
+                     eval_loss = torch.stack(ev).mean().item()
             losses.append(ref.step(b))
     finally:
         torch.set_num_threads(threads)

@@ -1,0 +1,225 @@
+"""Helpers shared by the tests (no test file imports another).
+
+- Spawned gloo ranks on the CPU, one torch thread each: :func:`run_ranks`.
+- The tiny ring most multi-rank tests train: :func:`model_plan`, :func:`ds_config`,
+  :func:`batches`, :func:`ring_engine`, :func:`stage_parameters` (named like the Reference's).
+- Recorders of what a run sends: :class:`ApiRecorder` (torch.distributed collectives),
+  :class:`C10dRecorder` (every ``c10d`` op dispatched).
+- ``train.py`` as a user launches it: :func:`train_env`, :func:`launch_train`, :func:`run_train`.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+from ouroboros_ds.utils import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train.py")
+
+__all__ = ["ROOT", "TRAIN", "free_port", "run_ranks", "SEED", "INIT_SEED", "VOCAB", "SEQ", "MICRO", "CLIP",
+           "steps_for", "ds_config", "batches", "model_plan", "ring_engine", "feed", "stage_parameters",
+           "ApiRecorder", "C10dRecorder", "P2P_OPS", "train_env", "launch_train", "run_train", "run_train_single"]
+
+
+# ------------------------------------------------------------------ spawned ranks
+def _entry(rank, world, port, fn, args, errfile):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
+    torch.set_num_threads(1)
+    try:
+        fn(rank, *args)
+    except BaseException:
+        with open(f"{errfile}.{rank}", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run_ranks(fn, world: int, *args, tmpdir: str, timeout: float = 600):
+    """Run ``fn(rank, *args)`` on ``world`` spawned processes; raise with the ranks' tracebacks."""
+    errfile = os.path.join(tmpdir, "rank_error")
+    ctx = mp.start_processes(_entry, args=(world, free_port(), fn, args, errfile), nprocs=world,
+                             join=False, start_method="spawn")
+    try:
+        while not ctx.join(timeout=timeout):
+            pass
+    except Exception as e:
+        msgs = []
+        for r in range(world):
+            if os.path.exists(f"{errfile}.{r}"):
+                msgs.append(f"--- rank {r}:\n" + open(f"{errfile}.{r}").read())
+        raise RuntimeError("\n".join(msgs) or str(e)) from None
+
+
+# ------------------------------------------------------------------ the tiny ring
+SEED, INIT_SEED = 3, 7
+VOCAB, SEQ, MICRO = 64, 8, 2
+CLIP = {1: 1.6, 4: 0.8}  # by M: the clip acts on some steps, not all (test_equivalence checks)
+
+
+def steps_for(G: int) -> int:
+    """Enough steps for every module to pass its warm-up and update a few times."""
+    return 2 * (G + 1) + 2
+
+
+def ds_config(M: int, steps: int) -> dict:
+    """AdamW with weight decay, warm-up + cosine LR, a clip that acts on some steps."""
+    return {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": M,
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                  "weight_decay": 0.05, "torch_adam": True}},
+        "scheduler": {"type": "WarmupCosineLR",
+                      "params": {"total_num_steps": steps, "warmup_num_steps": 2, "warmup_min_ratio": 0.1,
+                                 "cos_min_ratio": 0.1}},
+        "gradient_clipping": CLIP[M],
+        "steps_per_print": 4,  # progress reports happen inside the monitored steps
+        "wall_clock_breakdown": False,
+    }
+
+
+def batches(steps: int, M: int) -> list:
+    """``steps`` lists of M (input_ids, labels) micro-batches, the same on every call."""
+    g = torch.Generator().manual_seed(0)
+    return [[(torch.randint(0, VOCAB, (MICRO, SEQ), generator=g), torch.randint(0, VOCAB, (MICRO, SEQ), generator=g))
+             for _ in range(M)] for _ in range(steps)]
+
+
+def model_plan(dropout: float = 0.1, **fields):
+    """A 4-block GPT-2 of width 16 (dropout on), the layers every engine builds alike."""
+    from ouroboros_ds.models import gpt2_config, gpt2_layer_specs
+
+    cfg = gpt2_config({"n_layer": 4, "n_embd": 16, "n_head": 2, "n_positions": SEQ, **fields}, VOCAB,
+                      dropout=dropout)
+    return gpt2_layer_specs(cfg, seed=INIT_SEED)
+
+
+def ring_engine(G: int, config: dict, plan=None, loss_fn=None, model_parameters=None, seed: int = SEED, **kwargs):
+    """``(engine, module)``: this rank's stage of the ring on ``plan`` (default :func:`model_plan`),
+    built with ``ouroboros_ds.initialize`` (``kwargs``: replay, weight_prediction, ...)."""
+    from ouroboros_ds import OuroborosPipelineModule, initialize, lm_loss
+
+    plan = plan or model_plan()
+    mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=loss_fn or lm_loss,
+                                  block_indices=plan.block_indices)
+    params = model_parameters(mod) if callable(model_parameters) else list(mod.parameters())
+    engine, *_ = initialize(model=mod, model_parameters=params, config=config, seed=seed, **kwargs)
+    return engine, mod
+
+
+def feed(engine, step_batches: list):
+    """The data iterator of stage 0 over ``step_batches`` (lists of micro-batches); None elsewhere."""
+    if engine.stage_id != 0:
+        return None
+    return iter([mb for step in step_batches for mb in step])
+
+
+def stage_parameters(mod) -> dict:
+    """Every parameter of this rank's modules, named ``{layer index}.{name}`` like the Reference."""
+    state, seen = {}, set()
+    for k in mod.local_modules:
+        start, stop = mod.module_bounds[k - 1]
+        for i, layer in zip(range(start, stop), mod.module_funcs[k]):
+            if isinstance(layer, torch.nn.Module):
+                for n, p in layer.named_parameters():
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        state[f"{i}.{n}"] = p.detach().clone()
+    # nothing the engine trains is left out of the comparison
+    assert seen == {id(p) for p in mod.parameters()}, "some engine parameter is not named by its layer"
+    return state
+
+
+# ------------------------------------------------------------------ recorders
+P2P_OPS = {"c10d.send.default", "c10d.recv_.default"}
+_COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "broadcast", "barrier", "monitored_barrier", "all_gather",
+                "all_gather_into_tensor", "all_gather_object", "all_gather_coalesced", "reduce_scatter",
+                "reduce_scatter_tensor", "reduce", "gather", "scatter", "all_to_all", "all_to_all_single",
+                "broadcast_object_list", "gather_object", "scatter_object_list", "new_group")
+
+
+class C10dRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every ``c10d`` op dispatched while active (catches any Python or DeepSpeed API path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith("c10d."):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class ApiRecorder:
+    """Wraps torch.distributed's collective functions: (name, ranks of the group) of each call."""
+
+    def __init__(self):
+        self.calls: list = []
+        self._orig: dict = {}
+
+    def __enter__(self):
+        import torch.distributed as tdist
+
+        for name in _COLLECTIVES:
+            if hasattr(tdist, name):
+                self._orig[name] = fn = getattr(tdist, name)
+                setattr(tdist, name, self._wrap(name, fn))
+        return self
+
+    def _wrap(self, name, fn):
+        def wrapper(*args, **kwargs):
+            import torch.distributed as tdist
+
+            group = kwargs.get("group")
+            ranks = sorted(tdist.get_process_group_ranks(group)) if group is not None else "WORLD"
+            self.calls.append((name, ranks))
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def __exit__(self, *exc):
+        import torch.distributed as tdist
+
+        for name, fn in self._orig.items():
+            setattr(tdist, name, fn)
+
+
+# ------------------------------------------------------------------ train.py
+def train_env(**extra) -> dict:
+    """The environment of a launch: one thread per rank, offline data sets, no inherited rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=ROOT)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    env.update(extra)
+    return env
+
+
+def _torchrun(args, nproc: int) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), TRAIN, *args]
+
+
+def launch_train(args, nproc: int = 2, env=None, cwd=ROOT, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """Start ``torchrun --nproc_per_node nproc train.py args`` in its own session."""
+    return subprocess.Popen(_torchrun(args, nproc), cwd=cwd, env=env or train_env(), stdout=subprocess.PIPE,
+                            stderr=stderr, text=True, start_new_session=True)
+
+
+def run_train(args, nproc: int = 2, env=None, cwd=ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``torchrun --nproc_per_node nproc train.py args`` to the end."""
+    return subprocess.run(_torchrun(args, nproc), cwd=cwd, env=env or train_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_train_single(args, env=None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python train.py args`` (one process, G = 1): no torchrun traceback around a failed child."""
+    return subprocess.run([sys.executable, TRAIN, *args], cwd=ROOT, env=env or train_env(), capture_output=True,
+                          text=True, timeout=timeout)
