@@ -28,8 +28,12 @@ def pytest_sessionstart(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """A safety net for ouroboros_ds.launch.release_shm_buffers: a rank that died before it could
-    unlink its DeepSpeed shm buffer leaves ~66 MB of RAM in /dev/shm; this session's go now."""
+    """End the pooled ranks (tests/helpers.py), then a safety net for
+    ouroboros_ds.launch.release_shm_buffers: a rank that died before it could unlink its DeepSpeed
+    shm buffer leaves ~66 MB of RAM in /dev/shm; this session's go now."""
+    from helpers import close_pools
+
+    close_pools()
     for name in _ds_shm_files() - _shm_before:
         try:
             os.unlink(os.path.join(_SHM, name))

@@ -22,16 +22,26 @@ from ouroboros_ds.utils import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
 
-__all__ = ["ROOT", "TRAIN", "free_port", "run_ranks", "SEED", "INIT_SEED", "VOCAB", "SEQ", "MICRO", "CLIP",
+__all__ = ["ROOT", "TRAIN", "free_port", "run_ranks", "close_pools", "SEED", "INIT_SEED", "VOCAB", "SEQ", "MICRO", "CLIP",
            "steps_for", "ds_config", "batches", "model_plan", "ring_engine", "feed", "stage_parameters",
            "ApiRecorder", "C10dRecorder", "P2P_OPS", "train_env", "launch_train", "run_train", "run_train_single"]
 
 
 # ------------------------------------------------------------------ spawned ranks
-def _entry(rank, world, port, fn, args, errfile):
+# Starting a rank (importing torch, DeepSpeed and transformers, forming the gloo group) costs
+# several seconds; most multi-rank tests need only a clean engine, not a clean process. So jobs
+# run in a pool of ranks kept per world size for the whole test session, each job building its
+# own engines in the pool's process group. A test that needs new processes (a resume that must
+# find everything in the checkpoint, a rank that kills itself) passes ``fresh=True``. A failed or
+# timed-out job ends its pool: the next job of that size starts a new one.
+def _set_rank_env(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
     torch.set_num_threads(1)
+
+
+def _entry(rank, world, port, fn, args, errfile):
+    _set_rank_env(rank, world, port)
     try:
         fn(rank, *args)
     except BaseException:
@@ -43,20 +53,102 @@ def _entry(rank, world, port, fn, args, errfile):
             torch.distributed.destroy_process_group()
 
 
-def run_ranks(fn, world: int, *args, tmpdir: str, timeout: float = 600):
-    """Run ``fn(rank, *args)`` on ``world`` spawned processes; raise with the ranks' tracebacks."""
-    errfile = os.path.join(tmpdir, "rank_error")
-    ctx = mp.start_processes(_entry, args=(world, free_port(), fn, args, errfile), nprocs=world,
-                             join=False, start_method="spawn")
-    try:
-        while not ctx.join(timeout=timeout):
-            pass
-    except Exception as e:
-        msgs = []
-        for r in range(world):
-            if os.path.exists(f"{errfile}.{r}"):
-                msgs.append(f"--- rank {r}:\n" + open(f"{errfile}.{r}").read())
-        raise RuntimeError("\n".join(msgs) or str(e)) from None
+def _pool_rank(rank, world, port, jobs, results):
+    import datetime
+
+    import deepspeed
+
+    _set_rank_env(rank, world, port)
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=300))
+    while True:
+        job = jobs.get()
+        if job is None:
+            break
+        fn, args = job
+        try:
+            fn(rank, *args)
+            results.put((rank, None))
+        except BaseException:
+            results.put((rank, traceback.format_exc()))
+    torch.distributed.destroy_process_group()
+
+
+class _Pool:
+    def __init__(self, world: int):
+        ctx = mp.get_context("spawn")
+        self.world, self.results = world, ctx.Queue()
+        self.jobs = [ctx.Queue() for _ in range(world)]
+        port = free_port()
+        self.procs = [ctx.Process(target=_pool_rank, args=(r, world, port, self.jobs[r], self.results), daemon=True)
+                      for r in range(world)]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn, args, timeout: float) -> list:
+        """Run ``fn(rank, *args)`` on every rank; the tracebacks of the ranks that failed."""
+        import queue
+        import time
+
+        for q in self.jobs:
+            q.put((fn, args))
+        errors, done, deadline = [], 0, time.monotonic() + timeout
+        while done < self.world:
+            # once a rank failed, its peers may wait on it forever: give them a moment, not the timeout
+            left = deadline - time.monotonic() if not errors else min(5.0, deadline - time.monotonic())
+            try:
+                rank, err = self.results.get(timeout=max(0.1, left))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
+                errors.append(f"no answer within {timeout:.0f} s (ranks that died: {dead})")
+                break
+            done += 1
+            if err:
+                errors.append(f"--- rank {rank}:\n{err}")
+        return errors
+
+    def close(self, kill: bool = False):
+        if not kill:
+            for q in self.jobs:
+                q.put(None)
+        for p in self.procs:
+            p.join(timeout=0 if kill else 10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+_POOLS: dict = {}
+
+
+def close_pools() -> None:
+    """End every pooled rank (the test session's end)."""
+    while _POOLS:
+        _POOLS.popitem()[1].close()
+
+
+def run_ranks(fn, world: int, *args, tmpdir: str, timeout: float = 600, fresh: bool = False):
+    """Run ``fn(rank, *args)`` on ``world`` gloo ranks (one torch thread each); raise with the
+    failing ranks' tracebacks. ``fn`` (a module-level function) may call
+    ``deepspeed.init_distributed``: the group exists already. ``fresh``: new processes, ended
+    after the job, instead of the session's pool."""
+    if fresh:
+        errfile = os.path.join(tmpdir, "rank_error")
+        ctx = mp.start_processes(_entry, args=(world, free_port(), fn, args, errfile), nprocs=world,
+                                 join=False, start_method="spawn")
+        try:
+            while not ctx.join(timeout=timeout):
+                pass
+        except Exception as e:
+            msgs = [f"--- rank {r}:\n" + open(f"{errfile}.{r}").read()
+                    for r in range(world) if os.path.exists(f"{errfile}.{r}")]
+            raise RuntimeError("\n".join(msgs) or str(e)) from None
+        return
+    if world not in _POOLS:
+        _POOLS[world] = _Pool(world)
+    errors = _POOLS[world].run(fn, args, timeout)
+    if errors:
+        _POOLS.pop(world).close(kill=True)
+        raise RuntimeError("\n".join(errors))
 
 
 # ------------------------------------------------------------------ the tiny ring

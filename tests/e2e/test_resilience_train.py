@@ -228,7 +228,7 @@ def test_hung_rank_times_out(tmp_path):
 
     from helpers import run_ranks
 
-    run_ranks(_hung_worker, 2, str(tmp_path), tmpdir=str(tmp_path), timeout=120)
+    run_ranks(_hung_worker, 2, str(tmp_path), tmpdir=str(tmp_path), timeout=120, fresh=True)
     res = torch.load(tmp_path / "hung.pt")
     assert "Timed out" in res["error"], res
     assert 2.5 < res["seconds"] < 20, res

@@ -115,7 +115,7 @@ def test_engine_with_prediction_equals_reference_and_resumes_bitwise(tmp_path):
     run_ranks(worker, G, G, M, ckpt, str(tmp_path), False, tmpdir=str(tmp_path), timeout=300)
     full = [torch.load(tmp_path / f"full{r}.pt") for r in range(G)]
     _check_equals_reference(G, M, full)
-    run_ranks(worker, G, G, M, ckpt, str(tmp_path), True, tmpdir=str(tmp_path), timeout=300)
+    run_ranks(worker, G, G, M, ckpt, str(tmp_path), True, tmpdir=str(tmp_path), timeout=300, fresh=True)
     for r in range(G):
         res = torch.load(tmp_path / f"resume{r}.pt")
         assert res["start"] == SAVE_AT

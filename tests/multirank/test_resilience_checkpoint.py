@@ -140,7 +140,7 @@ def runs(tmp_path_factory):
             ckpt = os.path.join(out, "ckpt")
             other = _RUNS.get(2, {}).get("ckpt") if G == 3 and _RUNS.get(2) else None
             run_ranks(full_worker, G, G, ckpt, out, tmpdir=out, timeout=300)
-            run_ranks(resume_worker, G, G, ckpt, other, out, tmpdir=out, timeout=300)
+            run_ranks(resume_worker, G, G, ckpt, other, out, tmpdir=out, timeout=300, fresh=True)
             _RUNS[G] = {"ckpt": ckpt, "out": out,
                         "full": [torch.load(os.path.join(out, f"full{r}.pt")) for r in range(G)],
                         "resume": [torch.load(os.path.join(out, f"resume{r}.pt")) for r in range(G)]}

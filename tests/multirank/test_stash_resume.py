@@ -45,7 +45,7 @@ def worker(rank, ckpt, out, resume):
 def test_stash_mode_resume_is_bitwise(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     run_ranks(worker, G, ckpt, str(tmp_path), False, tmpdir=str(tmp_path), timeout=300)
-    run_ranks(worker, G, ckpt, str(tmp_path), True, tmpdir=str(tmp_path), timeout=300)
+    run_ranks(worker, G, ckpt, str(tmp_path), True, tmpdir=str(tmp_path), timeout=300, fresh=True)
     for r in range(G):
         full = torch.load(tmp_path / f"full{r}.pt")
         res = torch.load(tmp_path / f"resume{r}.pt")
