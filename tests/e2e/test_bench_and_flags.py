@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, run_ranks, run_train_single
+from helpers import ROOT, run_train, run_train_single
 
 
 def test_bench_one_command_table(tmp_path):
@@ -28,33 +28,21 @@ def test_bench_one_command_table(tmp_path):
     assert float(row[11].split("/")[0]) > 0  # weight snapshots held on stage 0
 
 
-def _train_in_rank(rank, argv, out):
-    """The Trainer of train.py on a pooled rank (no new process per run); rank 0's output to ``out``."""
-    import contextlib
-
-    from ouroboros_ds.trainer import main
-
-    with open(out if rank == 0 else os.devnull, "w") as f, contextlib.redirect_stdout(f):
-        assert main(argv) == 0
-
-
 def test_train_flags_replay_stash_and_activation_checkpointing(tmp_path):
-    """train.py's --replay stash (2 ranks) and --schedule 1f1b --activation-checkpointing (1 rank)
-    run from the same seed to the same first loss; the start-up lines name the mode and the
-    partition."""
+    """train.py --replay stash (2 ranks) and --schedule 1f1b --activation-checkpointing (2 ranks) run
+    from the same seed to the same first loss; the start-up lines name the mode and the partition."""
     common = ["--steps", "2", "--seq-len", "32", "--model", "tiny", "--eval-batches", "1", "--eval-every", "0",
               "--max-bytes", "200000", "--no-progress"]
     firsts = []
     for extra in (["--replay", "stash"], ["--schedule", "1f1b", "--activation-checkpointing"]):
-        m, out = tmp_path / f"{extra[1]}.jsonl", tmp_path / f"{extra[1]}.out"
-        run_ranks(_train_in_rank, 1 if extra[0] == "--schedule" else 2, common + extra + ["--metrics", str(m)],
-                  str(out), tmpdir=str(tmp_path), timeout=300)
-        stdout = out.read_text()
+        m = tmp_path / f"{extra[1]}.jsonl"
+        r = run_train(common + extra + ["--metrics", str(m)], nproc=1 if extra[0] == "--schedule" else 2)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         firsts.append(next(x for x in map(json.loads, m.read_text().splitlines()) if "loss" in x)["loss"])
         if extra[0] == "--replay":
-            assert "replay=stash" in stdout and "partition balanced: blocks of modules 1..K" in stdout, stdout
+            assert "replay=stash" in r.stdout and "partition balanced: blocks of modules 1..K" in r.stdout
         else:
-            assert "activation_checkpointing=True" in stdout, stdout
+            assert "activation_checkpointing=True" in r.stdout
     assert firsts[0] == pytest.approx(firsts[1], rel=1e-5)  # same weights, data and dropout masks
 
 
