@@ -32,7 +32,8 @@ __all__ = ["ROOT", "TRAIN", "free_port", "run_ranks", "close_pools", "SEED", "IN
 # several seconds; most multi-rank tests need only a clean engine, not a clean process. So jobs
 # run in a pool of ranks kept per world size for the whole test session, each job building its
 # own engines in the pool's process group. A test that needs new processes (a resume that must
-# find everything in the checkpoint, a rank that kills itself) passes ``fresh=True``. A failed or
+# find everything in the checkpoint, a rank that kills itself) passes ``fresh=True``; so should a
+# job that leaves threads, signal handlers or collectives behind (train.py's Trainer does). A failed or
 # timed-out job ends its pool: the next job of that size starts a new one.
 def _set_rank_env(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -65,6 +66,7 @@ def _pool_rank(rank, world, port, jobs, results):
         if job is None:
             break
         fn, args = job
+        torch.set_num_threads(1)  # whatever the last job set: float sums in the Reference's order
         try:
             fn(rank, *args)
             results.put((rank, None))
