@@ -1,4 +1,5 @@
-"""The baseline: DeepSpeed's stock ``PipelineEngine`` (synchronous 1F1B) on the same model.
+"""The baselines: DeepSpeed's stock ``PipelineEngine`` (synchronous 1F1B) and ``DualPipeVEngine``
+on the same model.
 
 The only change is the dropout key: each forward (and each backward, whose activation-
 checkpointing recompute redraws dropout) runs under ``(seed, step, micro-batch)``, the key the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe import schedule as ds_schedule
+from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from .context import dropout_key, recurrent_memory
@@ -81,3 +83,31 @@ class KeyedPipelineEngine(PipelineEngine):
         ds_schedule.ForwardPass: _exec_forward_pass,
         ds_schedule.BackwardPass: _exec_backward_pass,
     }
+
+
+def check_dualpipev(micro_batches: int, stages: int) -> None:
+    """DualPipeV's own condition, as a user-facing error instead of DeepSpeed's assert."""
+    if micro_batches < 2 * stages:
+        raise ValueError(f"gradient_accumulation_steps={micro_batches}: DualPipeV needs at least 2 x "
+                         f"pipeline-parallel size = {2 * stages} micro-batches per step; raise "
+                         f"gradient_accumulation_steps to {2 * stages} or more, or use --schedule ouroboros "
+                         "(any M >= 1) or 1f1b")
+
+
+class KeyedDualPipeVEngine(DualPipeVEngine):
+    """DeepSpeed's ``DualPipeVEngine`` with keyed dropout: buffer ``phase * M + j`` holds
+    micro-batch j in both phases, so each forward runs under ``(seed, step, j)``, the key the
+    other engines use for the same data (the backward does not redraw dropout: no recompute)."""
+
+    def __init__(self, *args, seed: int = 0, **kwargs):
+        self.seed = seed
+        super().__init__(*args, **kwargs)
+
+    def _exec_forward_pass(self, buffer_id, phase):
+        if not self.module.training:
+            return DualPipeVEngine._exec_forward_pass(self, buffer_id, phase)
+        with dropout_key(self.seed, self.global_steps, buffer_id % self.micro_batches):
+            return DualPipeVEngine._exec_forward_pass(self, buffer_id, phase)
+
+    # The stock map binds the base class's function; point this entry at ours.
+    _INSTRUCTION_MAP = {**DualPipeVEngine._INSTRUCTION_MAP, ds_schedule.ForwardPass: _exec_forward_pass}

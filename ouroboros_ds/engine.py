@@ -46,8 +46,14 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
     the mean loss of batch t on stage 0 (``None`` on other stages: the loss is not broadcast).
     """
 
-    def __init__(self, *args, seed: int = 0, replay: str = "recompute", weight_prediction: float = 0.0, **kwargs):
+    def __init__(self, *args, seed: int = 0, replay: str = "recompute", weight_prediction: float = 0.0,
+                 replay_plan=None, **kwargs):
         self.replay = W.check_replay(replay)
+        if replay_plan is not None and self.replay != "stash":
+            raise ValueError("replay_plan / --activation-budget: needs replay='stash' (the plan chooses which stashed "
+                             "forwards keep their graph); set replay / --replay to stash")
+        # memory.ReplayPlan: which micro-batches keep their graph in stash mode (None: all of them)
+        self.replay_plan = replay_plan
         self.weight_prediction = W.check_prediction(weight_prediction, self.replay)
         config = kwargs.get("config_class")
         if config is not None and config.float16_config.enabled:
@@ -208,12 +214,17 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         t = self.batch_id
         x = self.p2p.wait(self.acts_in.pop((k, mb)))
         self.stash[(k, t, mb)] = x
+        if self.saved_bytes is not None:
+            self.saved_bytes.track(x)
         mem = self.mems.get((k, mb))
         if mem:
             self.stash_mems[(k, t, mb)] = mem
         with recurrent_memory(mem) as new_mem:
-            if self.replay == "stash":
+            if self.replay == "stash" and (self.replay_plan is None or self.replay_plan.keeps(k, mb)):
                 y = self._stash_graph(k, t, mb)[1].detach()
+            elif self.replay == "stash":  # not kept: the replay recomputes it through the same snapshot
+                with torch.no_grad():
+                    y = self._stash_graph(k, t, mb, keep=False)[1]
             else:
                 with torch.no_grad(), dropout_key(self.seed, t, self._global_mb(mb)):
                     y = self.module.forward_module(k, x)
@@ -266,21 +277,25 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         if k > 1:
             self.outbox[(S.SEND_B, k, mb)] = x.grad
 
-    def _stash_graph(self, k, b, mb):
-        """The kept graph of (k, batch b, mb): run (or, after a restore, rerun) the forward of
-        the stashed input through batch b's weight snapshot, taken at the batch's first forward."""
+    def _stash_graph(self, k, b, mb, keep=True):
+        """The kept graph of (k, batch b, mb): run (or, after a restore or for a micro-batch the
+        replay plan does not keep, rerun) the forward of the stashed input through batch b's weight
+        snapshot, taken at the batch's first forward. ``keep=False``: run it, do not cache it."""
         key = (k, b, mb)
-        if key not in self.graphs:
+        if key not in self.graphs or not keep:
             if (k, b) not in self.weight_stash:
                 snap = self.weight_stash[(k, b)] = W.take_snapshot(
                     self.module.module_funcs[k], self.last_update,
                     self.weight_prediction * S.delay(k, self.num_stages))
-                if self.saved_bytes is not None:
-                    self.saved_bytes.exclude |= {c.untyped_storage().data_ptr() for c, _ in snap.live}
+                if self.saved_bytes is not None:  # counted once, as held state, not per graph
+                    for c, _ in snap.live:
+                        self.saved_bytes.track(c)
             hooks = self.saved_bytes.hooks() if self.saved_bytes is not None else nullcontext()
             with hooks, dropout_key(self.seed, b, self._global_mb(mb)):
-                self.graphs[key] = W.forward(self.module.module_funcs[k], self.weight_stash[(k, b)],
-                                             self.stash[key])
+                out = W.forward(self.module.module_funcs[k], self.weight_stash[(k, b)], self.stash[key])
+            if not keep:
+                return out
+            self.graphs[key] = out
         return self.graphs[key]
 
     def _stash_replay(self, k, b, mb, g):
@@ -300,9 +315,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         self.graphs.pop((k, b, mb), None)
         self.stash_mems.pop((k, b, mb), None)
         if (k, b) in self.weight_stash and not any(key[:2] == (k, b) for key in self.stash):
-            snap = self.weight_stash.pop((k, b))
-            if self.saved_bytes is not None:
-                self.saved_bytes.exclude -= {c.untyped_storage().data_ptr() for c, _ in snap.live}
+            self.weight_stash.pop((k, b))
         return x
 
     def stash_memory(self) -> dict:

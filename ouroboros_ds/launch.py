@@ -13,9 +13,10 @@ import os
 import torch.distributed as tdist
 from deepspeed import comm as dist
 from deepspeed.runtime.config import DeepSpeedConfig
+from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
 from deepspeed.runtime.pipe.module import PipelineModule
 
-from .baseline import KeyedPipelineEngine
+from .baseline import KeyedDualPipeVEngine, KeyedPipelineEngine, check_dualpipev
 from .engine import OuroborosEngine
 from .module import OuroborosPipelineModule
 
@@ -65,11 +66,12 @@ def release_shm_buffers() -> None:
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
                lr_scheduler=None, config=None, seed: int = 0, replay: str = "recompute",
-               weight_prediction: float = 0.0):
+               weight_prediction: float = 0.0, replay_plan=None):
     """``deepspeed.initialize`` for pipelines: an :class:`OuroborosPipelineModule` gets the
     :class:`OuroborosEngine` (``replay``: "recompute" or "stash"; ``weight_prediction``: see
-    :class:`ouroboros_ds.stash.LastUpdate`, needs "stash"), any other ``PipelineModule``
-    DeepSpeed's stock engine.
+    :class:`ouroboros_ds.stash.LastUpdate`, needs "stash"; ``replay_plan``: a
+    :class:`ouroboros_ds.memory.ReplayPlan`, needs "stash"), a ``DualPipeVModule`` DeepSpeed's
+    ``DualPipeVEngine`` with keyed dropout, any other ``PipelineModule`` DeepSpeed's stock engine.
 
     Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed.
     """
@@ -89,11 +91,17 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                   training_data=training_data, lr_scheduler=lr_scheduler, mpu=model.mpu(),
                   config=config, config_class=config_class)
-    if not isinstance(model, OuroborosPipelineModule) and weight_prediction:
-        raise ValueError("weight_prediction: only the Ouroboros ring has stale modules; drop it for 1f1b")
+    if not isinstance(model, OuroborosPipelineModule) and (weight_prediction or replay_plan is not None):
+        raise ValueError("weight_prediction / replay_plan: only the Ouroboros ring has delayed modules; drop them "
+                         "for 1f1b and dualpipev")
+    if isinstance(model, DualPipeVModule):
+        check_dualpipev(config_class.gradient_accumulation_steps, model.num_stages // 2)
     with _without_scheduler_start_warning():
         if isinstance(model, OuroborosPipelineModule):
-            engine = OuroborosEngine(seed=seed, replay=replay, weight_prediction=weight_prediction, **kwargs)
+            engine = OuroborosEngine(seed=seed, replay=replay, weight_prediction=weight_prediction,
+                                     replay_plan=replay_plan, **kwargs)
+        elif isinstance(model, DualPipeVModule):
+            engine = KeyedDualPipeVEngine(seed=seed, **kwargs)
         else:
             engine = KeyedPipelineEngine(seed=seed, **kwargs)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

@@ -193,8 +193,9 @@ def backward(x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, snap: Snapsho
 
 class SavedBytes:
     """Bytes of the activations autograd saves for backward (``saved_tensors_hooks``), counted
-    once per storage while any graph still holds them; ``exclude`` storages (parameters, weight
-    snapshots) are not counted. ``peak`` is the maximum over the hook's lifetime (reset_peak())."""
+    once per storage while any graph still holds them, plus the held tensors given to
+    :meth:`track`; ``exclude`` storages (parameters) are not counted. ``peak`` is the maximum
+    over the counter's lifetime (or since :meth:`reset_peak`)."""
 
     def __init__(self):
         self.live = 0
@@ -205,6 +206,11 @@ class SavedBytes:
     def reset_peak(self):
         self.peak = self.live
 
+    def track(self, t: torch.Tensor) -> None:
+        """Count ``t``'s storage while the tensor object lives (held state outside any graph:
+        stashed inputs, weight snapshots), once with whatever graphs save of it."""
+        self._add(t.untyped_storage(), t)
+
     def _pack(self, t):
         if not isinstance(t, torch.Tensor) or t.is_nested:
             return t
@@ -213,13 +219,19 @@ class SavedBytes:
         if key in self.exclude or key == 0:
             return t
         holder = _Holder(t)
+        self._add(st, holder)
+        return holder
+
+    def _add(self, st, owner):
+        key = st.data_ptr()
+        if key in self.exclude or key == 0:
+            return
         n = self._refs.get(key, (0, st.nbytes()))[0]
         if n == 0:
             self.live += st.nbytes()
             self.peak = max(self.peak, self.live)
         self._refs[key] = (n + 1, st.nbytes())
-        weakref.finalize(holder, self._release, key)
-        return holder
+        weakref.finalize(owner, self._release, key)
 
     def _release(self, key):
         n, nb = self._refs[key]
