@@ -35,7 +35,7 @@ import tempfile
 import time
 import traceback
 
-CONFIGS = ("1f1b", "1f1b+ckpt", "ouro-recompute", "ouro-stash")
+CONFIGS = ("1f1b", "1f1b+ckpt", "dualpipev", "ouro-recompute", "ouro-stash", "ouro-bounded")
 SINGLE = ("1proc-1thread", "1proc-all")
 VOCAB = 256
 
@@ -52,7 +52,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="steps of each configuration per round")
     p.add_argument("--partition", choices=["balanced", "authors"], default="balanced")
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default cores // G)")
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS) + list(SINGLE), choices=list(CONFIGS) + list(SINGLE))
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS) + list(SINGLE), choices=list(CONFIGS) + list(SINGLE),
+                   help="dualpipev is left out when M < 2G (DeepSpeed's DualPipeV cannot run there)")
+    p.add_argument("--activation-budget", nargs="+", default=["1f1b"],
+                   help="ouro-bounded: peak activation memory per stage ('1f1b': stock 1F1B's busiest stage; '1.5x', "
+                        "'300MB', 'inf'); several values: one ouro-bounded configuration each; see ouroboros_ds.memory")
     p.add_argument("--out", default=None, help="also write the raw results as JSON here")
     return p.parse_args(argv)
 
@@ -122,7 +126,7 @@ class _Timers:
             out = fn(engine, **kw)
             timers.sync()
             dt = time.perf_counter() - t0 - (timers.waited - w0)
-            module = kw.get("module", 0)  # stock instructions carry a buffer id, not a module
+            module = kw.get("k", kw.get("phase", 0))  # stock instructions: a buffer id (and DualPipeV's phase)
             timers.durations.setdefault((name, module), []).append(dt)
             return out
         return handler
@@ -134,18 +138,33 @@ class _Timers:
         self.durations = {}
 
 
-def _build(args, name, plan, cfg, G):
+def _build(args, name, plan, cfg, G, data):
     from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
 
     from .launch import initialize
     from .models import lm_loss
     from .module import OuroborosPipelineModule, balanced_blocks_per_module, layer_costs
 
-    if name.startswith("1f1b"):
+    replay_plan = None
+    if name == "dualpipev":
+        model = DualPipeVModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block")
+        replay = "recompute"
+    elif name.startswith("1f1b"):
         model = PipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block",
                                activation_checkpoint_interval=1 if name == "1f1b+ckpt" else 0,
                                checkpointable_layers=["Block"])  # the embedding's int input cannot be checkpointed
         replay = "recompute"
+    elif name.startswith("ouro-bounded"):
+        from .memory import plan_partition
+        from .reference import build_layers
+
+        replay = "stash"
+        bpm, chosen = plan_partition(build_layers(plan), plan.block_indices, data[0][0], G, args.micro_batches,
+                                     layer_costs(cfg.n_embd, VOCAB, args.seq_len), _budget_of(name))
+        replay_plan = chosen.plan
+        model = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss,
+                                        block_indices=plan.block_indices, blocks_per_module=bpm)
     else:
         replay = name.split("-")[1]
         bpm = None
@@ -154,8 +173,47 @@ def _build(args, name, plan, cfg, G):
         model = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss,
                                         block_indices=plan.block_indices, blocks_per_module=bpm)
     engine, *_ = initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                            config=_ds_config(args), seed=0, replay=replay)
+                            config=_ds_config(args), seed=0, replay=replay, replay_plan=replay_plan)
+    if replay_plan is not None:
+        engine.plan_note = chosen.describe()
     return engine
+
+
+def engine_names(args) -> list[str]:
+    """The engine configurations of a run: ``ouro-bounded`` once per ``--activation-budget``."""
+    out = []
+    for c in args.configs:
+        if c == "ouro-bounded":
+            out += [c if b == "1f1b" else f"{c}({b})" for b in args.activation_budget]
+        elif c in CONFIGS:
+            out.append(c)
+    return out
+
+
+def _budget_of(name: str) -> str:
+    return name[name.index("(") + 1:-1] if "(" in name else "1f1b"
+
+
+def _reset_peak_rss() -> None:
+    """Linux: restart the process's peak RSS (VmHWM) count, so each engine's memory steps get
+    their own peak (it still includes everything the process holds: all engines' weights)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int:
+    """Bytes: VmHWM since the last :func:`_reset_peak_rss` (ru_maxrss where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _single_process_step(layers, opt, batches, M):
@@ -199,9 +257,9 @@ def _rank_main(rank, args, outdir):
     data = _data(args, 4 * args.micro_batches)
     M = args.micro_batches
     engines, timers, iters = {}, {}, {}
-    for name in (c for c in args.configs if c in CONFIGS):
-        eng = engines[name] = _build(args, name, plan, cfg, G)
-        if name.startswith("1f1b"):
+    for name in (c for c in engine_names(args)):
+        eng = engines[name] = _build(args, name, plan, cfg, G, data)
+        if name.startswith("1f1b") or name == "dualpipev":
             kinds = {ds_schedule.ForwardPass: "F", ds_schedule.BackwardPass: "B", ds_schedule.OptimizerStep: "STEP"}
         else:
             kinds = {E.RingForward: "F", E.RingReplay: "B", E.RingLoss: "L", ds_schedule.OptimizerStep: "STEP"}
@@ -230,7 +288,7 @@ def _rank_main(rank, args, outdir):
 
     for r in range(args.warmup + args.rounds):
         timed = r >= args.warmup
-        for name in args.configs:
+        for name in list(engines) + single:
             tdist.barrier()
             if name in SINGLE:
                 if rank == 0:
@@ -271,6 +329,7 @@ def _rank_main(rank, args, outdir):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         held = {}
+        _reset_peak_rss()
         for _ in range(G + 2):
             with sb.hooks():
                 eng.train_batch(iters[name])
@@ -280,11 +339,14 @@ def _rank_main(rank, args, outdir):
                                "weight_snapshots": held.get("snapshots", 0),
                                "kept_graph_activations": held.get("saved_activations", 0),
                                "params": sum(p.numel() * p.element_size() for p in eng.module.parameters())}
+        res[name]["memory"]["peak_rss"] = _peak_rss()
         if cuda:
             res[name]["memory"]["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
         if hasattr(eng, "saved_bytes"):
             eng.saved_bytes = None
     for name, eng in engines.items():
+        if getattr(eng, "plan_note", None):
+            res[name]["plan"] = eng.plan_note
         if hasattr(eng.module, "module_bounds"):
             res[name]["blocks_per_module"] = [
                 sum(1 for i in plan.block_indices if a <= i < b) for a, b in eng.module.module_bounds]
@@ -317,17 +379,22 @@ def _median(xs):
 
 
 def _predict(name, ranks, G, M):
-    """Simulator prediction from the measured mean instruction costs: per-stage utilization."""
+    """Simulator prediction from the measured mean instruction costs: per-stage utilization.
+    DeepSpeed's schedules run through :mod:`ouroboros_ds.rivals` (their own instruction lists),
+    Ouroboros through :func:`ouroboros_ds.simulate.simulate` on the ring schedule."""
     from .schedule import ouroboros_schedule
     from .simulate import Costs, simulate, steady_steps
 
     means = [{k: statistics.mean(v) for k, v in r[name]["durations"].items()} for r in ranks]
-    if name.startswith("1f1b"):
-        # 1F1B: each stage does M forwards and M backwards in (M + G - 1) slots of the slowest stage
-        fb = [m.get("F:0", 0.0) + m.get("B:0", 0.0) for m in means]
-        steps = [m.get("STEP:0", 0.0) for m in means]
-        T = (M + G - 1) * max(fb) + max(steps)
-        return [(M * fb[s] + steps[s]) / T for s in range(G)]
+    if name.startswith("1f1b") or name == "dualpipev":
+        from . import rivals
+
+        phases = (0, 1) if name == "dualpipev" else (0,)
+        costs = rivals.RivalCosts(forward=[[m.get(f"F:{p}", 0.0) for p in phases] for m in means],
+                                  backward=[[m.get(f"B:{p}", 0.0) for p in phases] for m in means],
+                                  step=[m.get("STEP:0", 0.0) for m in means])
+        scheds = rivals.dualpipev_schedules(G, M) if name == "dualpipev" else rivals.train_schedules(G, M)
+        return rivals.simulate_rival(scheds, costs).utilization
     fwd, rep, loss, step = {}, {}, 0.0, 0.0
     for s, m in enumerate(means):
         for key, v in m.items():
@@ -345,56 +412,70 @@ def _predict(name, ranks, G, M):
     return tl.steady_utilization(window)
 
 
+def step_times(ranks) -> dict:
+    """Per configuration: the median over rounds of the slowest rank's mean step time."""
+    return {name: _median([max(r[name]["step_times"][i] for r in ranks if r[name]["step_times"])
+                           for i in range(len(ranks[0][name]["step_times"]))])
+            for name in ranks[0] if not name.startswith("_")}
+
+
 def report(args, ranks) -> str:
     G, M = args.stages, args.micro_batches
     tokens = args.micro_batch_size * M * args.seq_len
-    st = {name: _median([max(r[name]["step_times"][i] for r in ranks if r[name]["step_times"])
-                         for i in range(len(ranks[0][name]["step_times"]))])
-          for name in ranks[0] if not name.startswith("_")}
+    st = step_times(ranks)
     t1 = st.get("1proc-1thread")
-    lines = ["| configuration | step (s) | tokens/s | vs 1F1B | vs 1F1B+ckpt | eta | util measured (per stage) "
-             "| util simulated | peak saved activations MB | stashed inputs MB | weight snapshots MB |",
+    lines = ["| configuration | step (s) | tokens/s | vs 1F1B | vs 1F1B+ckpt | vs DualPipeV | eta "
+             "| util measured (per stage) | util simulated | peak activation memory MB (per stage) "
+             "| peak RSS MB (per stage) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     mb = 2 ** 20
-    for name in list(CONFIGS) + list(SINGLE):
+    names = [n for n in ranks[0] if not n.startswith("_") and n not in SINGLE]
+    for name in names + list(SINGLE):
         if name not in st:
             continue
         cells = [name, f"{st[name]:.3f}", f"{tokens / st[name]:,.0f}"]
-        cells.append(f"{st['1f1b'] / st[name]:.3f}" if "1f1b" in st else "-")
-        cells.append(f"{st['1f1b+ckpt'] / st[name]:.3f}" if "1f1b+ckpt" in st else "-")
-        if name in CONFIGS:
+        for rival in ("1f1b", "1f1b+ckpt", "dualpipev"):
+            cells.append(f"{st[rival] / st[name]:.3f}" if rival in st else "-")
+        if name in names:
             cells.append(f"{t1 / (G * st[name]):.3f}" if t1 else "-")
             util = [sum(r[name]["busy"]) / sum(r[name]["wall"]) for r in ranks]  # over all timed rounds
             cells.append(" / ".join(f"{u:.3f}" for u in util))
             cells.append(" / ".join(f"{u:.3f}" for u in _predict(name, ranks, G, M)))
             mem = [r[name]["memory"] for r in ranks]
-            cells.append(" / ".join(f"{m['saved_activations_peak'] / mb:.3g}" for m in mem))
-            cells.append(" / ".join(f"{m['stashed_inputs'] / mb:.3g}" for m in mem))
-            cells.append(" / ".join(f"{m['weight_snapshots'] / mb:.3g}" for m in mem))
+            key = "cuda_max_allocated" if "cuda_max_allocated" in mem[0] else "saved_activations_peak"
+            cells.append(" / ".join(f"{m[key] / mb:.4g}" for m in mem))
+            cells.append(" / ".join(f"{m['peak_rss'] / mb:.0f}" for m in mem))
         else:
             cells.append(f"{t1 / st[name]:.3f}" if t1 else "-")  # eta of a one-process run: speed-up over 1 thread
-            cells += ["-"] * 5
+            cells += ["-"] * 4
         lines.append("| " + " | ".join(cells) + " |")
     out = "\n".join(lines)
     costs = []
-    for name in CONFIGS:
-        if name in ranks[0] and name.startswith("ouro"):
+    for name in names:
+        if name.startswith("ouro"):
             means = {}
             for r in ranks:
                 means.update({k: statistics.mean(v) * 1e3 for k, v in r[name]["durations"].items()})
             costs.append(f"{name}: blocks of modules 1..K {ranks[0][name].get('blocks_per_module')}; mean ms per "
                          "instruction " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(means.items())))
+            if ranks[0][name].get("plan"):
+                costs.append(f"{name}: {ranks[0][name]['plan']}")
         elif name in ranks[0]:
             per = [{k: statistics.mean(v) * 1e3 for k, v in r[name]["durations"].items()} for r in ranks]
-            costs.append(f"{name}: mean ms per instruction, by stage " + "; ".join(
+            costs.append(f"{name}: mean ms per instruction (F:phase, B:phase), by stage " + "; ".join(
                 ", ".join(f"{k} {v:.1f}" for k, v in sorted(p.items())) for p in per))
+    held = "; ".join(f"{name} " + " / ".join(
+        f"{r[name]['memory']['stashed_inputs'] / mb:.3g} + {r[name]['memory']['weight_snapshots'] / mb:.3g}"
+        for r in ranks) for name in names if name.startswith("ouro"))
+    costs.append(f"held between steps, stashed inputs + weight snapshots MB, by stage: {held}")
     faults = "; ".join(f"{name} " + " / ".join(f"{_median(r[name]['page_faults']):,.0f}" for r in ranks)
-                       for name in CONFIGS if name in ranks[0])
+                       for name in names)
     costs.append(f"minor page faults per step, by stage (first touch of fresh memory; a load-independent "
                  f"hint of allocation churn): {faults}")
     rss = ", ".join(f"{r['_rank']['peak_rss_kb'] / 1024:.0f}" for r in ranks)
-    return (out + "\n\n" + "\n".join(costs) + f"\n\nprocess peak RSS per rank (MB, all engines together): {rss}; "
-            f"torch threads per rank: {ranks[0]['_rank']['threads']}; device: {ranks[0]['_rank']['device']}")
+    return (out + "\n\n" + "\n".join(costs) + f"\n\nprocess peak RSS per rank over the whole run (MB, all engines "
+            f"together): {rss}; torch threads per rank: {ranks[0]['_rank']['threads']}; device: "
+            f"{ranks[0]['_rank']['device']}")
 
 
 def main(argv=None) -> int:
@@ -406,6 +487,11 @@ def main(argv=None) -> int:
     if args.stages < 1 or args.micro_batches < 1 or args.rounds < 1:
         print("error: --stages, --micro-batches and --rounds must be >= 1", file=sys.stderr)
         return 2
+    if "dualpipev" in args.configs and args.micro_batches < 2 * args.stages:
+        print(f"bench: dualpipev left out (DualPipeV needs M >= 2G = {2 * args.stages})", flush=True)
+        args.configs = [c for c in args.configs if c != "dualpipev"]
+    if args.stages < 2:
+        args.configs = [c for c in args.configs if c != "ouro-bounded"]  # the plan needs a ring of G >= 2
     port = free_port()
     outdir = tempfile.mkdtemp(prefix="ouroboros_bench_")
     print(f"bench: G={args.stages} M={args.micro_batches} micro-batch {args.micro_batch_size} seq {args.seq_len} "

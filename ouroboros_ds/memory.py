@@ -182,3 +182,84 @@ def onef1b_stage_graphs(costs: list[LayerCost], parts: list[int]) -> list[float]
     """Per stage of a stock ``PipelineModule`` (``parts``: its partition boundaries) the graph bytes
     of one micro-batch."""
     return [float(sum(c.graph for c in costs[parts[s]:parts[s + 1]])) for s in range(len(parts) - 1)]
+
+
+def onef1b_parts(num_layers: int, block_indices: list[int], stages: int) -> list[int]:
+    """The partition DeepSpeed's ``PipelineModule(partition_method="type:Block")`` makes."""
+    from deepspeed.runtime import utils as ds_utils
+
+    weights = [1 if i in set(block_indices) else 0 for i in range(num_layers)]
+    return ds_utils.partition_balanced(weights=weights, num_parts=stages)
+
+
+@dataclass
+class BudgetPlan:
+    """What :func:`plan_replay` decided, with the numbers behind it (bytes)."""
+
+    plan: ReplayPlan
+    budget: float
+    onef1b_peaks: list
+    planned_peaks: list
+
+    def describe(self) -> str:
+        mb = lambda v: f"{v / MB:.1f}"  # noqa: E731
+        return (f"replay plan (kept graphs per module) {self.plan}; budget {mb(self.budget)} MB per stage "
+                f"(stock 1F1B's peak per stage {' / '.join(map(mb, self.onef1b_peaks))} MB); planned peak "
+                f"{' / '.join(map(mb, self.planned_peaks))} MB")
+
+
+def plan_replay(layers, block_indices, sample, stages: int, micro_batches: int, bounds, budget="1f1b") -> BudgetPlan:
+    """The replay plan of a ring with layer ranges ``bounds`` (``module_bounds``) under ``budget``
+    (:func:`parse_budget`), from per-layer costs measured on ``sample`` (one micro-batch)."""
+    costs = measure_layers(layers, sample)
+    mems, loss_graph = ring_memory(costs, bounds)
+    ref = onef1b_peaks(stages, micro_batches,
+                       onef1b_stage_graphs(costs, onef1b_parts(len(layers), block_indices, stages)))
+    b = budget_bytes(budget, max(ref))
+    plan = plan_for_budget(stages, micro_batches, mems, loss_graph, b)
+    return BudgetPlan(plan, b, ref, stage_peaks(stages, micro_batches, mems, loss_graph, plan))
+
+
+def _partitions(num_blocks: int, stages: int):
+    """Candidate block counts of modules 1..K: stage 0's two modules split every way; stages
+    1..G-1 share the rest evenly (G = 2: every split)."""
+    G, L = stages, num_blocks
+    for b0 in range(0, L - (G - 1) + 1):
+        rest = [(L - b0) // (G - 1)] * (G - 1)
+        for i in range((L - b0) % (G - 1)):
+            rest[G - 2 - i] += 1
+        if min(rest) < 1:
+            continue
+        for m1 in range(b0 + 1):
+            yield [m1] + rest + [b0 - m1]
+
+
+def plan_partition(layers, block_indices, sample, stages: int, micro_batches: int, flops: dict,
+                   budget="1f1b") -> tuple[list[int], BudgetPlan]:
+    """The ring partition and replay plan that minimise the most loaded stage's modelled work
+    (``flops``: :func:`ouroboros_ds.module.layer_costs`; a kept micro-batch costs forward +
+    backward = 3 forward units per block, a recomputed one 4) among those whose planned peak fits
+    ``budget``; when none fits, the one with the lowest peak."""
+    from .module import ring_partition
+
+    G, M = stages, micro_batches
+    if G < 2:
+        raise ValueError("plan_partition: the ring needs G >= 2 stages to choose a partition")
+    costs = measure_layers(layers, sample)
+    ref = onef1b_peaks(G, M, onef1b_stage_graphs(costs, onef1b_parts(len(layers), block_indices, G)))
+    b = budget_bytes(budget, max(ref))
+    best = None
+    for bpm in _partitions(len(block_indices), G):
+        bounds = ring_partition(len(layers), block_indices, G, bpm)
+        mems, loss_graph = ring_memory(costs, bounds)
+        plan = plan_for_budget(G, M, mems, loss_graph, b)
+        peaks = stage_peaks(G, M, mems, loss_graph, plan)
+        work = [0.0] * G
+        for k, n in enumerate(bpm, start=1):
+            units = 3 if k == G + 1 else 3 + (M - min(plan.kept.get(k, M), M)) / M
+            work[stage_of(k, G)] += n * flops["block"] * units
+        work[0] += flops["head"] * 3
+        key = (max(peaks) > b, max(work) if max(peaks) <= b else max(peaks), max(peaks))
+        if best is None or key < best[0]:
+            best = (key, bpm, BudgetPlan(plan, b, ref, peaks))
+    return best[1], best[2]

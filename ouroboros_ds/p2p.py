@@ -25,6 +25,14 @@ def tag(kind: int, k: int, mb: int) -> int:
     return (kind * 128 + k) * 4096 + mb
 
 
+# Each channel (each engine) of a process gets its own tag space, so engines built side by side
+# (in the same order on every rank, as a benchmark does) never take each other's messages: a
+# receive queued behind an edge's handshake is posted late, after another engine's sends may have
+# arrived with the same tag.
+_TAG_SPACE = 1 << 22  # above every tag()
+_channels = 0
+
+
 class PendingRecv:
     """A posted receive, or one queued while its edge's shape is still unknown."""
 
@@ -42,7 +50,10 @@ class RingChannel:
     """
 
     def __init__(self, device, peer):
+        global _channels
         self.device, self.peer = device, peer
+        self.offset = _channels * _TAG_SPACE
+        _channels += 1
         self.sends: list = []       # (request, tensor) of the current step
         self.prev_sends: list = []  # ... and of the previous step
         self.queued: dict = {}      # (peer stage, kind) -> receives waiting for the edge's shape
@@ -58,9 +69,9 @@ class RingChannel:
             meta = meta.to(self.device)
             # Non-blocking like the data: a blocking send would wait for the peer to reach the
             # receive, which it may only do after work that waits on this stage (a deadlock).
-            self.sends.append((tdist.isend(meta, self.peer(stage), tag=tag(kind, 0, 0)), meta))
+            self.sends.append((tdist.isend(meta, self.peer(stage), tag=self.offset + tag(kind, 0, 0)), meta))
         tensor = tensor.contiguous()
-        self.sends.append((tdist.isend(tensor, self.peer(stage), tag=msg_tag), tensor))
+        self.sends.append((tdist.isend(tensor, self.peer(stage), tag=self.offset + msg_tag), tensor))
 
     def irecv(self, stage: int, msg_tag: int, kind: int) -> PendingRecv:
         """Post a receive. While the edge's shape is unknown the receive waits in line; posting
@@ -76,7 +87,7 @@ class RingChannel:
         shape, dtype = self.edge_meta[("in", stage, kind)]
         for r in self.queued.pop((stage, kind), []):
             r.buf = torch.empty(shape, dtype=dtype, device=self.device)
-            r.req = tdist.irecv(r.buf, self.peer(stage), tag=r.tag)
+            r.req = tdist.irecv(r.buf, self.peer(stage), tag=self.offset + r.tag)
 
     def wait(self, entry):
         """The tensor of a posted receive, or a local tensor as is."""
@@ -84,7 +95,7 @@ class RingChannel:
             return entry
         if entry.req is None:  # the edge's first message: read its metadata, then post in order
             meta = torch.zeros(8, dtype=torch.long, device=self.device)
-            tdist.recv(meta, self.peer(entry.stage), tag=tag(entry.kind, 0, 0))
+            tdist.recv(meta, self.peer(entry.stage), tag=self.offset + tag(entry.kind, 0, 0))
             ndim = int(meta[1])
             self.edge_meta[("in", entry.stage, entry.kind)] = (tuple(int(d) for d in meta[2:2 + ndim]),
                                                                PipelineEngine.ID_TO_DTYPE[int(meta[0])])
