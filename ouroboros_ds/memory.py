@@ -237,20 +237,27 @@ def _partitions(num_blocks: int, stages: int):
 def plan_partition(layers, block_indices, sample, stages: int, micro_batches: int, flops: dict,
                    budget="1f1b") -> tuple[list[int], BudgetPlan]:
     """The ring partition and replay plan that minimise the most loaded stage's modelled work
-    (``flops``: :func:`ouroboros_ds.module.layer_costs`; a kept micro-batch costs forward +
-    backward = 3 forward units per block, a recomputed one 4) among those whose planned peak fits
-    ``budget``; when none fits, the one with the lowest peak."""
+    (``flops``: :func:`ouroboros_ds.module.layer_costs`) under ``budget``, from per-layer costs
+    measured on ``sample`` (one micro-batch); see :func:`choose_partition`."""
+    return choose_partition(measure_layers(layers, sample), block_indices, stages, micro_batches, flops, budget)
+
+
+def choose_partition(costs: list[LayerCost], block_indices, stages: int, micro_batches: int, flops: dict,
+                     budget="1f1b") -> tuple[list[int], BudgetPlan]:
+    """Among the candidate ring partitions, the one whose replay plan (:func:`plan_for_budget`)
+    minimises the most loaded stage's modelled work (a kept micro-batch costs forward + backward =
+    3 forward units per block, a recomputed one 4; module K 3; ``flops["block"]``, ``flops["head"]``
+    per unit) with a planned peak within ``budget``; when none fits, the one with the lowest peak."""
     from .module import ring_partition
 
     G, M = stages, micro_batches
     if G < 2:
-        raise ValueError("plan_partition: the ring needs G >= 2 stages to choose a partition")
-    costs = measure_layers(layers, sample)
-    ref = onef1b_peaks(G, M, onef1b_stage_graphs(costs, onef1b_parts(len(layers), block_indices, G)))
+        raise ValueError("the memory-bounded replay needs a ring of G >= 2 stages")
+    ref = onef1b_peaks(G, M, onef1b_stage_graphs(costs, onef1b_parts(len(costs), block_indices, G)))
     b = budget_bytes(budget, max(ref))
     best = None
     for bpm in _partitions(len(block_indices), G):
-        bounds = ring_partition(len(layers), block_indices, G, bpm)
+        bounds = ring_partition(len(costs), block_indices, G, bpm)
         mems, loss_graph = ring_memory(costs, bounds)
         plan = plan_for_budget(G, M, mems, loss_graph, b)
         peaks = stage_peaks(G, M, mems, loss_graph, plan)

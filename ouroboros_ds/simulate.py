@@ -44,7 +44,7 @@ class ScheduleError(Exception):
 @dataclass
 class Costs:
     """Seconds per action kind. ``forward``/``replay``: one value for every module, or a dict per
-    module (a module missing from the dict costs 0); ``loss`` is module K's forward + loss +
+    module or per ``(module, micro-batch)`` (a module missing from the dict costs 0); ``loss`` is module K's forward + loss +
     backward; ``step`` the optimizer; ``latency`` a message's flight time."""
 
     forward: float | dict = 1.0
@@ -54,8 +54,8 @@ class Costs:
     latency: float = 0.0
 
     def of(self, a: Action) -> float:
-        def pick(v):
-            return v.get(a.k, 0.0) if isinstance(v, dict) else v
+        def pick(v):  # a dict may also price one micro-batch of a module: {(k, mb): seconds}
+            return v.get((a.k, a.mb), v.get(a.k, 0.0)) if isinstance(v, dict) else v
 
         if a.kind == F:
             return pick(self.forward)
