@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe import schedule as ds_schedule
-from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine
+from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine, DualPipeVModule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from .context import dropout_key, recurrent_memory
@@ -28,6 +28,11 @@ from .module import TiedSyncWithoutGraph
 class BaselinePipelineModule(TiedSyncWithoutGraph, PipelineModule):
     """DeepSpeed's stock ``PipelineModule``; only its tied-weight synchronization leaves no
     autograd history (see :class:`~ouroboros_ds.module.TiedSyncWithoutGraph`)."""
+
+
+class BaselineDualPipeVModule(TiedSyncWithoutGraph, DualPipeVModule):
+    """DeepSpeed's ``DualPipeVModule`` (the tied embedding and head both on rank 0); only its
+    tied-weight synchronization leaves no autograd history, as for the 1F1B baseline."""
 
 
 class KeyedPipelineEngine(PipelineEngine):

@@ -140,15 +140,14 @@ class _Timers:
 
 def _build(args, name, plan, cfg, G, data):
     from deepspeed.pipe import PipelineModule
-    from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
-
+    from .baseline import BaselineDualPipeVModule
     from .launch import initialize
     from .models import lm_loss
     from .module import OuroborosPipelineModule, balanced_blocks_per_module, layer_costs
 
     replay_plan = None
     if name == "dualpipev":
-        model = DualPipeVModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block")
+        model = BaselineDualPipeVModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block")
         replay = "recompute"
     elif name.startswith("1f1b"):
         model = PipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block",

@@ -49,17 +49,24 @@ class ModelConfig:
 
 @dataclass
 class RingConfig:
-    schedule: Literal["ouroboros", "1f1b"] = "ouroboros"
-    """'ouroboros' (the delayed-gradient ring) or '1f1b' (DeepSpeed's stock synchronous pipeline,
-    the baseline)"""
+    schedule: Literal["ouroboros", "1f1b", "dualpipev"] = "ouroboros"
+    """'ouroboros' (the delayed-gradient ring), '1f1b' (DeepSpeed's stock synchronous pipeline,
+    the baseline) or 'dualpipev' (DeepSpeed's DualPipeV, synchronous; needs M >= 2G)"""
     replay: Literal["recompute", "stash"] = "recompute"
     """ouroboros: 'recompute' (features replay, recompute the forward at the current weights)
     or 'stash' (keep the forward's graph and weights: no recompute, more memory)"""
-    partition: Literal["balanced", "fresh", "authors"] = "balanced"
+    partition: Literal["balanced", "fresh", "authors", "budget"] = "balanced"
     """ouroboros: 'balanced' (blocks by modelled per-stage cost, stage 0 also carries the
     head and loss; stage 0's blocks split half/half between modules 1 and K), 'fresh'
-    (the same stage loads, stage 0's blocks in module K: fewer stale weights) or
-    'authors' (L // G blocks per stage, stage 0's split half/half)"""
+    (the same stage loads, stage 0's blocks in module K: fewer stale weights), 'authors'
+    (L // G blocks per stage, stage 0's split half/half) or 'budget' (--replay stash: blocks and
+    kept graphs chosen together, the fastest modelled split within --activation-budget)"""
+    activation_budget: str | None = None
+    """ouroboros --replay stash: peak activation memory per stage (saved activations, stashed
+    inputs, weight snapshots); forwards past it are recomputed at the replay through the same
+    weight snapshot (the same update, bit for bit). '1f1b' (the default: stock 1F1B's peak on its
+    busiest stage, what the devices already hold), '1.5x' (times that), '300MB', or 'inf' (keep
+    every graph); see ouroboros_ds/memory.py"""
     pipeline_parallel_size: int | None = None
     """G, stages (default: all ranks)"""
     stale_lr_scale: float = 0.0
@@ -79,7 +86,16 @@ class RingConfig:
                              "snapshot the stale modules' forward and delayed backward run through)")
         if self.schedule != "ouroboros" and (self.replay != "recompute" or self.partition != "balanced"):
             raise ValueError("--replay/--partition apply to --schedule ouroboros only")
-        if self.schedule == "ouroboros" and self.activation_checkpointing:
+        if self.activation_budget is not None:
+            if self.schedule != "ouroboros" or self.replay != "stash":
+                raise ValueError("--activation-budget: bounds --schedule ouroboros --replay stash (features replay keeps "
+                                 "no graph between steps); add --replay stash or drop it")
+            from .memory import parse_budget
+            parse_budget(self.activation_budget)
+        if self.partition == "budget" and self.replay != "stash":
+            raise ValueError("--partition budget: needs --replay stash (it splits the blocks by the kept graphs); "
+                             "add --replay stash or use --partition balanced")
+        if self.schedule != "1f1b" and self.activation_checkpointing:
             raise ValueError("--activation-checkpointing applies to --schedule 1f1b (the Ouroboros replay "
                              "already recomputes; --replay stash keeps the graph instead)")
         if self.stale_lr_scale and self.schedule != "ouroboros":

@@ -105,14 +105,73 @@ def track_waits(engine) -> bool:
     return True
 
 
-def stage_stats(engine, train_seconds: float, steps: int) -> list[dict] | None:
+class PeakMemory:
+    """Measured peak memory of a rank's ``train_batch`` calls, per stage-stats window.
+
+    ``peak_activation_bytes``: on CUDA ``torch.cuda.max_memory_allocated`` (everything the device
+    holds, weights and optimizer included); on CPU the activations autograd saves, the stashed
+    inputs and the weight snapshots (:class:`ouroboros_ds.stash.SavedBytes`, parameters excluded).
+    ``peak_rss_bytes``: the process's peak resident memory (Linux VmHWM, restarted per window)."""
+
+    def __init__(self, engine):
+        import torch
+
+        from .stash import SavedBytes
+
+        self.cuda = torch.cuda.is_available() and engine.device.type == "cuda"
+        self.counter = None
+        if not self.cuda:
+            self.counter = SavedBytes()
+            self.counter.exclude = {p.untyped_storage().data_ptr() for p in engine.module.parameters()}
+            if hasattr(engine, "saved_bytes"):
+                engine.saved_bytes = self.counter  # the ring's stashed inputs and snapshots too
+        self.reset()
+
+    def track(self, engine):
+        from contextlib import nullcontext
+
+        return self.counter.hooks() if self.counter is not None else nullcontext()
+
+    def reset(self) -> None:
+        if self.cuda:
+            import torch
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.counter.reset_peak()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # restart VmHWM
+        except OSError:
+            pass
+
+    def report(self) -> dict:
+        if self.cuda:
+            import torch
+            act = torch.cuda.max_memory_allocated()
+        else:
+            act = self.counter.peak
+        rss = None
+        try:
+            with open("/proc/self/status") as f:
+                rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            import resource
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.reset()
+        return {"peak_activation_bytes": int(act), "peak_rss_bytes": int(rss)}
+
+
+def stage_stats(engine, train_seconds: float, steps: int, peak: PeakMemory | None = None) -> list[dict] | None:
     """Collective. Rank 0 gets per-stage stats of data-parallel rank 0 over the last ``steps``
     steps: in-flight bytes now (stashed inputs and received error gradients held across steps),
     mean seconds per ``train_batch`` on that rank, and, with :func:`track_waits`, utilization =
-    1 - (seconds blocked on receives) / (seconds in ``train_batch``)."""
+    1 - (seconds blocked on receives) / (seconds in ``train_batch``); with ``peak``, the measured
+    peak memory of the window (:class:`PeakMemory`)."""
     in_flight = engine.in_flight_bytes() if hasattr(engine, "in_flight_bytes") else 0
     mine = {"stage": engine.stage_id, "dp_rank": engine.mpu.get_data_parallel_rank(),
             "in_flight_bytes": int(in_flight), "step_seconds": float(train_seconds / max(1, steps))}
+    if peak is not None:
+        mine.update(peak.report())
     if hasattr(engine, "wait_seconds"):
         mine["utilization"] = max(0.0, 1.0 - engine.wait_seconds / train_seconds) if train_seconds > 0 else None
         engine.wait_seconds = 0.0
@@ -136,6 +195,8 @@ def monitor_events(engine, rec: dict) -> None:
         s = rec["stage"]
         events += [(f"Stage/{s}/in_flight_bytes", float(rec["in_flight_bytes"]), x),
                    (f"Stage/{s}/step_seconds", float(rec["step_seconds"]), x)]
+        events += [(f"Stage/{s}/{k}", float(rec[k]), x) for k in ("peak_activation_bytes", "peak_rss_bytes")
+                   if rec.get(k) is not None]
         if rec.get("utilization") is not None:
             events.append((f"Stage/{s}/utilization", float(rec["utilization"]), x))
     if "delays" in rec:

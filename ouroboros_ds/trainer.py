@@ -41,6 +41,9 @@ class Trainer:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         ds = load_deepspeed_config(c)
         c.ring.stages(world)
+        if c.ring.schedule == "dualpipev":  # before the process group: the same line on every rank
+            from ouroboros_ds.baseline import check_dualpipev
+            check_dualpipev(ds["gradient_accumulation_steps"], c.ring.stages(world))
         self.tok = tok = D.load_token_data(c.data.name, c.data.tokenizer, max_bytes=c.data.max_bytes)
         self.mcfg, pretrained = model_config(c, tok.vocab_size)
         mcfg = self.mcfg
@@ -80,7 +83,8 @@ class Trainer:
             params = pipeline_groups(model, ds.get("optimizer", {}).get("params", {}).get("lr", 1e-3),
                                      c.ring.stale_lr_scale)
         self.engine, *_ = initialize(model=model, model_parameters=params, config=ds, seed=c.training.seed,
-                                     replay=c.ring.replay, weight_prediction=c.ring.weight_prediction)
+                                     replay=c.ring.replay, weight_prediction=c.ring.weight_prediction,
+                                     replay_plan=getattr(model, "replay_plan", None))
         engine = self.engine
 
         mb, M = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
@@ -94,6 +98,7 @@ class Trainer:
         self.out = open(c.logging.metrics, "a") if (self.log and c.logging.metrics) else None
 
         runlog.track_waits(engine)  # per-stage utilization for --stage-stats-every
+        self.peak = runlog.PeakMemory(engine)  # per-stage peak memory for --stage-stats-every
         summary = runlog.startup_summary(engine)  # collective: every rank reports its stage
         if self.log:
             print(f"ouroboros-ds: schedule={c.ring.schedule} "
@@ -108,6 +113,8 @@ class Trainer:
                       else f"  config from {c.model.name} (no weights there: random init)", flush=True)
             if getattr(model, "partition_note", None):
                 print(f"  {model.partition_note}", flush=True)
+            if getattr(model, "plan_note", None):
+                print(f"  {model.plan_note}", flush=True)
             for line in summary:
                 print(line, flush=True)
             self.emit({"step": 0, "delays": runlog.delays(engine)})
@@ -137,7 +144,10 @@ class Trainer:
         if c.ring.schedule == "ouroboros":
             from ouroboros_ds.module import (OuroborosPipelineModule, balanced_blocks_per_module, layer_costs,
                                              stage_costs_of)
-            bpm, note = None, None
+            bpm, note, chosen = None, None, None
+            if c.ring.partition == "budget":  # blocks and kept graphs chosen together
+                bpm, chosen = self._budget_partition(plan)
+                note = f"partition budget: blocks of modules 1..K {bpm}"
             if c.ring.partition in ("balanced", "fresh"):
                 costs = layer_costs(mcfg.n_embd, self.tok.vocab_size, c.training.seq_len)
                 bpm = balanced_blocks_per_module(mcfg.n_layer, G, costs, c.ring.replay,
@@ -148,13 +158,50 @@ class Trainer:
             model = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss,
                                             block_indices=plan.block_indices, blocks_per_module=bpm)
             model.partition_note = note
+            if c.ring.replay == "stash":  # the memory-bounded replay: which forwards keep their graph
+                if chosen is None:  # the plan for the partition this run uses
+                    from ouroboros_ds.memory import plan_replay
+                    from ouroboros_ds.reference import build_layers
+                    chosen = plan_replay(build_layers(plan), plan.block_indices, self._sample(), G,
+                                         self._micro_batches(), model.module_bounds, self._budget())
+                model.replay_plan, model.plan_note = chosen.plan, chosen.describe()
             return model
+        if c.ring.schedule == "dualpipev":
+            from ouroboros_ds.baseline import BaselineDualPipeVModule
+            return BaselineDualPipeVModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block")
         from ouroboros_ds.baseline import BaselinePipelineModule
         return BaselinePipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block",
                                       activation_checkpoint_interval=1 if c.ring.activation_checkpointing else 0,
                                       # only the blocks: reentrant checkpointing of the embedding (integer
                                       # input) would cut it off from autograd
                                       checkpointable_layers=["Block", "XLBlock"])
+
+    def _budget(self) -> str:
+        return self.config.ring.activation_budget or "1f1b"
+
+    def _micro_batches(self) -> int:
+        return load_deepspeed_config(self.config)["gradient_accumulation_steps"]
+
+    def _sample(self):
+        """One micro-batch of token ids: what the replay planner measures the layers on."""
+        import torch
+
+        mb = load_deepspeed_config(self.config)["train_micro_batch_size_per_gpu"]
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(0, self.tok.vocab_size, (mb, self.config.training.seq_len), generator=g)
+
+    def _budget_partition(self, plan):
+        """--partition budget: ``(blocks per module, memory.BudgetPlan)`` chosen together."""
+        c = self.config
+        from ouroboros_ds.memory import plan_partition
+        from ouroboros_ds.module import layer_costs
+        from ouroboros_ds.reference import build_layers
+
+        bpm, chosen = plan_partition(build_layers(plan), plan.block_indices, self._sample(), self.G,
+                                     self._micro_batches(),
+                                     layer_costs(self.mcfg.n_embd, self.tok.vocab_size, c.training.seq_len),
+                                     self._budget())
+        return bpm, chosen
 
     # ------------------------------------------------------------------ records
     def emit(self, rec: dict) -> None:
@@ -206,7 +253,9 @@ class Trainer:
         try:
             for step in range(first, steps):
                 watchdog.started = t0 = time.monotonic()
-                loss = engine.train_batch(self.stream if (c.ring.schedule == "1f1b" or engine.stage_id == 0) else None)
+                with self.peak.track(engine):
+                    loss = engine.train_batch(self.stream if (c.ring.schedule != "ouroboros" or engine.stage_id == 0)
+                                              else None)
                 watchdog.started = None
                 train_clock += time.monotonic() - t0
                 events = getattr(engine, "nonfinite_events", [])[seen_events:]
@@ -224,7 +273,8 @@ class Trainer:
                         self.bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{tok_s:,.0f}")
                         self.bar.update(1)
                 if stats_every and ((step + 1) % stats_every == 0 or step + 1 == steps):
-                    stats = runlog.stage_stats(engine, train_clock - stats_clock, step + 1 - stats_from)  # collective
+                    stats = runlog.stage_stats(engine, train_clock - stats_clock, step + 1 - stats_from,  # collective
+                                               peak=self.peak)
                     stats_clock, stats_from = train_clock, step + 1
                     for rec in stats or []:
                         self.emit({"step": step + 1, **rec})
