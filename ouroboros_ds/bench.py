@@ -1,26 +1,29 @@
-"""Side-by-side benchmark: DeepSpeed's stock 1F1B (with and without activation checkpointing), the
-Ouroboros engine in each replay mode, and a single process, on the same model and data, in one run.
+"""Side-by-side benchmark: DeepSpeed's stock 1F1B (with and without activation checkpointing) and
+DualPipeV, the Ouroboros engine in each replay mode (features replay, stash, and the memory-bounded
+plan under ``--activation-budget``), and a single process, on the same model and data, in one run.
 
     python -m ouroboros_ds.bench                       # G=2, M=4, 8 blocks d_model 256, seq 128, CPU
-    python -m ouroboros_ds.bench --stages 2 --micro-batches 4 --model small --rounds 4 --out bench.json
+    python -m ouroboros_ds.bench -G 2 -M 8 --rounds 3 --steps 2 --activation-budget 1f1b 1.3x --out bench.json
 
 How it measures (so that the ratios come from one run):
 - G ranks are spawned once (gloo on CPU; NCCL when there is one GPU per rank). Every rank builds all
-  four engines on the same layer specs (same seed: same initial weights) and the same token batches.
+  engines on the same layer specs (same seed: same initial weights) and the same token batches.
+  DualPipeV (DeepSpeed's ``DualPipeVModule`` + ``DualPipeVEngine``, keyed dropout) runs when M >= 2G.
 - Rounds interleave the configurations: round r runs ``--steps`` steps of each engine in turn (and the
   single-process baseline on rank 0 while the others wait), so a change of load on a shared machine
   hits all configurations alike. The first ``--warmup`` rounds are discarded; reported numbers are
   medians over the remaining rounds of the mean step time.
 - Utilization per stage = busy time of the compute instructions (timers around the forward,
   backward/replay, loss and optimizer handlers, minus the time an Ouroboros handler spends waiting
-  for a message) / wall time of the timed steps, summed over the timed rounds. Next to it, the simulator's prediction made from
-  the *measured* mean cost of each instruction (:mod:`ouroboros_ds.simulate`; for 1F1B the
-  ``(M+G-1)(f+b)`` model).
-- Memory per stage, CPU: after the timed rounds, K + 1 more steps of each engine with
-  ``saved_tensors_hooks`` counting the bytes of the activations autograd keeps (each storage once,
-  parameters and weight snapshots excluded): the peak during the steps, plus the stashed inputs and
-  weight snapshots held at the end of a step. Also the process peak RSS (all engines together). CUDA:
-  ``torch.cuda.max_memory_allocated`` per engine.
+  for a message) / wall time of the timed steps, summed over the timed rounds. Next to it, the
+  simulator's prediction from the *measured* mean cost of each instruction: the ring schedule through
+  :mod:`ouroboros_ds.simulate`, DeepSpeed's 1F1B and DualPipeV through their own instruction lists
+  (:mod:`ouroboros_ds.rivals`).
+- Memory per stage, measured: after the timed rounds, G + 2 more steps of each engine with one
+  counter (:class:`ouroboros_ds.stash.SavedBytes`) of the activations autograd saves, the stashed
+  inputs and the weight snapshots (each storage once, parameters excluded): its peak is the "peak
+  activation memory" column (CUDA: ``torch.cuda.max_memory_allocated``). The process's peak RSS
+  during those steps (VmHWM, restarted per engine; it includes every engine's weights).
 - eta = (one process, one thread, same work) / (G x step time): 1.0 is the physical limit.
 """
 from __future__ import annotations

@@ -54,8 +54,10 @@ def costs_from_bench(bench: dict, memory: dict) -> BlockCosts:
     n = bench.get("blocks_per_stage") or _model_blocks(args) // G
     means = [{k: statistics.mean(v) for k, v in r["1f1b"]["durations"].items()} for r in ranks]
     f, b = means[0]["F:0"] / n, means[0]["B:0"] / n
-    head_f = max(means[-1]["F:0"] - n * f, 0.0)
-    head_b = max(means[-1]["B:0"] - n * b, 0.0)
+    # the last stage's extra over its blocks is the head's; split 1 : 2 (a backward is about two
+    # forwards) rather than taking forward and backward apart, which noise can make negative
+    head = max(means[-1]["F:0"] + means[-1]["B:0"] - n * (f + b), 0.0)
+    head_f, head_b = head / 3, 2 * head / 3
     step = statistics.mean(m["STEP:0"] for m in means) / n
     return BlockCosts(f=f, b=b, head_f=head_f, head_b=head_b, step=step,
                       tokens=args["micro_batch_size"] * args["seq_len"], **memory)
