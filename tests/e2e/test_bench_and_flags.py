@@ -21,11 +21,17 @@ def test_bench_one_command_table(tmp_path):
                           "--out", str(tmp_path / "b.json")],
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    for name in ("1f1b", "1f1b+ckpt", "ouro-recompute", "ouro-stash", "1proc-1thread", "1proc-all"):
+    for name in ("1f1b", "1f1b+ckpt", "dualpipev", "ouro-recompute", "ouro-stash", "ouro-bounded", "1proc-1thread",
+                 "1proc-all"):
         assert f"| {name} |" in out.stdout, out.stdout
-    row = next(line for line in out.stdout.splitlines() if line.startswith("| ouro-stash |")).split("|")
-    assert float(row[8].split("/")[0]) > 0  # simulated utilization of stage 0
-    assert float(row[11].split("/")[0]) > 0  # weight snapshots held on stage 0
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")}
+    for name in ("1f1b", "dualpipev", "ouro-stash", "ouro-bounded"):
+        assert float(rows[name][9].split("/")[0]) > 0  # simulated utilization of stage 0
+        assert float(rows[name][10].split("/")[0]) > 0  # measured peak activation memory of stage 0
+        assert float(rows[name][11].split("/")[1]) > 0  # peak RSS of stage 1
+    # the bounded plan holds less than keeping every graph
+    assert float(rows["ouro-bounded"][10].split("/")[1]) < float(rows["ouro-stash"][10].split("/")[1])
+    assert "replay plan (kept graphs per module)" in out.stdout
 
 
 def test_train_flags_replay_stash_and_activation_checkpointing(tmp_path):
@@ -50,3 +56,23 @@ def test_train_flag_mismatch_is_one_clear_line():
     r = run_train_single(["--activation-checkpointing", "--steps", "1"])
     assert r.returncode == 2 and "error: --activation-checkpointing applies to --schedule 1f1b" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_train_dualpipev_same_first_loss_and_peak_memory(tmp_path):
+    """--schedule dualpipev (DeepSpeed's DualPipeV, keyed dropout) starts from the same loss as the
+    ring on the same seed; both write measured per-stage peak memory into the stage-stats records."""
+    common = ["--steps", "2", "--seq-len", "32", "--model", "tiny", "--eval-batches", "4", "--eval-every", "0",
+              "--max-bytes", "200000", "--no-progress", "--stage-stats-every", "1"]
+    firsts = []
+    for extra in (["--schedule", "dualpipev"], ["--replay", "stash"]):
+        m, out = tmp_path / f"{extra[1]}.jsonl", tmp_path / f"{extra[1]}.out"
+        run_ranks(_train_in_rank, 2, common + extra + ["--metrics", str(m)], str(out), tmpdir=str(tmp_path),
+                  timeout=300)
+        recs = [json.loads(x) for x in m.read_text().splitlines()]
+        firsts.append(next(x for x in recs if "loss" in x)["loss"])
+        stages = [x for x in recs if "stage" in x]
+        assert {x["stage"] for x in stages} == {0, 1}
+        assert all(x["peak_activation_bytes"] > 0 and x["peak_rss_bytes"] > 0 for x in stages), stages
+        if extra[1] == "stash":
+            assert "replay plan (kept graphs per module)" in out.read_text()
+    assert firsts[0] == pytest.approx(firsts[1], rel=1e-5)
