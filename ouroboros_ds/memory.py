@@ -19,8 +19,9 @@ for the engine's order (all forwards, then the replays in micro-batch order, kep
 :func:`parse_budget` reads the user's option: ``1f1b`` (the default: stock 1F1B's peak on its
 busiest stage, what a user's devices already hold), ``1.5x`` (times that), ``300MB``, or ``inf``.
 
-Pure Python (no torch) except :func:`measure_layers`, which measures the per-layer inputs of
-the planner on one micro-batch.
+The planner's arithmetic is pure Python; :func:`measure_layers` (torch) measures its per-layer
+inputs on one micro-batch, :func:`onef1b_parts` asks DeepSpeed for 1F1B's partition, and
+:func:`choose_partition` searches ring partitions with the plan (``train.py --partition budget``).
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ import statistics
 from dataclasses import asdict, dataclass
 
 from . import rivals
-from .memory import LayerCost, choose_partition, module_peak, ModuleMemory, ReplayPlan, stage_peaks
+from .memory import LayerCost, ModuleMemory, ReplayPlan, choose_partition, stage_peaks
 from .module import balanced_blocks_per_module
 from .schedule import num_modules, ouroboros_schedule, stage_of
 from .simulate import Costs, simulate, steady_steps
