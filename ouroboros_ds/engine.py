@@ -48,7 +48,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
 
     def __init__(self, *args, seed: int = 0, replay: str = "recompute", weight_prediction: float = 0.0, **kwargs):
         self.replay = W.check_replay(replay)
-        self.weight_prediction = W.check_prediction(weight_prediction, self.replay)
+        self.weight_prediction = W.check_prediction(weight_prediction, self.replay, recompute=False)
         config = kwargs.get("config_class")
         if config is not None and config.float16_config.enabled:
             # fp16's dynamic loss scale skips a step on overflow; on the ring every stage would have to

