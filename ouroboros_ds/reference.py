@@ -80,7 +80,7 @@ class Reference:
                  blocks_per_module=None, synchronous: bool = False, replay: str = "recompute",
                  stale_lr_scale: float = 0.0, weight_prediction: float = 0.0, global_clip: bool = False):
         self.replay = W.check_replay(replay)
-        self.weight_prediction = W.check_prediction(weight_prediction, self.replay)
+        self.weight_prediction = W.check_prediction(weight_prediction)
         self.G, self.K = stages, S.num_modules(stages)
         self.seed, self.loss_fn, self.synchronous = seed, loss_fn, synchronous
         self.layers = build_layers(plan)

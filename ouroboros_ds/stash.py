@@ -74,14 +74,11 @@ class Snapshot:
         return sum(c.numel() * c.element_size() for c, _ in self.live)
 
 
-def check_prediction(weight_prediction: float, replay: str, recompute: bool = True) -> float:
-    """``recompute``: whether the caller predicts in ``replay="recompute"`` mode too."""
+def check_prediction(weight_prediction: float) -> float:
     weight_prediction = float(weight_prediction)
     if weight_prediction < 0:
         raise ValueError(f"weight_prediction: must be >= 0 (0 turns it off, 1 predicts the weights a delayed "
                          f"gradient is applied to), got {weight_prediction}")
-    if weight_prediction and replay != "stash" and not recompute:
-        raise ValueError("weight_prediction: needs replay='stash' here; set replay / --replay to stash")
     return weight_prediction
 
 
