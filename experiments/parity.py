@@ -68,8 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--model", default="tiny")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-sequences", type=int, default=256, help="validation windows per evaluation (the same for every run)")
-    p.add_argument("--bench", nargs="*", default=[os.path.join(ROOT, "docs", "bench_g2_m4_cpu.json")],
-                   help="benchmark JSONs (python -m ouroboros_ds.bench --out ...) for the step-time ratios")
+    p.add_argument("--variant-lrs", default="{}",
+                   help='JSON {variant: [lr, ...]}: a sweep of its own for a variant (default: --lrs)')
+    p.add_argument("--step-times", default=json.dumps(STEP_TIMES),
+                   help="JSON {config: step seconds} of one benchmark run (the default: docs/benchmarks.md, G = 2, M = 4)")
+    p.add_argument("--bench", nargs="*", default=[],
+                   help="benchmark JSONs (python -m ouroboros_ds.bench --out ...): step times per (G, M), over --step-times")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--reuse", action="store_true", help="keep runs whose raw metrics exist")
     return p.parse_args(argv)
@@ -79,7 +83,7 @@ def variant_options(name: str) -> dict:
     if name in VARIANTS:
         return dict(VARIANTS[name])
     if name == "default":
-        from ouroboros_ds.staleness import DEFAULT_MITIGATION
+        from ouroboros_ds.config import DEFAULT_MITIGATION
         return dict(DEFAULT_MITIGATION)
     try:
         return json.loads(name)
@@ -97,8 +101,6 @@ def train_one(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    if hasattr(os, "nice"):
-        os.nice(0)
     from ouroboros_ds import data as D
     from ouroboros_ds.models import gpt2_config, gpt2_layer_specs, lm_loss
     from ouroboros_ds.module import balanced_blocks_per_module, layer_costs
@@ -179,7 +181,10 @@ def run_all(args, jobs: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------ step-time ratios (benchmark)
-BENCH_OF = {"1f1b": "1f1b", "1f1b+ckpt": "1f1b+ckpt"}
+# Step seconds of `python -m ouroboros_ds.bench --rounds 6` (docs/benchmarks.md: G = 2, M = 4, the
+# `small` model, idle box); ouro-recompute-pred from `--configs 1f1b 1f1b+ckpt ouro-recompute ouro-recompute-pred`
+# when measured (docs/parity.md), else ouro-recompute's.
+STEP_TIMES = {"1f1b": 1.117, "1f1b+ckpt": 1.594, "ouro-recompute": 1.116, "ouro-stash": 0.905}
 
 
 def bench_step_times(paths) -> dict:
@@ -199,8 +204,12 @@ def bench_step_times(paths) -> dict:
     return out
 
 
-def bench_config(opts: dict) -> str:
-    return "ouro-stash" if opts.get("replay") == "stash" else "ouro-recompute"
+def bench_config(opts: dict, times: dict) -> str:
+    if opts.get("replay") == "stash":
+        return "ouro-stash"
+    if opts.get("weight_prediction") and "ouro-recompute-pred" in times:
+        return "ouro-recompute-pred"
+    return "ouro-recompute"
 
 
 # ------------------------------------------------------------------ summary
@@ -223,6 +232,7 @@ def steps_to(steps, bpb, target):
 
 def summarize(args, results: dict):
     bench = bench_step_times(args.bench)
+    default_times = json.loads(args.step_times)
     groups: dict = {}  # (data, G, M, variant) -> {lr: [runs]}
     for r in results.values():
         j = r["job"]
@@ -249,7 +259,7 @@ def summarize(args, results: dict):
                     continue
                 base_steps, base_curve = mean_curve(best["1f1b"][1])
                 target = base_curve[-1]
-                times = bench.get((G, M)) or bench.get((2, 4)) or {}
+                times = {**default_times, **bench.get((G, M), {})}
                 for v in args.variants:
                     by_lr = sweep[v]
                     sweep_txt = ", ".join(
@@ -265,7 +275,7 @@ def summarize(args, results: dict):
                     gap = (curve[-1] / target - 1) * 100
                     n = steps_to(steps, curve, target)
                     opts = variant_options(v)
-                    cfg = "1f1b" if opts.get("synchronous") else bench_config(opts)
+                    cfg = "1f1b" if opts.get("synchronous") else bench_config(opts, times)
                     ratio = {b: times[cfg] / times[b] for b in ("1f1b", "1f1b+ckpt") if cfg in times and b in times}
                     base_n = steps_to(base_steps, base_curve, target)
                     t = {b: (n * q / base_n if n is not None else None) for b, q in ratio.items()}
@@ -277,10 +287,9 @@ def summarize(args, results: dict):
                                      time_vs_1f1b=t.get("1f1b"), time_vs_ckpt=t.get("1f1b+ckpt"),
                                      spread=(max(finals) - min(finals)) / 2))
                     curves[(data, G, M, v)] = (lr, steps, curve)
-    if bench:
-        lines += ["", "Step-time ratios (benchmark): " + "; ".join(
-            f"G={G} M={M}: " + ", ".join(f"{c} {s / t['1f1b']:.3f}" for c, s in t.items() if "1f1b" in t)
-            for (G, M), t in bench.items())]
+    lines += ["", "Step-time ratios to 1F1B (benchmark): " + "; ".join(
+        f"{'G=%d M=%d' % gm if gm else 'all cells'}: " + ", ".join(f"{c} {s / t['1f1b']:.3f}" for c, s in t.items())
+        for gm, t in [(None, default_times)] + list(bench.items()) if "1f1b" in t)]
     return "\n".join(lines), rows, curves
 
 
@@ -318,11 +327,12 @@ def main(argv=None) -> int:
             raise SystemExit(f"--batch: {args.batch} is not a multiple of M = {M}")
     for v in args.variants:
         variant_options(v)
+    lrs_of = {v: json.loads(args.variant_lrs).get(v, args.lrs) for v in args.variants}
     jobs = [dict(data=d, G=G, M=M, variant=v, lr=lr, seed=s, steps=args.steps, batch=args.batch,
                  seq_len=args.seq_len, model=args.model, eval_every=args.eval_every,
                  eval_sequences=args.eval_sequences)
             for d in args.data for G in args.stages for M in args.micro_batches for v in args.variants
-            for lr in args.lrs for s in args.seeds
+            for lr in lrs_of[v] for s in args.seeds
             if not (variant_options(v).get("synchronous") and (G != args.stages[0]))]  # 1F1B: one G is all Gs
     # a synchronous run is the same at every G: run it once, file it under each G
     results = run_all(args, jobs)

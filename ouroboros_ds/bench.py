@@ -35,7 +35,8 @@ import tempfile
 import time
 import traceback
 
-CONFIGS = ("1f1b", "1f1b+ckpt", "ouro-recompute", "ouro-stash")
+CONFIGS = ("1f1b", "1f1b+ckpt", "ouro-recompute", "ouro-stash", "ouro-recompute-pred")
+# ouro-recompute-pred: the default mitigation (weight prediction through features replay, fresh partition)
 SINGLE = ("1proc-1thread", "1proc-all")
 VOCAB = 256
 
@@ -148,13 +149,16 @@ def _build(args, name, plan, cfg, G):
         replay = "recompute"
     else:
         replay = name.split("-")[1]
+        pred = name.endswith("-pred")
         bpm = None
         if args.partition == "balanced":
-            bpm = balanced_blocks_per_module(cfg.n_layer, G, layer_costs(cfg.n_embd, VOCAB, args.seq_len), replay)
+            bpm = balanced_blocks_per_module(cfg.n_layer, G, layer_costs(cfg.n_embd, VOCAB, args.seq_len), replay,
+                                             fresh=pred)
         model = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss,
                                         block_indices=plan.block_indices, blocks_per_module=bpm)
     engine, *_ = initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                            config=_ds_config(args), seed=0, replay=replay)
+                            config=_ds_config(args), seed=0, replay=replay,
+                            weight_prediction=1.0 if name.endswith("-pred") else 0.0)
     return engine
 
 

@@ -34,6 +34,3 @@ def pipeline_groups(model, lr: float, c: float) -> list[dict]:
     groups = ring_param_groups(model)
     return [{**g, **s} for g, s in zip(groups, scaled_by_delay([(g[FIRST_STEP], g["params"]) for g in groups], lr, c))]
 
-
-# The default mitigation (the best measured combination; docs/parity.md): Reference / engine options.
-DEFAULT_MITIGATION = {"weight_prediction": 1.0, "partition": "fresh"}
