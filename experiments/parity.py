@@ -76,6 +76,8 @@ def parse_args(argv=None):
                    help="benchmark JSONs (python -m ouroboros_ds.bench --out ...): step times per (G, M), over --step-times")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--reuse", action="store_true", help="keep runs whose raw metrics exist")
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing: table and curves from the runs already in --raw (a cell without runs is left out)")
     return p.parse_args(argv)
 
 
@@ -161,9 +163,9 @@ def run_all(args, jobs: list[dict]) -> dict:
     for job in jobs:
         path = os.path.join(args.raw, run_key(job["data"], job["G"], job["M"], job["variant"], job["lr"], job["seed"],
                                               job["steps"]) + ".json")
-        if args.reuse and os.path.exists(path):
+        if (args.reuse or args.table_only) and os.path.exists(path):
             results[path] = json.load(open(path))
-        else:
+        elif not args.table_only:
             todo.append((path, job))
     print(f"{len(results)} runs reused, {len(todo)} to run", flush=True)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:

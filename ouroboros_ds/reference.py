@@ -27,7 +27,7 @@ from . import stash as W
 from .context import dropout_key, recurrent_memory
 from .models import LayerPlan
 from .module import ring_partition
-from .staleness import scaled_by_delay
+from .staleness import scaled_by_delay, stale_momentum
 from .utils import layer_modules, unique_parameters
 from .warmup import FIRST_STEP, stage_param_groups
 
@@ -78,7 +78,8 @@ class Reference:
 
     def __init__(self, plan: LayerPlan, stages: int, ds_config: dict, loss_fn, seed: int = 0,
                  blocks_per_module=None, synchronous: bool = False, replay: str = "recompute",
-                 stale_lr_scale: float = 0.0, weight_prediction: float = 0.0, global_clip: bool = False):
+                 stale_lr_scale: float = 0.0, weight_prediction: float = 0.0, global_clip: bool = False,
+                 stale_beta1: float = 0.0):
         self.replay = W.check_replay(replay)
         self.weight_prediction = W.check_prediction(weight_prediction)
         self.G, self.K = stages, S.num_modules(stages)
@@ -101,6 +102,10 @@ class Reference:
                 lr = ds_config.get("optimizer", {}).get("params", {}).get("lr", 1e-3)
                 scaled = scaled_by_delay([(g[FIRST_STEP], g["params"]) for g in groups], lr, stale_lr_scale)
                 groups = [{**g, **sg} for g, sg in zip(groups, scaled)]
+            if stale_beta1 and not synchronous:  # delay-aware momentum for the stale groups
+                betas = ds_config.get("optimizer", {}).get("params", {}).get("betas", (0.9, 0.999))
+                moment = stale_momentum([(g[FIRST_STEP], g["params"]) for g in groups], betas, stale_beta1)
+                groups = [{**g, **mg} for g, mg in zip(groups, moment)]
             opt = make_optimizer(groups, ds_config)
             self.stage_params.append(params)
             self.optimizers.append(opt)
