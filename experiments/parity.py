@@ -348,8 +348,6 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(rows, f, indent=1)
     draw(curves, os.path.join(args.out, "parity.png"))
     return 0
 

@@ -75,3 +75,17 @@ def test_initialize_reads_the_object_and_hides_it_from_deepspeed(tmp_path):
     assert _ring_section(os.path.join(ROOT, "ds_configs", "paper.json"))[1] == {"paper": True}
     plain = {"train_micro_batch_size_per_gpu": 1}
     assert _ring_section(plain) == (plain, {})
+
+
+def test_stale_momentum_changes_only_the_stale_groups_beta1():
+    import torch
+
+    from ouroboros_ds.staleness import stale_momentum
+
+    fresh, stale = [torch.nn.Parameter(torch.zeros(1))], [torch.nn.Parameter(torch.zeros(1))]
+    groups = [(0, fresh), (2, stale)]
+    out = stale_momentum(groups, (0.9, 0.99), 0.95)
+    assert out[0] == {"params": fresh} and out[1] == {"params": stale, "betas": (0.95, 0.99)}
+    assert all("betas" not in g for g in stale_momentum(groups, (0.9, 0.99), 0.0))  # 0: off
+    with pytest.raises(ValueError, match="stale_beta1"):
+        stale_momentum(groups, (0.9, 0.99), 1.0)
