@@ -53,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="steps of each configuration per round")
     p.add_argument("--partition", choices=["balanced", "authors"], default="balanced")
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default cores // G)")
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS) + list(SINGLE), choices=list(CONFIGS) + list(SINGLE))
+    p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "ouro-recompute-pred"] + list(SINGLE),
+                   choices=list(CONFIGS) + list(SINGLE))
     p.add_argument("--out", default=None, help="also write the raw results as JSON here")
     return p.parse_args(argv)
 
