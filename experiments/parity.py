@@ -18,7 +18,7 @@ DeepSpeed engine runs (equal bit for bit by test, G = 1..3, M = 1 and 4, dropout
 processes. 1F1B is its synchronous limit with one gradient-norm clip over the whole model, as the
 stock engine clips. So these runs measure learning per step; speed comes from the benchmark.
 
-  python experiments/parity.py --out docs/parity                 # the full protocol (hours on 2 cores)
+  python experiments/parity.py --out docs/parity                 # the full protocol (hours of CPU)
   python experiments/parity.py --out /tmp/p --data shakespeare --stages 2 --micro-batches 4 \\
       --seeds 0 --lrs 1e-3 2e-3 --steps 200 --variants 1f1b paper default   # a quick look
 
