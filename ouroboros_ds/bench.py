@@ -38,7 +38,8 @@ import tempfile
 import time
 import traceback
 
-CONFIGS = ("1f1b", "1f1b+ckpt", "dualpipev", "ouro-recompute", "ouro-stash", "ouro-bounded")
+CONFIGS = ("1f1b", "1f1b+ckpt", "dualpipev", "ouro-recompute", "ouro-stash", "ouro-bounded", "ouro-recompute-pred")
+# ouro-recompute-pred: the default mitigation (weight prediction through features replay, fresh partition)
 SINGLE = ("1proc-1thread", "1proc-all")
 VOCAB = 256
 
@@ -55,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="steps of each configuration per round")
     p.add_argument("--partition", choices=["balanced", "authors"], default="balanced")
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default cores // G)")
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS) + list(SINGLE), choices=list(CONFIGS) + list(SINGLE),
+    p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "ouro-recompute-pred"] + list(SINGLE),
+                   choices=list(CONFIGS) + list(SINGLE),
                    help="dualpipev is left out when M < 2G (DeepSpeed's DualPipeV cannot run there)")
     p.add_argument("--activation-budget", nargs="+", default=["1f1b"],
                    help="ouro-bounded: peak activation memory per stage ('1f1b': stock 1F1B's busiest stage; '1.5x', "
@@ -169,13 +171,16 @@ def _build(args, name, plan, cfg, G, data):
                                         block_indices=plan.block_indices, blocks_per_module=bpm)
     else:
         replay = name.split("-")[1]
+        pred = name.endswith("-pred")
         bpm = None
         if args.partition == "balanced":
-            bpm = balanced_blocks_per_module(cfg.n_layer, G, layer_costs(cfg.n_embd, VOCAB, args.seq_len), replay)
+            bpm = balanced_blocks_per_module(cfg.n_layer, G, layer_costs(cfg.n_embd, VOCAB, args.seq_len), replay,
+                                             fresh=pred)
         model = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss,
                                         block_indices=plan.block_indices, blocks_per_module=bpm)
     engine, *_ = initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                            config=_ds_config(args), seed=0, replay=replay, replay_plan=replay_plan)
+                            config=_ds_config(args), seed=0, replay=replay, replay_plan=replay_plan,
+                            weight_prediction=1.0 if name.endswith("-pred") else 0.0)
     if replay_plan is not None:
         engine.plan_note = chosen.describe()
     return engine

@@ -47,20 +47,26 @@ class ModelConfig:
     """after training, write the model where AutoModelForCausalLM.from_pretrained loads it"""
 
 
+# The default staleness mitigation (the best measured combination: docs/parity.md) and the paper's
+# update, as RingConfig options (a DeepSpeed JSON's "ouroboros" object may set them too).
+DEFAULT_MITIGATION = {"weight_prediction": 1.0, "partition": "fresh"}
+PAPER = {"weight_prediction": 0.0, "partition": "balanced"}
+
+
 @dataclass
 class RingConfig:
     schedule: Literal["ouroboros", "1f1b", "dualpipev"] = "ouroboros"
     """'ouroboros' (the delayed-gradient ring), '1f1b' (DeepSpeed's stock synchronous pipeline,
     the baseline) or 'dualpipev' (DeepSpeed's DualPipeV, synchronous; needs M >= 2G)"""
     replay: Literal["recompute", "stash"] = "recompute"
-    """ouroboros: 'recompute' (features replay, recompute the forward at the current weights)
-    or 'stash' (keep the forward's graph and weights: no recompute, more memory)"""
-    partition: Literal["balanced", "fresh", "authors", "budget"] = "balanced"
-    """ouroboros: 'balanced' (blocks by modelled per-stage cost, stage 0 also carries the
-    head and loss; stage 0's blocks split half/half between modules 1 and K), 'fresh'
-    (the same stage loads, stage 0's blocks in module K: fewer stale weights), 'authors'
-    (L // G blocks per stage, stage 0's split half/half) or 'budget' (--replay stash: blocks and
-    kept graphs chosen together, the fastest modelled split within --activation-budget)"""
+    """ouroboros: 'recompute' (features replay: recompute the forward from the stashed input) or
+    'stash' (keep the forward's graph and weights: no recompute, more activation memory)"""
+    partition: Literal["balanced", "fresh", "authors", "budget"] | None = None
+    """ouroboros: 'fresh' (default: blocks by modelled per-stage cost, stage 0's blocks in module K:
+    fewer stale weights), 'balanced' (the same loads, stage 0's blocks split half/half between
+    modules 1 and K; the --paper default), 'authors' (L // G blocks per stage, split half/half) or
+    'budget' (--replay stash: blocks and kept graphs chosen together, the fastest modelled split
+    within --activation-budget)"""
     activation_budget: str | None = None
     """ouroboros --replay stash: peak activation memory per stage (saved activations, stashed
     inputs, weight snapshots); forwards past it are recomputed at the replay through the same
@@ -71,21 +77,47 @@ class RingConfig:
     """G, stages (default: all ranks)"""
     stale_lr_scale: float = 0.0
     """staleness mitigation (off: 0): module k's lr / (1 + c * delay(k)); see ouroboros_ds/staleness.py"""
-    weight_prediction: float = 0.0
-    """staleness mitigation (off: 0; needs --replay stash): module k's forward and delayed backward
-    run at its weights predicted H x delay(k) last updates ahead; see ouroboros_ds/stash.py LastUpdate"""
+    weight_prediction: float | None = None
+    """staleness mitigation H (default 1; 0 with --paper): module k's forward and its replay run at its
+    weights predicted H x delay(k) last updates ahead, in both replay modes; see ouroboros_ds/stash.py
+    LastUpdate and docs/parity.md"""
+    paper: bool = False
+    """the paper's exact update (no weight prediction, the balanced partition); the defaults
+    otherwise add the measured staleness mitigation (docs/parity.md). ds_configs/paper.json sets it
+    too, with the paper's optimizer"""
     activation_checkpointing: bool = False
     """1f1b: checkpoint every layer (activation_checkpoint_interval=1), the fair rival of
     --replay recompute"""
 
     def __post_init__(self):
+        # which mitigation options the command line set: a config's "ouroboros" object fills the others
+        self._given = {k: getattr(self, k) is not None for k in ("weight_prediction", "partition")}
+        self.resolve({})
+
+    def resolve(self, section: dict) -> None:
+        """Fill the unset mitigation options from ``section`` (the DeepSpeed JSON's ``"ouroboros"``
+        object: ``paper``, ``weight_prediction``, ``partition``), then from the defaults; check them."""
+        unknown = set(section) - {"paper", "weight_prediction", "partition"}
+        if unknown:
+            raise ValueError(f"--deepspeed_config: unknown ouroboros option(s) {sorted(unknown)}; expected paper, "
+                             "weight_prediction, partition")
+        self.paper = self.paper or bool(section.get("paper", False))
+        if self.schedule != "ouroboros":
+            if self.weight_prediction:
+                raise ValueError("--weight-prediction: only the ouroboros schedule has stale modules; drop it for 1f1b")
+            if self.replay != "recompute" or self.partition not in (None, "balanced"):
+                raise ValueError("--replay/--partition apply to --schedule ouroboros only")
+            self.weight_prediction, self.partition = 0.0, "balanced"
+        else:
+            if self.paper and (self.weight_prediction or self.partition == "fresh" or self.stale_lr_scale):
+                raise ValueError("--paper: the paper's update has no staleness mitigation; drop --weight-prediction, "
+                                 "--partition fresh and --stale-lr-scale (or --paper)")
+            defaults = PAPER if self.paper else DEFAULT_MITIGATION
+            for key in ("weight_prediction", "partition"):
+                if getattr(self, key) is None:
+                    setattr(self, key, section.get(key, defaults[key]) if not self.paper else defaults[key])
         if self.weight_prediction < 0:
             raise ValueError(f"--weight-prediction: must be >= 0 (0: off), got {self.weight_prediction}")
-        if self.weight_prediction and (self.schedule != "ouroboros" or self.replay != "stash"):
-            raise ValueError("--weight-prediction: needs --schedule ouroboros --replay stash (it moves the weight "
-                             "snapshot the stale modules' forward and delayed backward run through)")
-        if self.schedule != "ouroboros" and (self.replay != "recompute" or self.partition != "balanced"):
-            raise ValueError("--replay/--partition apply to --schedule ouroboros only")
         if self.activation_budget is not None:
             if self.schedule != "ouroboros" or self.replay != "stash":
                 raise ValueError("--activation-budget: bounds --schedule ouroboros --replay stash (features replay keeps "
@@ -219,6 +251,8 @@ def _add_fields(parser, cls, prefix: str = "") -> None:
             parser.add_argument(flag, action="store_true", **kw)
             continue
         args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(args) == 1 and typing.get_origin(args[0]) is Literal:  # Literal[...] | None
+            kind, args = args[0], list(typing.get_args(args[0]))
         if typing.get_origin(kind) is Literal:
             kw["choices"] = args
         else:
@@ -284,6 +318,14 @@ def load_deepspeed_config(config: TrainConfig) -> dict:
                          "gradients underflow; set fp16.loss_scale to 0 (dynamic) or a power of two such as 65536, "
                          "or use bf16.enabled instead")
     cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the replicas
+    section = cfg.pop("ouroboros", {})  # ours, not DeepSpeed's: the mitigation defaults of this config
+    if not isinstance(section, dict):
+        raise ValueError(f"--deepspeed_config: 'ouroboros' must be an object of options (got {section!r})")
+    if section:
+        ring = config.ring
+        ring.weight_prediction = ring.weight_prediction if ring._given.get("weight_prediction") else None
+        ring.partition = ring.partition if ring._given.get("partition") else None
+        ring.resolve(section)
     if config.training.lr is not None:
         cfg.setdefault("optimizer", {}).setdefault("params", {})["lr"] = config.training.lr
     if config.logging.wandb:

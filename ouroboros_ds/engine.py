@@ -14,7 +14,10 @@ What changes against the stock engine, and why (the algorithm: docs/ring.md):
 - No collective crosses stages in the steady state: the loss stays on stage 0, gradients are
   clipped per stage (:mod:`ouroboros_ds.optim`), tied weights live on one stage.
 - ``replay="stash"`` keeps each forward's graph and weight snapshot instead of recomputing
-  (:mod:`ouroboros_ds.stash`), optionally at weights predicted along the last update.
+  (:mod:`ouroboros_ds.stash`). With ``weight_prediction`` the snapshot is taken at weights
+  predicted along the last update, in both replay modes: features replay then runs its forward
+  without a graph through the snapshot and recomputes through the same snapshot (the same update
+  as stash mode, at recompute's activation memory).
 - A non-finite loss or gradient is dropped batch by batch around the ring, with no collective.
 """
 from __future__ import annotations
@@ -54,7 +57,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
                              "forwards keep their graph); set replay / --replay to stash")
         # memory.ReplayPlan: which micro-batches keep their graph in stash mode (None: all of them)
         self.replay_plan = replay_plan
-        self.weight_prediction = W.check_prediction(weight_prediction, self.replay)
+        self.weight_prediction = W.check_prediction(weight_prediction)
         config = kwargs.get("config_class")
         if config is not None and config.float16_config.enabled:
             # fp16's dynamic loss scale skips a step on overflow; on the ring every stage would have to
@@ -85,7 +88,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         self.step_losses: list = []
         self.p2p = P.RingChannel(self.device, lambda stage: self.grid.stage_to_global(stage_id=stage))
         self.nonfinite_events: list = []  # non-finite losses/gradients met, and what was dropped
-        # replay="stash" only. weight_stash is state (a checkpoint holds it); graphs is a cache that
+        # replay="stash", or weight_prediction in either mode. weight_stash is state (a checkpoint holds it); graphs is a cache that
         # _stash_graph() rebuilds from stash + weight_stash + the dropout key when it is missing.
         self.weight_stash: dict = {}  # (k, batch) -> stash.Snapshot of the forward's weights
         self.graphs: dict = {}        # (k, batch, mb) -> (input leaf, output) with its graph
@@ -222,7 +225,9 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         with recurrent_memory(mem) as new_mem:
             if self.replay == "stash" and (self.replay_plan is None or self.replay_plan.keeps(k, mb)):
                 y = self._stash_graph(k, t, mb)[1].detach()
-            elif self.replay == "stash":  # not kept: the replay recomputes it through the same snapshot
+            elif self.replay == "stash" or self.last_update is not None:
+                # a graph the plan does not keep, or weight prediction with features replay: run through
+                # the snapshot without a graph; the replay recomputes through the same snapshot
                 with torch.no_grad():
                     y = self._stash_graph(k, t, mb, keep=False)[1]
             else:
@@ -265,7 +270,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
             if k > 1:  # pass the poison on: module k-1 drops (b, mb) when it replays it
                 self.outbox[(S.SEND_B, k, mb)] = torch.full_like(x, float("nan"))
             return
-        if self.replay == "stash":
+        if self.replay == "stash" or self.last_update is not None:  # prediction: recompute at the snapshot
             return self._stash_replay(k, b, mb, g)
         x = self.stash.pop((k, b, mb))
         if x.is_floating_point():
@@ -283,13 +288,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         snapshot, taken at the batch's first forward. ``keep=False``: run it, do not cache it."""
         key = (k, b, mb)
         if key not in self.graphs or not keep:
-            if (k, b) not in self.weight_stash:
-                snap = self.weight_stash[(k, b)] = W.take_snapshot(
-                    self.module.module_funcs[k], self.last_update,
-                    self.weight_prediction * S.delay(k, self.num_stages))
-                if self.saved_bytes is not None:  # counted once, as held state, not per graph
-                    for c, _ in snap.live:
-                        self.saved_bytes.track(c)
+            self._snapshot(k, b)
             hooks = self.saved_bytes.hooks() if self.saved_bytes is not None else nullcontext()
             with hooks, dropout_key(self.seed, b, self._global_mb(mb)):
                 out = W.forward(self.module.module_funcs[k], self.weight_stash[(k, b)], self.stash[key])
@@ -297,6 +296,17 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
                 return out
             self.graphs[key] = out
         return self.graphs[key]
+
+    def _snapshot(self, k, b):
+        """Batch b's weight snapshot of module k, taken (predicted, with weight prediction) at the
+        batch's first forward and kept until its last replay."""
+        if (k, b) not in self.weight_stash:
+            snap = self.weight_stash[(k, b)] = W.take_snapshot(
+                self.module.module_funcs[k], self.last_update, self.weight_prediction * S.delay(k, self.num_stages))
+            if self.saved_bytes is not None:  # counted once, as held state, not per graph
+                for c, _ in snap.live:
+                    self.saved_bytes.track(c)
+        return self.weight_stash[(k, b)]
 
     def _stash_replay(self, k, b, mb, g):
         """``kBj`` in stash mode: backprop the kept graph of batch b with the received error

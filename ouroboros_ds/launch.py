@@ -7,6 +7,7 @@ the config parsed the way ``deepspeed.initialize`` parses it.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 
@@ -64,14 +65,30 @@ def release_shm_buffers() -> None:
         pass
 
 
+def _ring_section(config):
+    """(the config without its ``"ouroboros"`` object, that object): ours, not DeepSpeed's."""
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as f:
+            loaded = json.load(f)
+        if "ouroboros" not in loaded:
+            return config, {}
+        config = loaded
+    if isinstance(config, dict) and "ouroboros" in config:
+        config = dict(config)
+        return config, config.pop("ouroboros") or {}
+    return config, {}
+
+
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
                lr_scheduler=None, config=None, seed: int = 0, replay: str = "recompute",
-               weight_prediction: float = 0.0, replay_plan=None):
+               weight_prediction: float | None = None, replay_plan=None):
     """``deepspeed.initialize`` for pipelines: an :class:`OuroborosPipelineModule` gets the
     :class:`OuroborosEngine` (``replay``: "recompute" or "stash"; ``weight_prediction``: see
-    :class:`ouroboros_ds.stash.LastUpdate`, needs "stash"; ``replay_plan``: a
-    :class:`ouroboros_ds.memory.ReplayPlan`, needs "stash"), a ``DualPipeVModule`` DeepSpeed's
-    ``DualPipeVEngine`` with keyed dropout, any other ``PipelineModule`` DeepSpeed's stock engine.
+    :class:`ouroboros_ds.stash.LastUpdate`; None: the config's ``"ouroboros"`` object decides, as
+    ``ds_configs/ouroboros.json`` sets 1 and ``ds_configs/paper.json`` the paper's update; without
+    one, 0; ``replay_plan``: a :class:`ouroboros_ds.memory.ReplayPlan`, needs "stash"), a
+    ``DualPipeVModule`` DeepSpeed's ``DualPipeVEngine`` with keyed dropout, any other
+    ``PipelineModule`` DeepSpeed's stock engine.
 
     Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed.
     """
@@ -86,6 +103,11 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         config = args.deepspeed_config
     if config is None:
         raise ValueError("no DeepSpeed config: pass config= or --deepspeed_config")
+    config, section = _ring_section(config)
+    if weight_prediction is None:
+        weight_prediction = 0.0 if section.get("paper") else float(section.get("weight_prediction", 0.0))
+    if not isinstance(model, OuroborosPipelineModule) and section.get("weight_prediction") and not section.get("paper"):
+        weight_prediction = 0.0  # the config's ring default does not apply to the 1F1B baseline
     config_class = DeepSpeedConfig(config, model.mpu())  # a dict or a JSON path, as DeepSpeed takes
     deepspeed.set_optimizer_flags(config_class, model)
     kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,

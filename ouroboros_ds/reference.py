@@ -11,7 +11,10 @@ backprops the current batch, which is ordinary training. With ``replay="stash"``
 its graph through a snapshot of the module's weights and the delayed backward uses it (the
 gradient at the forward's weights, :mod:`ouroboros_ds.stash`), as the engine's stash mode does;
 ``weight_prediction`` takes that snapshot ahead along the last update, as the engine does
-(:class:`ouroboros_ds.stash.LastUpdate`).
+(:class:`ouroboros_ds.stash.LastUpdate`); with ``replay="recompute"`` the forward runs through the
+predicted snapshot without a graph and the replay recomputes through it (the same update as stash
+mode). ``global_clip`` clips one norm over the whole model, as DeepSpeed's 1F1B engine does (the
+baseline, with ``synchronous=True``).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from . import stash as W
 from .context import dropout_key, recurrent_memory
 from .models import LayerPlan
 from .module import ring_partition
-from .staleness import scaled_by_delay
+from .staleness import scaled_by_delay, stale_momentum
 from .utils import layer_modules, unique_parameters
 from .warmup import FIRST_STEP, stage_param_groups
 
@@ -75,15 +78,19 @@ class Reference:
 
     def __init__(self, plan: LayerPlan, stages: int, ds_config: dict, loss_fn, seed: int = 0,
                  blocks_per_module=None, synchronous: bool = False, replay: str = "recompute",
-                 stale_lr_scale: float = 0.0, weight_prediction: float = 0.0):
+                 stale_lr_scale: float = 0.0, weight_prediction: float = 0.0, global_clip: bool = False,
+                 stale_beta1: float = 0.0):
         self.replay = W.check_replay(replay)
-        self.weight_prediction = W.check_prediction(weight_prediction, self.replay)
+        self.weight_prediction = W.check_prediction(weight_prediction)
         self.G, self.K = stages, S.num_modules(stages)
         self.seed, self.loss_fn, self.synchronous = seed, loss_fn, synchronous
         self.layers = build_layers(plan)
         bounds = ring_partition(len(self.layers), plan.block_indices, stages, blocks_per_module)
         self.module_layers = {k: self.layers[a:b] for k, (a, b) in enumerate(bounds, start=1)}
         self.clip = float(ds_config.get("gradient_clipping", 0.0))
+        # global_clip: one norm over the whole model, as DeepSpeed's stock pipeline engine clips
+        # (the 1F1B baseline); the Ouroboros rule clips each stage on its own
+        self.global_clip = global_clip
         self.stage_params, self.optimizers, self.schedulers = [], [], []
         tied_attrs = {id(f.args[0]): f.tied_weight_attr for f in self.layers if isinstance(f, functools.partial)}
         for s in range(stages):
@@ -95,6 +102,10 @@ class Reference:
                 lr = ds_config.get("optimizer", {}).get("params", {}).get("lr", 1e-3)
                 scaled = scaled_by_delay([(g[FIRST_STEP], g["params"]) for g in groups], lr, stale_lr_scale)
                 groups = [{**g, **sg} for g, sg in zip(groups, scaled)]
+            if stale_beta1 and not synchronous:  # delay-aware momentum for the stale groups
+                betas = ds_config.get("optimizer", {}).get("params", {}).get("betas", (0.9, 0.999))
+                moment = stale_momentum([(g[FIRST_STEP], g["params"]) for g in groups], betas, stale_beta1)
+                groups = [{**g, **mg} for g, mg in zip(groups, moment)]
             opt = make_optimizer(groups, ds_config)
             self.stage_params.append(params)
             self.optimizers.append(opt)
@@ -151,8 +162,15 @@ class Reference:
                                                                acts[j])
                         y = self.graphs[(k, t, j)][1].detach()
                     else:
+                        if j == 0 and self.last_update is not None and self.delay(k):
+                            # weight prediction: the forward and, later, its replay run at the
+                            # predicted weights, kept until the replay (weights only, no activations)
+                            self.weight_stash[(k, t)] = W.take_snapshot(self.module_layers[k], self.last_update,
+                                                                        self.weight_prediction * self.delay(k))
+                        pred = self.weight_stash.get((k, t))
                         with torch.no_grad(), dropout_key(self.seed, t, j):
-                            y = self.forward_module(k, acts[j])
+                            y = (self.forward_module(k, acts[j]) if pred is None
+                                 else W.forward(self.module_layers[k], pred, acts[j])[1])
                 if new_mem:
                     self.mems[(k, j)] = new_mem
                 acts[j] = y
@@ -176,9 +194,12 @@ class Reference:
         # 4. per stage: clip, step (modules without a gradient yet keep their weights), LR schedule
         if self.last_update is not None:
             self.last_update.record()
+        if self.global_clip and self.clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for params in self.stage_params for p in params if p.grad is not None],
+                                           self.clip)
         for params, opt, sch in zip(self.stage_params, self.optimizers, self.schedulers):
             with_grad = [p for p in params if p.grad is not None]
-            if self.clip > 0 and with_grad:
+            if self.clip > 0 and with_grad and not self.global_clip:
                 torch.nn.utils.clip_grad_norm_(with_grad, self.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -201,6 +222,17 @@ class Reference:
                 if self.replay == "stash":  # the kept graph already holds the memory it read
                     x, y = self.graphs.pop((k, b, j))
                     dx = W.backward(x, y, g, self.weight_stash[(k, b)])
+                    if k > 1:
+                        self.pending[(k - 1, b, j)] = dx
+                    j += 1
+                    if (k, b, j) not in self.stash:
+                        del self.weight_stash[(k, b)]
+                    continue
+                snap = self.weight_stash.get((k, b))
+                if snap is not None:  # weight prediction: recompute at the forward's predicted weights
+                    with dropout_key(self.seed, b, j), recurrent_memory(mem):
+                        x, y = W.forward(self.module_layers[k], snap, x)
+                    dx = W.backward(x, y, g, snap)
                     if k > 1:
                         self.pending[(k - 1, b, j)] = dx
                     j += 1

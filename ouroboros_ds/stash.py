@@ -74,33 +74,43 @@ class Snapshot:
         return sum(c.numel() * c.element_size() for c, _ in self.live)
 
 
-def check_prediction(weight_prediction: float, replay: str) -> float:
+def check_prediction(weight_prediction: float) -> float:
     weight_prediction = float(weight_prediction)
     if weight_prediction < 0:
         raise ValueError(f"weight_prediction: must be >= 0 (0 turns it off, 1 predicts the weights a delayed "
                          f"gradient is applied to), got {weight_prediction}")
-    if weight_prediction and replay != "stash":
-        raise ValueError("weight_prediction: needs replay='stash' (it moves the weight snapshot that the forward "
-                         "and its delayed backward run through); set replay / --replay to stash")
     return weight_prediction
 
 
 class LastUpdate:
-    """Weight prediction for the stale modules (``weight_prediction``; off by default; beyond the paper).
+    """Weight prediction for the stale modules (``weight_prediction``; beyond the paper).
 
     Module k applies batch t's gradient ``d = delay(k)`` steps after batch t's forward, at weights
-    that have moved by about ``d`` more updates. Stash mode takes that gradient at the snapshot's
-    weights, so the snapshot can be *predicted* instead (SpecTrain, Chen et al. 2018): taken
-    ``h = weight_prediction x d`` updates ahead along the last update,
+    that have moved by about ``d`` more updates. Batch t's forward can run at weights *predicted*
+    ``h = weight_prediction x d`` updates ahead along the last update (SpecTrain, Chen et al. 2018;
+    PipeOptim's "optimizer-aware" prediction: the last update is Adam's own step, with the lr
+    schedule, the clip and the weight decay already in it):
 
-        snapshot = w(t) + h (w(t) - w(t - 1))          (Adam's step direction changes slowly: its
-                                                        first moment is an average of ~10 steps)
+        w_pred = w(t) + h (w(t) - w(t - 1))          (Adam's step direction changes slowly: its
+                                                      first moment is an average of ~10 steps)
 
-    and the forward and its delayed backward run there, so the gradient is (to first order) the
-    one at the weights it is applied to. The forward's output, sent downstream, comes from the
-    predicted weights too. Cost: one copy of the stage's delayed-module weights (``w(t - 1)``,
-    saved by :meth:`record` right before each optimizer step), part of the checkpoint.
-    Optimizer-agnostic: the last update already holds the lr schedule, the clip and weight decay.
+    Batch t's delayed gradient is then taken at those weights, in both replay modes: the forward
+    runs there, and so does its backward:
+
+    - ``replay="stash"``: the forward keeps its graph through the predicted snapshot.
+    - ``replay="recompute"`` (features replay): the forward runs through the predicted snapshot
+      without a graph, and the replay recomputes it from the stashed input through the *same*
+      snapshot (kept until then: weights, not activations), with the same dropout masks. The same
+      update as stash mode, bit for bit, at features replay's activation memory. (Replaying at the
+      then current weights instead, as the paper's update does, measured far worse: the error
+      gradient module k + 1 sends back belongs to the predicted forward, and a replay elsewhere
+      no longer matches it; docs/parity.md.)
+
+    The forward's output, sent downstream, comes from the predicted weights.
+
+    Cost: one copy of the stage's delayed-module weights (``w(t - 1)``, saved by :meth:`record`
+    right before each optimizer step, part of the checkpoint), and the predicted snapshots of the
+    batches in flight (``delay(k) + 1`` per delayed module k, as stash mode keeps).
     """
 
     def __init__(self, params):

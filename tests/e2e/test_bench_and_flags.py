@@ -46,7 +46,8 @@ def test_train_flags_replay_stash_and_activation_checkpointing(tmp_path):
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         firsts.append(next(x for x in map(json.loads, m.read_text().splitlines()) if "loss" in x)["loss"])
         if extra[0] == "--replay":
-            assert "replay=stash" in r.stdout and "partition balanced: blocks of modules 1..K" in r.stdout
+            assert "replay=stash" in r.stdout and "partition fresh: blocks of modules 1..K" in r.stdout
+            assert "weight_prediction=1.0" in r.stdout  # the default mitigation (docs/parity.md)
         else:
             assert "activation_checkpointing=True" in r.stdout
     assert firsts[0] == pytest.approx(firsts[1], rel=1e-5)  # same weights, data and dropout masks

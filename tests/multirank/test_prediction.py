@@ -3,10 +3,12 @@
 
 - The rule itself: a fresh snapshot moves ``h`` last updates ahead, ``w + h (w - w_before)``.
 - The engine with prediction equals the single-process Reference with prediction **bit for bit**
-  (G = 2, M = 4 and G = 3, M = 1, dropout, clip, LR schedule), and differs from the run without it
-  (the test is not blind); with delays 0 (synchronous) prediction changes nothing.
-- Resume: the weights kept for the prediction are in the checkpoint; save after the warm-up,
-  load in fresh processes, and the rest of the run equals the uninterrupted one bitwise.
+  (G = 2, M = 4 and G = 3, M = 1, dropout, clip, LR schedule), in both replay modes (features
+  replay recomputes through the predicted snapshot), and differs from the run without it (the test
+  is not blind); with delays 0 (synchronous) prediction changes nothing.
+- Resume: the weights kept for the prediction (the last update, the snapshots in flight) are in
+  the checkpoint; save after the warm-up, load in fresh processes, and the rest of the run equals
+  the uninterrupted one bitwise, in both replay modes.
 - Bad settings fail with the field's name.
 """
 from __future__ import annotations
@@ -53,18 +55,16 @@ def test_bad_settings_name_the_field():
 
     with pytest.raises(ValueError, match="weight_prediction: must be >= 0"):
         Reference(model_plan(), 2, ds_config(1, 4), lm_loss, replay="stash", weight_prediction=-1)
-    with pytest.raises(ValueError, match="weight_prediction: needs replay='stash'"):
-        Reference(model_plan(), 2, ds_config(1, 4), lm_loss, replay="recompute", weight_prediction=1)
 
 
-def _reference(G: int, M: int, steps: int, prediction: float, synchronous: bool = False):
+def _reference(G: int, M: int, steps: int, prediction: float, synchronous: bool = False, replay: str = "stash"):
     from ouroboros_ds.models import lm_loss
     from ouroboros_ds.reference import Reference
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run
     try:
-        ref = Reference(model_plan(), G, ds_config(M, steps), lm_loss, seed=SEED, replay="stash",
+        ref = Reference(model_plan(), G, ds_config(M, steps), lm_loss, seed=SEED, replay=replay,
                         weight_prediction=prediction, synchronous=synchronous)
         losses = [ref.step(b) for b in batches(steps, M)]
     finally:
@@ -72,16 +72,11 @@ def _reference(G: int, M: int, steps: int, prediction: float, synchronous: bool 
     return dict(ref.named_parameters()), losses
 
 
-def _engine(G, M, steps):
-
-    return ring_engine(G, ds_config(M, steps), replay="stash", weight_prediction=H)
-
-
-def worker(rank, G, M, ckpt, out, resume):
+def worker(rank, G, M, ckpt, out, resume, replay):
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
-    engine, mod = _engine(G, M, T)
+    engine, mod = ring_engine(G, ds_config(M, T), replay=replay, weight_prediction=H)
     start = 0
     if resume:
         engine.load_ring_checkpoint(ckpt)
@@ -93,29 +88,30 @@ def worker(rank, G, M, ckpt, out, resume):
         loss = engine.train_batch(it)
         losses.append(None if loss is None else loss.item())
         if ckpt and not resume and engine.global_steps == SAVE_AT:
-            kept = engine.last_update.nbytes()
+            kept = engine.last_update.nbytes() + sum(s.nbytes() for s in engine.weight_stash.values())
             engine.save_ring_checkpoint(ckpt)
     torch.save({"losses": losses, "params": stage_parameters(mod), "start": start, "kept": kept},
                os.path.join(out, f"{'resume' if resume else 'full'}{rank}.pt"))
 
 
-def _check_equals_reference(G, M, full):
-    ref, ref_losses = _reference(G, M, T, H)
+def _check_equals_reference(G, M, full, replay):
+    ref, ref_losses = _reference(G, M, T, H, replay=replay)
     assert full[0]["losses"] == ref_losses  # floats from .item(): exact
     for r in full:
         for name, p in r["params"].items():
             assert torch.equal(p, ref[name].detach()), f"G={G} M={M} {name}: engine != reference"
-    plain, _ = _reference(G, M, T, 0.0)
+    plain, _ = _reference(G, M, T, 0.0, replay=replay)
     assert any(not torch.equal(ref[n], plain[n]) for n in ref), "prediction changed nothing: the test is blind"
 
 
-def test_engine_with_prediction_equals_reference_and_resumes_bitwise(tmp_path):
+@pytest.mark.parametrize("replay", ("stash", "recompute"))
+def test_engine_with_prediction_equals_reference_and_resumes_bitwise(tmp_path, replay):
     G, M = 2, 4
     ckpt = str(tmp_path / "ckpt")
-    run_ranks(worker, G, G, M, ckpt, str(tmp_path), False, tmpdir=str(tmp_path), timeout=300)
+    run_ranks(worker, G, G, M, ckpt, str(tmp_path), False, replay, tmpdir=str(tmp_path), timeout=300)
     full = [torch.load(tmp_path / f"full{r}.pt") for r in range(G)]
-    _check_equals_reference(G, M, full)
-    run_ranks(worker, G, G, M, ckpt, str(tmp_path), True, tmpdir=str(tmp_path), timeout=300, fresh=True)
+    _check_equals_reference(G, M, full, replay)
+    run_ranks(worker, G, G, M, ckpt, str(tmp_path), True, replay, tmpdir=str(tmp_path), timeout=300, fresh=True)
     for r in range(G):
         res = torch.load(tmp_path / f"resume{r}.pt")
         assert res["start"] == SAVE_AT
@@ -125,10 +121,11 @@ def test_engine_with_prediction_equals_reference_and_resumes_bitwise(tmp_path):
             assert torch.equal(p, res["params"][name]), f"rank {r} {name}: resumed != uninterrupted"
 
 
-def test_engine_with_prediction_equals_reference_g3_m1(tmp_path):
+@pytest.mark.parametrize("replay", ("stash", "recompute"))
+def test_engine_with_prediction_equals_reference_g3_m1(tmp_path, replay):
     G, M = 3, 1
-    run_ranks(worker, G, G, M, "", str(tmp_path), False, tmpdir=str(tmp_path), timeout=300)
-    _check_equals_reference(G, M, [torch.load(tmp_path / f"full{r}.pt") for r in range(G)])
+    run_ranks(worker, G, G, M, "", str(tmp_path), False, replay, tmpdir=str(tmp_path), timeout=300)
+    _check_equals_reference(G, M, [torch.load(tmp_path / f"full{r}.pt") for r in range(G)], replay)
 
 
 def test_prediction_is_a_no_op_without_delay():

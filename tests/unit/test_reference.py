@@ -108,7 +108,7 @@ class Net(torch.nn.Module):
         return x
 
 
-def _independent_update(G: int, cfg: dict, data: list) -> tuple[dict, list, list]:
+def _independent_update(G: int, cfg: dict, data: list, prediction: float = 0.0) -> tuple[dict, list, list]:
     """The update rule (docs/ring.md) transcribed for M = 1, from a history of weights.
 
     theta[s] are all weights at the start of step s. Batch b's forward at step b uses theta[b]:
@@ -118,6 +118,10 @@ def _independent_update(G: int, cfg: dict, data: list) -> tuple[dict, list, list
     and the loss. At step t module k applies the gradient of batch t - (K - k), with theta_k[t].
     Dropout of everything about batch b uses key (seed, b, 0). Stage s clips and steps its own
     modules (stage 0: 1 and K, the tied embedding's two parts summed).
+
+    ``prediction`` h (weight prediction, recompute mode): module j < K runs batch b's forward *and*
+    its replay at the forward's predicted weights theta_j[b] + h (K - j) (theta_j[b] - theta_j[b - 1])
+    (theta[-1] = theta[0]) instead of theta_j[b] and the replay step's theta_j.
     """
     K = G + 1
     net = Net(G).train()
@@ -129,9 +133,16 @@ def _independent_update(G: int, cfg: dict, data: list) -> tuple[dict, list, list
     scheds = [make_scheduler(o, cfg) for o in opts]
     theta, xs, losses, norms = [], [], [], []
 
-    def run(k, s, x, b, grads_for=()):
-        """f_k(x) with the weights of step s; the weights in ``grads_for`` as fresh leaves."""
-        w = dict(theta[s])
+    def predicted(k, s):
+        """The weights of step s, module k's moved h (K - k) last updates ahead."""
+        w, before = dict(theta[s]), theta[max(s - 1, 0)]
+        for n in net.params_of[k]:
+            w[n] = torch.add(theta[s][n], theta[s][n] - before[n], alpha=prediction * (K - k))
+        return w
+
+    def run(k, s, x, b, grads_for=(), weights=None):
+        """f_k(x) with the weights of step s (or ``weights``); those in ``grads_for`` as fresh leaves."""
+        w = dict(theta[s] if weights is None else weights)
         leaves = {n: w[n].clone().requires_grad_() for n in grads_for}
         w.update(leaves)
         with dropout_key(SEED, b, 0):
@@ -142,7 +153,7 @@ def _independent_update(G: int, cfg: dict, data: list) -> tuple[dict, list, list
         j = k + 1
         s = b + K - j
         x = xs[b][j].detach().requires_grad_()
-        out, _ = run(j, s, x, b)
+        out, _ = run(j, s, x, b, weights=predicted(j, b) if prediction and j < K else None)
         if j == K:
             (g,) = torch.autograd.grad(lm_loss(out, data[b][0][1]), x)
         else:
@@ -154,14 +165,15 @@ def _independent_update(G: int, cfg: dict, data: list) -> tuple[dict, list, list
         x = [None, ids]  # x[j]: input of module j for batch t, forward with theta[t]
         with torch.no_grad():
             for j in range(1, K):
-                x.append(run(j, t, x[j], t)[0])
+                x.append(run(j, t, x[j], t, weights=predicted(j, t) if prediction else None)[0])
         xs.append(x)
         grads: dict = {}
         for k in range(1, K + 1):
             b = t - (K - k)
             if b < 0:
                 continue  # warm-up
-            out, leaves = run(k, t, xs[b][k], b, net.params_of[k])
+            out, leaves = run(k, t, xs[b][k], b, net.params_of[k],
+                              weights=predicted(k, b) if prediction and k < K else None)
             if k == K:
                 loss = lm_loss(out, labels)
                 losses.append(loss.item())
@@ -215,19 +227,57 @@ def test_m1_is_the_papers_update(G):
     print(f"G={G}: Reference vs transcription, max |diff| = {worst:.3g}")
 
 
+@pytest.mark.parametrize("G", (2, 3), ids=lambda g: f"G{g}")
+def test_m1_with_weight_prediction_in_recompute_mode(G):
+    """Weight prediction with features replay: each forward and its replay at the forward's
+    predicted weights; against the transcription, and not the update without prediction."""
+    steps, clip, h = 2 * (G + 1) + 2, 1.6, 1.0
+    cfg = config(clip, steps)
+    data = batches(steps, 1)
+    expected, expected_losses, _ = _independent_update(G, cfg, data, prediction=h)
+    ref = Reference(plan(), G, cfg, lm_loss, seed=SEED, blocks_per_module=BLOCKS[G], weight_prediction=h)
+    losses = [ref.step(b) for b in data]
+    worst = _assert_same(_reference_params(ref, G), expected, f"G={G}")
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-6, atol=0)
+    plain, _, _ = _independent_update(G, cfg, data)
+    assert any((plain[n] - expected[n]).abs().max() > 1e-4 for n in plain), "prediction changed nothing"
+    print(f"G={G}: Reference with prediction vs transcription, max |diff| = {worst:.3g}")
+
+
+@pytest.mark.parametrize("M", (1, 4), ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("G", (1, 2, 3), ids=lambda g: f"G{g}")
+def test_prediction_is_the_same_update_in_both_replay_modes(G, M):
+    """With weight prediction, features replay recomputes at the weights the stash mode keeps, with
+    the same dropout masks: the same update, bit for bit, without keeping activations."""
+    steps = G + 4
+    data = batches(steps, M, seed=3)
+    runs = {}
+    for replay in ("stash", "recompute"):
+        ref = Reference(plan(), G, config(0.5, steps), lm_loss, seed=SEED, blocks_per_module=BLOCKS[G],
+                        replay=replay, weight_prediction=1.0)
+        runs[replay] = ([ref.step(b) for b in data], dict(ref.named_parameters()))
+    (ls, ps), (lr_, pr) = runs["stash"], runs["recompute"]
+    assert ls == lr_
+    assert all(torch.equal(ps[n], pr[n]) for n in ps), f"G={G} M={M}: recompute != stash with prediction"
+
+
+@pytest.mark.parametrize("clip", (0.0, 0.5), ids=lambda c: f"clip{c}")
 @pytest.mark.parametrize("M", (1, 3), ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("G", (2, 3), ids=lambda g: f"G{g}")
-def test_synchronous_limit_is_ordinary_training(G, M):
+def test_synchronous_limit_is_ordinary_training(G, M, clip):
+    """With ``global_clip`` one gradient norm over the whole model, as ordinary training (and
+    DeepSpeed's 1F1B engine) clips."""
     steps = 5
-    cfg = config(0.0, steps)  # the Reference clips per stage; ordinary training would clip globally
+    cfg = config(clip, steps)
     data = batches(steps, M, seed=1)
-    ref = Reference(plan(), G, cfg, lm_loss, seed=SEED, blocks_per_module=BLOCKS[G], synchronous=True)
+    ref = Reference(plan(), G, cfg, lm_loss, seed=SEED, blocks_per_module=BLOCKS[G], synchronous=True,
+                    global_clip=True)
     ref_losses = [ref.step(b) for b in data]
 
     net = Net(G).train()  # its module split does not matter here: all of it runs in order
     opt = make_optimizer(list(net.parameters()), cfg)
     sch = make_scheduler(opt, cfg)
-    losses = []
+    losses, norms = [], []
     for t, micro_batches in enumerate(data):
         step_losses = []
         for j, (ids, labels) in enumerate(micro_batches):
@@ -238,6 +288,8 @@ def test_synchronous_limit_is_ordinary_training(G, M):
                 loss = lm_loss(h, labels)
             (loss / M).backward()
             step_losses.append(loss.detach())
+        if clip:
+            norms.append(float(torch.nn.utils.clip_grad_norm_(list(net.parameters()), clip)))
         opt.step()
         opt.zero_grad(set_to_none=True)
         sch.step()
@@ -245,6 +297,7 @@ def test_synchronous_limit_is_ordinary_training(G, M):
     worst = _assert_same(_reference_params(ref, G), {n: p.detach() for n, p in net.named_parameters()},
                          f"G={G} M={M}")
     torch.testing.assert_close(torch.tensor(ref_losses), torch.tensor(losses), rtol=1e-6, atol=0)
+    assert not clip or any(n > clip for n in norms), f"the clip {clip} never clips: {norms}"
     print(f"G={G} M={M}: synchronous Reference vs plain training, max |diff| = {worst:.3g}")
 
 

@@ -1,0 +1,91 @@
+"""The staleness mitigation is the default; the paper's exact update is one switch away.
+
+- train.py's defaults (and ``ds_configs/ouroboros.json``'s ``"ouroboros"`` object): weight
+  prediction H = 1, the fresh partition; ``--paper`` or ``ds_configs/paper.json``: no prediction,
+  the balanced partition (the update the paper's rule is tested against: docs/ring.md); the 1F1B
+  baseline gets neither; a flag on the command line beats the config's object.
+- ``initialize`` reads the same object (and DeepSpeed never sees it).
+- Contradictions fail with one line naming the flags.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from ouroboros_ds.config import DEFAULT_MITIGATION, PAPER, load_deepspeed_config, parse_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def ring(argv):
+    c = parse_config(argv)
+    ds = load_deepspeed_config(c)
+    assert "ouroboros" not in ds  # ours, not DeepSpeed's
+    return c.ring.weight_prediction, c.ring.partition, c.ring.paper
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], (DEFAULT_MITIGATION["weight_prediction"], DEFAULT_MITIGATION["partition"], False)),
+    (["--paper"], (PAPER["weight_prediction"], PAPER["partition"], True)),
+    (["--deepspeed_config", "ds_configs/paper.json"], (0.0, "balanced", True)),
+    (["--schedule", "1f1b"], (0.0, "balanced", False)),
+    (["--deepspeed_config", "ds_configs/paper.json", "--schedule", "1f1b"], (0.0, "balanced", True)),
+    (["--weight-prediction", "2"], (2.0, "fresh", False)),
+    (["--partition", "balanced"], (1.0, "balanced", False)),
+    (["--weight-prediction", "0", "--partition", "balanced"], (0.0, "balanced", False)),  # = --paper's update
+], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_defaults_and_the_paper_switch(argv, expected):
+    assert ring(argv) == expected
+
+
+def test_the_shipped_configs_say_it():
+    assert json.load(open(os.path.join(ROOT, "ds_configs", "ouroboros.json")))["ouroboros"] == DEFAULT_MITIGATION
+    assert json.load(open(os.path.join(ROOT, "ds_configs", "paper.json")))["ouroboros"] == {"paper": True}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--paper", "--weight-prediction", "1"], "--paper: the paper's update has no staleness mitigation"),
+    (["--paper", "--partition", "fresh"], "--paper: the paper's update has no staleness mitigation"),
+    (["--schedule", "1f1b", "--weight-prediction", "1"], "--weight-prediction: only the ouroboros schedule"),
+    (["--schedule", "1f1b", "--partition", "fresh"], "--replay/--partition apply to --schedule ouroboros only"),
+    (["--weight-prediction", "-1"], "--weight-prediction: must be >= 0"),
+])
+def test_contradictions_name_the_flags(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(argv)
+
+
+def test_a_config_object_with_a_typo_fails(tmp_path):
+    cfg = json.load(open(os.path.join(ROOT, "ds_configs", "ouroboros.json")))
+    cfg["ouroboros"] = {"weight_predictoin": 1}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unknown ouroboros option"):
+        load_deepspeed_config(parse_config(["--deepspeed_config", str(path)]))
+
+
+def test_initialize_reads_the_object_and_hides_it_from_deepspeed(tmp_path):
+    from ouroboros_ds.launch import _ring_section
+
+    path = os.path.join(ROOT, "ds_configs", "ouroboros.json")
+    config, section = _ring_section(path)
+    assert section == DEFAULT_MITIGATION and "ouroboros" not in config
+    assert _ring_section(os.path.join(ROOT, "ds_configs", "paper.json"))[1] == {"paper": True}
+    plain = {"train_micro_batch_size_per_gpu": 1}
+    assert _ring_section(plain) == (plain, {})
+
+
+def test_stale_momentum_changes_only_the_stale_groups_beta1():
+    import torch
+
+    from ouroboros_ds.staleness import stale_momentum
+
+    fresh, stale = [torch.nn.Parameter(torch.zeros(1))], [torch.nn.Parameter(torch.zeros(1))]
+    groups = [(0, fresh), (2, stale)]
+    out = stale_momentum(groups, (0.9, 0.99), 0.95)
+    assert out[0] == {"params": fresh} and out[1] == {"params": stale, "betas": (0.95, 0.99)}
+    assert all("betas" not in g for g in stale_momentum(groups, (0.9, 0.99), 0.0))  # 0: off
+    with pytest.raises(ValueError, match="stale_beta1"):
+        stale_momentum(groups, (0.9, 0.99), 1.0)
