@@ -46,6 +46,17 @@ class RingCheckpointing:
                 "num_layers": len(self.module._layer_specs),
                 "module_bounds": [list(b) for b in self.module.module_bounds]}
 
+    def in_flight_bytes(self) -> int:
+        """Bytes held across steps: stashed inputs, received error gradients, weight snapshots,
+        recurrent memories, the weights kept for weight prediction."""
+        def nbytes(t):
+            t = t if torch.is_tensor(t) else t.buf  # a PendingRecv: its buffer, once posted
+            return 0 if t is None else t.numel() * t.element_size()
+        n = sum(map(nbytes, self.stash.values())) + sum(map(nbytes, self.grads_in.values()))
+        n += sum(nbytes(m) for d in (*self.mems.values(), *self.stash_mems.values()) for m in d.values())
+        n += self.last_update.nbytes() if self.last_update is not None else 0
+        return n + sum(snap.nbytes() for snap in self.weight_stash.values())
+
     def _settle(self):
         """At a step boundary, wait on every posted receive (their sends all happen within the step
         that posted them) and then on this rank's sends, so the in-flight state is plain tensors."""

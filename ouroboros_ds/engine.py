@@ -13,11 +13,9 @@ What changes against the stock engine, and why (the algorithm: docs/ring.md):
 - Point-to-point goes through a tagged non-blocking channel (:mod:`ouroboros_ds.p2p`).
 - No collective crosses stages in the steady state: the loss stays on stage 0, gradients are
   clipped per stage (:mod:`ouroboros_ds.optim`), tied weights live on one stage.
-- ``replay="stash"`` keeps each forward's graph and weight snapshot instead of recomputing
-  (:mod:`ouroboros_ds.stash`). With ``weight_prediction`` the snapshot is taken at weights
-  predicted along the last update, in both replay modes: features replay then runs its forward
-  without a graph through the snapshot and recomputes through the same snapshot (the same update
-  as stash mode, at recompute's activation memory).
+- ``replay="stash"`` keeps each forward's graph and weight snapshot (:mod:`ouroboros_ds.stash`;
+  within an activation budget, :mod:`ouroboros_ds.memory`). ``weight_prediction`` takes the
+  snapshot ahead along the last update; features replay then recomputes through it too.
 - A non-finite loss or gradient is dropped batch by batch around the ring, with no collective.
 """
 from __future__ import annotations
@@ -331,9 +329,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
     def stash_memory(self) -> dict:
         """Bytes of this stage's stashed state now: inputs, weight snapshots, and (stash mode, when
         ``saved_bytes`` is set) the activations the kept graphs hold."""
-        def nb(t):
-            return t.numel() * t.element_size()
-        out = {"inputs": sum(nb(x) for x in self.stash.values()),
+        out = {"inputs": sum(x.numel() * x.element_size() for x in self.stash.values()),
                "snapshots": sum(s.nbytes() for s in self.weight_stash.values())}
         if self.saved_bytes is not None:
             out["saved_activations"] = self.saved_bytes.live
@@ -350,8 +346,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         t = self.batch_id
         x = self.p2p.wait(self.acts_in.pop((k, mb))).detach().requires_grad_()
         with dropout_key(self.seed, t, self._global_mb(mb)), recurrent_memory(self.mems.get((k, mb))) as new_mem:
-            out = self.module.forward_module(k, x)
-            loss = self.module.loss_fn(out, self.labels.pop(mb))
+            loss = self.module.loss_fn(self.module.forward_module(k, x), self.labels.pop(mb))
         self._keep_memory(k, mb, new_mem)
         self.step_losses.append(loss.detach())
         if torch.isfinite(loss):
@@ -452,15 +447,3 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
             dist.all_reduce(loss, group=self.mpu.get_data_parallel_group())
             loss /= self.dp_world_size
         return loss
-
-    def in_flight_bytes(self) -> int:
-        """Bytes held across steps: stashed inputs, received error gradients, weight snapshots,
-        recurrent memories, the weights kept for weight prediction."""
-        n = sum(x.numel() * x.element_size() for x in self.stash.values())
-        n += sum(m.numel() * m.element_size() for d in (*self.mems.values(), *self.stash_mems.values())
-                 for m in d.values())
-        for g in self.grads_in.values():
-            t = g if torch.is_tensor(g) else g.buf
-            n += 0 if t is None else t.numel() * t.element_size()
-        n += self.last_update.nbytes() if self.last_update is not None else 0
-        return n + sum(snap.nbytes() for snap in self.weight_stash.values())
