@@ -224,6 +224,18 @@ def dims(cfg) -> dict:
             "vocab_size": cfg.vocab_size}
 
 
+def layer_costs(cfg, seq_len: int) -> dict:
+    """Modelled forward FLOPs per token of the layer kinds, as ``module.layer_costs`` gives them for
+    GPT-2 (the balanced partition's cost model): a block 2 x its weights (counted on a meta-device
+    copy of the family's layer: GQA, gated MLP, biases as they are) + 4 T (heads x head_dim) for
+    attention scores and values; the head 2 d V plus ~5 V for softmax cross entropy."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in layer_classes(cfg).decoder_layer(cfg, 0).parameters())
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    d, V, T = cfg.hidden_size, cfg.vocab_size, seq_len
+    return {"block": 2 * n + 4 * T * cfg.num_attention_heads * head_dim, "head": 2 * d * V + 5 * V, "embed": 0}
+
+
 # ------------------------------------------------------------------ the family's classes
 @dataclass(frozen=True)
 class LayerClasses:
