@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import warnings
 
 import pytest
 import torch
@@ -208,12 +209,15 @@ def ring_worker(rank, G, out, srcs):
     for tied, M, replay in CASES[G]:
         engine, mod = _engine(G, M, tied, replay)
         it, losses = _feed(engine, G, M), []
-        for _ in range(steps_for(G)):
-            loss = engine.train_batch(it)
-            losses.append(None if loss is None else loss.item())
-            if (G, tied, M, replay) == RESUME and engine.global_steps == SAVE_AT:
-                engine.save_ring_checkpoint(os.path.join(out, "ckpt"))
-        results[(tied, M, replay)] = {"losses": losses, "params": _parameters(mod), "stage": engine.stage_id}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(steps_for(G)):
+                loss = engine.train_batch(it)
+                losses.append(None if loss is None else loss.item())
+                if (G, tied, M, replay) == RESUME and engine.global_steps == SAVE_AT:
+                    engine.save_ring_checkpoint(os.path.join(out, "ckpt"))
+        results[(tied, M, replay)] = {"losses": losses, "params": _parameters(mod), "stage": engine.stage_id,
+                                      "warnings": [str(w.message)[:200] for w in caught]}
     if G == 2:
         results["1f1b"] = _stock_1f1b_first_loss(G, 4)
         for tied, src in srcs.items():
@@ -238,13 +242,12 @@ def resume_worker(rank, out):
 
 def _stock_1f1b_first_loss(G, M):
     """DeepSpeed's 1F1B on the same layers, decoder blocks activation-checkpointed: step 0's loss."""
-    from deepspeed.pipe import PipelineModule
-
     from ouroboros_ds import initialize, models_hf
+    from ouroboros_ds.baseline import BaselinePipelineModule
     from ouroboros_ds.models import lm_loss
 
     plan = llama_plan(True)
-    mod = PipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block",
+    mod = BaselinePipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block",
                          activation_checkpoint_interval=1, checkpointable_layers=[models_hf.BLOCK_CLASS])
     blocks = [sum(type(f).__name__ == models_hf.BLOCK_CLASS for f in mod.forward_funcs)]
     engine, *_ = initialize(model=mod, model_parameters=list(mod.parameters()), config=ds_config(M, steps_for(G)),
@@ -361,6 +364,7 @@ def test_llama_engine_equals_reference_bitwise(ring_run, case):
     for r in ranks:
         for name, p in r["params"].items():
             assert torch.equal(p, ref_params[name].detach()), f"{case} {name}: engine != reference"
+        assert r["warnings"] == [], f"{case}: training warned: {r['warnings']}"
     init = dict(_reference_init(tied))
     assert all(not torch.equal(ref_params[n], init[n]) for n in ref_params), "some parameter never trained"
 
