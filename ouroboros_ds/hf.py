@@ -71,6 +71,27 @@ def layer_specs_of(config, seed: int = 1234):
     return models.gpt2_layer_specs(config, seed=seed)
 
 
+def dims(config) -> dict:
+    """The shape fields the trainer checks and a checkpoint records, under GPT-2's names, for a
+    GPT-2 or a family config (a family adds its ``model_type`` and whether the head is tied)."""
+    from . import models_hf
+
+    if models_hf.is_family_config(config):
+        return {**models_hf.dims(config), "model_type": config.model_type, "tied": models_hf.is_tied(config)}
+    return {k: getattr(config, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")}
+
+
+def layer_costs_of(config, vocab_size: int, seq_len: int) -> dict:
+    """The balanced partition's per-layer cost model for this config (``module.layer_costs`` for
+    GPT-2 with the tokenizer's vocabulary, ``models_hf.layer_costs`` for a family)."""
+    from . import models_hf
+    from .module import layer_costs
+
+    if models_hf.is_family_config(config):
+        return models_hf.layer_costs(config, seq_len)
+    return layer_costs(config.n_embd, vocab_size, seq_len)
+
+
 def _gpt2_name(key: str, n_layer: int) -> str | None:
     """Hugging Face name of a pipeline parameter name, or None for a non-GPT-2 parameter."""
     if key.startswith("tied_modules.embed."):

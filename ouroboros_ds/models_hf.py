@@ -211,17 +211,21 @@ def is_named(model) -> bool:
     if model in SIZES:
         return True
     try:
-        fields = json.load(open(model)) if os.path.isfile(model) else json.loads(model)
+        if os.path.isfile(model):
+            with open(model) as f:
+                fields = json.load(f)
+        else:
+            fields = json.loads(model)
     except (OSError, ValueError):
         return False
     return isinstance(fields, dict) and fields.get("model_type") not in (None, "gpt2")
 
 
 def dims(cfg) -> dict:
-    """The shape fields the trainer and the cost model read, under GPT-2's names."""
-    return {"n_layer": cfg.num_hidden_layers, "n_embd": cfg.hidden_size, "n_head": cfg.num_attention_heads,
-            "n_positions": cfg.max_position_embeddings, "n_inner": cfg.intermediate_size,
-            "vocab_size": cfg.vocab_size}
+    """The shape fields the trainer checks and a checkpoint records, under GPT-2's names."""
+    return {"vocab_size": cfg.vocab_size, "n_positions": cfg.max_position_embeddings, "n_embd": cfg.hidden_size,
+            "n_layer": cfg.num_hidden_layers, "n_head": cfg.num_attention_heads, "n_inner": cfg.intermediate_size,
+            "n_kv_head": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads}
 
 
 def layer_costs(cfg, seq_len: int) -> dict:
