@@ -176,6 +176,56 @@ def test_layers_seeded_and_keyed():
     assert torch.equal(y1, y2) and not torch.equal(y1, y3)
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_synchronous_ring_trains_like_the_transformers_model(tied):
+    """Delays forced to 0, the Reference on the family's layers (G = 2, M = 4) takes the same steps
+    as training ``LlamaForCausalLM`` itself with the same optimizer: the layer wiring (rotary, mask,
+    tie, head) is the model's, in the backward too. Dropout off (transformers' is not keyed)."""
+    from transformers import AutoModelForCausalLM
+
+    from ouroboros_ds import hf
+    from ouroboros_ds.models import lm_loss
+    from ouroboros_ds.reference import Reference, make_optimizer, make_scheduler
+
+    G, M, steps = 2, 4, 4
+    cfg_ds = {**ds_config(M, steps), "gradient_clipping": 0.0}  # the Reference clips per stage
+    plan = llama_plan(tied, dropout=0.0)
+    ref = Reference(plan, G, cfg_ds, lm_loss, seed=SEED, synchronous=True)
+    model = AutoModelForCausalLM.from_config(plan.config)
+    mine = hf.local_named_tensors(_as_pipeline(ref.layers), plan.config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(mine[name])
+    opt = make_optimizer(list(model.parameters()), cfg_ds)
+    sch = make_scheduler(opt, cfg_ds)
+    data = batches(steps, M)
+    for micro_batches in data:
+        ref_loss = ref.step(micro_batches)
+        losses = []
+        for ids, labels in micro_batches:
+            loss = lm_loss(model(ids).logits, labels)
+            (loss / M).backward()
+            losses.append(loss.detach())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sch.step()
+        assert abs(torch.stack(losses).mean().item() - ref_loss) <= 1e-6 * ref_loss
+    worst = 0.0
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(mine[name].detach(), p.detach(), atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        worst = max(worst, (mine[name] - p).abs().max().item())
+    print(f"tied={tied}: synchronous Reference vs LlamaForCausalLM training, max |param diff| = {worst:.3g}")
+    assert any(not torch.equal(mine[n].detach(), p) for n, p in _reference_init_named(tied, plan.config).items())
+
+
+def _reference_init_named(tied, config):
+    from ouroboros_ds import hf
+    from ouroboros_ds.reference import build_layers
+
+    return {n: p.detach() for n, p in
+            hf.local_named_tensors(_as_pipeline(build_layers(llama_plan(tied, dropout=0.0))), config).items()}
+
+
 # ------------------------------------------------------------------ DeepSpeed ranks
 def _engine(G, M, tied, replay="recompute"):
     from ouroboros_ds import initialize
