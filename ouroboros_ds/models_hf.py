@@ -54,7 +54,7 @@ class Family:
     the tied head uses the unscaled matrix."""
 
 
-# model_type -> Family. Each entry is checked by tests/test_families.py: the pipeline's logits
+# model_type -> Family. Each entry is checked by tests/unit/test_families.py: the pipeline's logits
 # equal AutoModelForCausalLM's on the same weights.
 FAMILIES = {
     "llama": Family(),

@@ -122,7 +122,7 @@ def test_save_pretrained_load_train_export_round_trip(tmp_path, G):
 
 def test_untied_gpt2_is_refused_with_the_reason(tmp_path):
     """The GPT-2 layers' head is the embedding matrix; Llama-style families (tied or not) go
-    through ouroboros_ds/models_hf.py (tests/test_families.py)."""
+    through ouroboros_ds/models_hf.py (tests/unit/test_families.py)."""
     from transformers import GPT2Config
 
     from ouroboros_ds import hf

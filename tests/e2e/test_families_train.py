@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from test_train import ROOT, _run
+from helpers import ROOT, run_train
 
 SEQ = 32
 
@@ -66,7 +66,7 @@ def test_train_py_loads_trains_and_exports(tmp_path, kind):
     src, out, metrics = str(tmp_path / "src"), str(tmp_path / "out"), tmp_path / "m.jsonl"
     cls = _save(kind, src)
     text = _text(tmp_path)
-    r = _run(["--model", src, "--export", out, "--data", text, "--deepspeed_config", _ds_config(tmp_path),
+    r = run_train(["--model", src, "--export", out, "--data", text, "--deepspeed_config", _ds_config(tmp_path),
               "--steps", "6", "--seq-len", str(SEQ), "--eval-every", "0", "--eval-batches", "3", "--no-progress",
               "--metrics", str(metrics)])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -92,7 +92,7 @@ def test_train_py_loads_trains_and_exports(tmp_path, kind):
 
 
 def test_train_py_named_llama_with_1f1b_and_checkpointing(tmp_path):
-    r = _run(["--model", "llama-tiny-untied", "--schedule", "1f1b", "--activation-checkpointing",
+    r = run_train(["--model", "llama-tiny-untied", "--schedule", "1f1b", "--activation-checkpointing",
               "--data", _text(tmp_path), "--deepspeed_config", _ds_config(tmp_path), "--steps", "3",
               "--seq-len", str(SEQ), "--eval-every", "0", "--eval-batches", "2", "--no-progress",
               "--export", str(tmp_path / "out")])
@@ -103,3 +103,4 @@ def test_train_py_named_llama_with_1f1b_and_checkpointing(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     assert type(AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))) is LlamaForCausalLM
+
