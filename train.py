@@ -1,5 +1,5 @@
-"""Train a GPT-2-style language model with the Ouroboros pipeline on DeepSpeed (or, for the
-baseline, with DeepSpeed's stock synchronous 1F1B pipeline on the same model and data).
+"""Train a GPT-2-style or Llama-style language model with the Ouroboros pipeline on DeepSpeed (or,
+for the baseline, with DeepSpeed's stock synchronous 1F1B pipeline on the same model and data).
 
 Launch:
   CPU-only box (2 ranks on gloo; each rank gets cores / ranks torch threads):
@@ -29,7 +29,9 @@ evaluation {"step", "val_loss", "val_bpb"}; at start {"step": 0, "delays": {modu
 every --stage-stats-every steps one line per stage {"step", "stage", "dp_rank", "in_flight_bytes",
 "step_seconds", "utilization"}. Plot runs with: python -m ouroboros_ds.plot A.jsonl B.jsonl --out loss.png
 
-Hugging Face: --model DIR (a save_pretrained GPT-2 directory: config and weights), --export DIR.
+Hugging Face: --model DIR (a save_pretrained directory of GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma,
+Phi-3, OLMo-2, ...: config, and weights if saved), --export DIR; named Llama-style sizes such as
+--model llama-tiny (docs/families.md).
 wandb: --wandb PROJECT (DeepSpeed's monitor; offline without an API key).
 All flags: python train.py --help (they and their checks live in ouroboros_ds/config.py; the loop
 in ouroboros_ds/trainer.py).

@@ -41,8 +41,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = field(default="tiny", metadata={"flag": "--model"})
-    """a named size (tiny, small, gpt2, ...), JSON of GPT2Config fields, or a local Hugging Face
-    model directory (config.json, and its weights if saved: they initialize the stages)"""
+    """a named size (GPT-2: tiny, small, gpt2, ...; Llama-style: llama-tiny, qwen2-tiny, mistral-tiny,
+    ...), JSON of GPT2Config fields or of a family's config with its model_type, or a local Hugging
+    Face model directory of GPT-2 or a supported family (config.json, and its weights if saved:
+    they initialize the stages); see docs/families.md"""
     export: str | None = field(default=None, metadata={"metavar": "DIR"})
     """after training, write the model where AutoModelForCausalLM.from_pretrained loads it"""
 
@@ -338,9 +340,9 @@ def load_deepspeed_config(config: TrainConfig) -> dict:
 
 def model_config(config: TrainConfig, vocab_size: int):
     """(the model's config, whether --model is a Hugging Face directory), checked against the
-    tokenizer and --export."""
-    from ouroboros_ds import hf
-    from ouroboros_ds.models import gpt2_config
+    tokenizer and --export: a GPT-2 or Transformer-XL ``GPT2Config``, or a Llama-style family's
+    config (ouroboros_ds/models_hf.py)."""
+    from ouroboros_ds import hf, models, models_hf
 
     name = config.model.name
     pretrained = hf.is_pretrained_dir(name)
@@ -349,8 +351,20 @@ def model_config(config: TrainConfig, vocab_size: int):
         if vocab_size > mcfg.vocab_size:
             raise ValueError(f"--tokenizer: vocabulary {vocab_size} exceeds the model's vocab_size="
                              f"{mcfg.vocab_size} in {name}/config.json; use the model's tokenizer")
+    elif models_hf.is_named(name):
+        mcfg = models_hf.named_config(name, vocab_size, dropout=config.training.dropout)
+        if vocab_size > mcfg.vocab_size:
+            raise ValueError(f"--model: vocab_size={mcfg.vocab_size} is smaller than the tokenizer's vocabulary "
+                             f"{vocab_size}; drop vocab_size (it defaults to the tokenizer's) or raise it")
     else:
-        mcfg = gpt2_config(name, vocab_size, dropout=config.training.dropout)
+        try:
+            mcfg = models.gpt2_config(name, vocab_size, dropout=config.training.dropout)
+        except ValueError as e:
+            if "neither a named size" not in str(e):
+                raise
+            raise ValueError(f"--model: {name!r} is neither a named size ({', '.join([*models.SIZES, *models_hf.SIZES])}), "
+                             "JSON of config fields (GPT-2's, or a family's with its model_type), a JSON file, nor "
+                             "a Hugging Face model directory") from None
     if config.model.export and getattr(mcfg, "arch", "gpt2") != "gpt2":
         raise ValueError(f"--export: writes a Hugging Face GPT-2 model; the {mcfg.arch} layers have no "
                          "GPT2LMHeadModel counterpart; drop --export or use a GPT-2 --model")
@@ -359,13 +373,17 @@ def model_config(config: TrainConfig, vocab_size: int):
 
 def check_model(config: TrainConfig, mcfg, tok, micro_batch: int, world: int) -> None:
     """Model and data checks that need the loaded corpus and the model config."""
+    from ouroboros_ds import hf
+
     G = config.ring.stages(world)
     seq_len = config.training.seq_len
-    if G > mcfg.n_layer:
-        raise ValueError(f"--pipeline-parallel-size: {G} exceeds the model's {mcfg.n_layer} blocks (every stage needs "
-                         f"a block); use --pipeline-parallel-size <= {mcfg.n_layer} or a deeper --model")
-    if seq_len > mcfg.n_positions:
-        raise ValueError(f"--seq-len {seq_len} exceeds the model's n_positions={mcfg.n_positions}; "
+    d = hf.dims(mcfg)
+    if G > d["n_layer"]:
+        raise ValueError(f"--pipeline-parallel-size: {G} exceeds the model's {d['n_layer']} blocks (every stage needs "
+                         f"a block); use --pipeline-parallel-size <= {d['n_layer']} or a deeper --model")
+    # Rotary families compute any position (as AutoModelForCausalLM does); learned positions end.
+    if seq_len > d["n_positions"] and "model_type" not in d:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's n_positions={d['n_positions']}; "
                          "use a shorter --seq-len or set n_positions in --model")
     width = seq_len + 1
     if len(tok.train) < width:

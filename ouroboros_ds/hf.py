@@ -1,27 +1,24 @@
 """Hugging Face models in and out of the pipeline.
 
-* In: ``train.py --model DIR`` where DIR holds a ``config.json`` of the GPT-2 family (and, if
-  present, the weights ``save_pretrained`` wrote). :func:`config_from_pretrained` makes the
-  ``GPT2Config`` the layer specs are built from; :func:`load_pretrained_weights` copies each
-  rank's own layers out of the weight files (``safe_open`` reads only those tensors), before
-  ``initialize`` so DeepSpeed's fp16/bf16/ZeRO copies start from them.
+* In: ``train.py --model DIR`` where DIR holds a ``config.json`` of the GPT-2 family or of a
+  supported Llama-style family (Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3, OLMo-2, ...: see
+  :mod:`ouroboros_ds.models_hf`), and, if present, the weights ``save_pretrained`` wrote.
+  :func:`config_from_pretrained` makes the config the layer specs are built from (GPT-2's for
+  ``models.gpt2_layer_specs``, the family's for ``models_hf.layer_specs``);
+  :func:`load_pretrained_weights` copies each rank's own layers out of the weight files
+  (``safe_open`` reads only those tensors), before ``initialize`` so DeepSpeed's fp16/bf16/ZeRO
+  copies start from them. Without weights the layers keep their seeded random init.
 * Out: ``train.py --export DIR``. :func:`export_pretrained` is a collective: every rank turns its
-  local layers into Hugging Face names, global rank 0 gathers them, checks that every tensor of a
-  ``GPT2LMHeadModel`` is there, and writes a directory ``AutoModelForCausalLM.from_pretrained``
-  loads. ``lm_head.weight`` is not a separate tensor: it is tied to ``transformer.wte.weight``
-  (``tie_word_embeddings``), as the pipeline's head is tied to its embedding.
+  local layers into Hugging Face names, global rank 0 gathers them, checks that every tensor of
+  the family's ``*ForCausalLM`` is there, and writes a directory
+  ``AutoModelForCausalLM.from_pretrained`` loads as the same class (float32 weights). A tied
+  model is written tied (no separate ``lm_head.weight``), an untied one with its own head.
 
-The name mapping works on any ``PipelineModule`` built from :func:`models.gpt2_layer_specs` (the
-ring or DeepSpeed's stock 1F1B partition) because it reads DeepSpeed's own parameter names:
+The name mapping works on any ``PipelineModule`` built from those layer specs (the ring or
+DeepSpeed's stock 1F1B partition) because it reads DeepSpeed's own parameter names: GPT-2
 ``tied_modules.embed.*`` (embedding), ``{i}.block.*`` (block i, 1-based layer index) and
-``{L+1}.ln_f.*`` (final norm).
-
-Llama-style models are not supported: the layer code is GPT-2's (learned absolute positions
-added once in the embedding layer, LayerNorm, GELU MLP); a Llama block needs rotary position
-ids and a mask at every layer, RMSNorm and a gated MLP, i.e. a second layer family with its own
-keyed-dropout and partition tests, and Llama checkpoints usually untie the head, which removes
-the reason the ring keeps embedding and head on stage 0. A Llama ``config.json`` is refused with
-that reason rather than half-supported.
+``{L+1}.ln_f.*`` (final norm); the families ``tied_modules.embed.embed_tokens.*`` or
+``0.embed_tokens.*``, ``{i}.layer.*``, ``{L+1}.norm.*`` and, untied, ``{L+2}.lm_head.*``.
 """
 from __future__ import annotations
 
@@ -43,18 +40,20 @@ def has_weights(path: str) -> bool:
 
 
 def config_from_pretrained(path: str, dropout: float | None = None):
-    """The ``GPT2Config`` of a local Hugging Face model directory, ready for ``gpt2_layer_specs``."""
+    """The config of a local Hugging Face model directory, ready for its layer specs: a
+    ``GPT2Config`` for ``models.gpt2_layer_specs``, or a family config for
+    ``models_hf.layer_specs`` (:func:`layer_specs_of` picks). Other model types are refused
+    with the reason."""
     from transformers import AutoConfig, GPT2Config
+
+    from . import models_hf
 
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     if cfg.model_type != "gpt2":
-        raise ValueError(
-            f"--model: {path} is a '{cfg.model_type}' model; only the GPT-2 family is supported "
-            "(the pipeline's layers are GPT-2 blocks: learned positions, LayerNorm, tied head; "
-            "see ouroboros_ds/hf.py for why Llama-style models are not)")
+        return models_hf.family_config(cfg, dropout)
     if not cfg.tie_word_embeddings:
-        raise ValueError(f"--model: {path} has tie_word_embeddings=false; the pipeline's head is "
-                         "the embedding matrix, so only tied models can be loaded")
+        raise ValueError(f"--model: {path} is a GPT-2 model with tie_word_embeddings=false; the GPT-2 layers' "
+                         "head is the embedding matrix, so only tied GPT-2 models can be loaded")
     fields = cfg.to_dict()
     if dropout is not None:
         fields.update(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
@@ -63,7 +62,37 @@ def config_from_pretrained(path: str, dropout: float | None = None):
     return out
 
 
-def _hf_name(key: str, n_layer: int) -> str | None:
+def layer_specs_of(config, seed: int = 1234):
+    """The :class:`~ouroboros_ds.models.LayerPlan` of a config: GPT-2's layers or a family's."""
+    from . import models, models_hf
+
+    if models_hf.is_family_config(config):
+        return models_hf.layer_specs(config, seed=seed)
+    return models.gpt2_layer_specs(config, seed=seed)
+
+
+def dims(config) -> dict:
+    """The shape fields the trainer checks and a checkpoint records, under GPT-2's names, for a
+    GPT-2 or a family config (a family adds its ``model_type`` and whether the head is tied)."""
+    from . import models_hf
+
+    if models_hf.is_family_config(config):
+        return {**models_hf.dims(config), "model_type": config.model_type, "tied": models_hf.is_tied(config)}
+    return {k: getattr(config, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")}
+
+
+def layer_costs_of(config, vocab_size: int, seq_len: int) -> dict:
+    """The balanced partition's per-layer cost model for this config (``module.layer_costs`` for
+    GPT-2 with the tokenizer's vocabulary, ``models_hf.layer_costs`` for a family)."""
+    from . import models_hf
+    from .module import layer_costs
+
+    if models_hf.is_family_config(config):
+        return models_hf.layer_costs(config, seq_len)
+    return layer_costs(config.n_embd, vocab_size, seq_len)
+
+
+def _gpt2_name(key: str, n_layer: int) -> str | None:
     """Hugging Face name of a pipeline parameter name, or None for a non-GPT-2 parameter."""
     if key.startswith("tied_modules.embed."):
         return "transformer." + key[len("tied_modules.embed."):]
@@ -78,14 +107,27 @@ def _hf_name(key: str, n_layer: int) -> str | None:
     return None
 
 
-def local_named_tensors(module: torch.nn.Module, n_layer: int) -> dict[str, torch.Tensor]:
-    """This rank's parameters under their Hugging Face names (the tensors themselves, not copies)."""
+def _naming(config):
+    """(name function, layer count, embedding name, family) of a config; an int is a GPT-2 layer count."""
+    from . import models_hf
+
+    if isinstance(config, int):
+        return _gpt2_name, config, "transformer.wte.weight", "GPT-2"
+    if models_hf.is_family_config(config):
+        return models_hf.hf_name, config.num_hidden_layers, "model.embed_tokens.weight", config.model_type
+    return _gpt2_name, config.n_layer, "transformer.wte.weight", "GPT-2"
+
+
+def local_named_tensors(module: torch.nn.Module, config) -> dict[str, torch.Tensor]:
+    """This rank's parameters under their Hugging Face names (the tensors themselves, not copies).
+    ``config``: the model's config (or, for GPT-2, its layer count)."""
+    name_of, n_layer, _, family = _naming(config)
     out = {}
     for key, p in module.named_parameters():
-        name = _hf_name(key, n_layer)
+        name = name_of(key, n_layer)
         if name is None:
-            raise ValueError(f"parameter {key!r} has no GPT-2 counterpart; was the module built "
-                             "with models.gpt2_layer_specs?")
+            raise ValueError(f"parameter {key!r} has no {family} counterpart; was the module built "
+                             "with the layer specs of this config (hf.layer_specs_of)?")
         out[name] = p
     return out
 
@@ -118,21 +160,25 @@ def _read_tensors(path: str, names: set[str]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_pretrained_weights(module: torch.nn.Module, path: str, n_layer: int) -> int:
-    """Copy a saved ``GPT2LMHeadModel``'s weights into this rank's layers; returns how many
-    tensors were copied. Call before ``initialize``. Every local parameter must be found."""
-    local = local_named_tensors(module, n_layer)
+def load_pretrained_weights(module: torch.nn.Module, path: str, config) -> int:
+    """Copy a saved model's weights into this rank's layers; returns how many tensors were
+    copied. Call before ``initialize``. Every local parameter must be found. ``config``: the
+    config the layers were built from (or, for GPT-2, its layer count)."""
+    _, _, embed, family = _naming(config)
+    local = local_named_tensors(module, config)
     wanted = set(local)
-    # Some checkpoints (older GPT-2 saves) store only lm_head.weight for the tied matrix.
-    if "transformer.wte.weight" in wanted:
+    # A tied matrix may be stored under either name (older GPT-2 saves keep only lm_head.weight).
+    if embed in wanted:
         wanted.add("lm_head.weight")
     found = _read_tensors(path, wanted)
-    if "transformer.wte.weight" in local and "transformer.wte.weight" not in found and "lm_head.weight" in found:
-        found["transformer.wte.weight"] = found["lm_head.weight"]
+    if embed in local and embed not in found and "lm_head.weight" in found and "lm_head.weight" not in local:
+        found[embed] = found["lm_head.weight"]
     missing = sorted(set(local) - set(found))
     if missing:
-        raise ValueError(f"--model: {path} lacks {len(missing)} tensors of this model, e.g. {missing[:3]}; "
-                         "was it saved from a GPT2LMHeadModel with this config?")
+        hint = (" (the config unties the head but the weights have no lm_head.weight: set tie_word_embeddings "
+                "to true)" if missing == ["lm_head.weight"] else "")
+        raise ValueError(f"--model: {path} lacks {len(missing)} tensors of this model, e.g. {missing[:3]}{hint}; "
+                         f"was it saved from a {family} model with this config?")
     for name, p in local.items():
         src = found[name]
         if tuple(src.shape) != tuple(p.shape):
@@ -142,17 +188,12 @@ def load_pretrained_weights(module: torch.nn.Module, path: str, n_layer: int) ->
     return len(local)
 
 
-def export_pretrained(module: torch.nn.Module, config, out_dir: str) -> str | None:
-    """Collective over the world: write the pipeline as a Hugging Face ``GPT2LMHeadModel``.
-
-    Every rank sends its layers (CPU copies) to global rank 0, which writes ``out_dir`` (config,
-    ``model.safetensors``) and returns it; other ranks return None. Data-parallel replicas hold
-    the same values, so rank 0 keeps the first copy of each tensor it receives.
-    """
+def _gather(module: torch.nn.Module, config) -> dict | None:
+    """All ranks' tensors under Hugging Face names (float32 CPU copies) on global rank 0, else None.
+    Data-parallel replicas hold the same values, so rank 0 keeps the first copy of each tensor."""
     import torch.distributed as tdist
-    from transformers import GPT2LMHeadModel
 
-    local = {k: v.detach().float().cpu() for k, v in local_named_tensors(module, config.n_layer).items()}
+    local = {k: v.detach().float().cpu() for k, v in local_named_tensors(module, config).items()}
     if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
         parts = [None] * tdist.get_world_size() if tdist.get_rank() == 0 else None
         tdist.gather_object(local, parts, dst=0)
@@ -164,17 +205,40 @@ def export_pretrained(module: torch.nn.Module, config, out_dir: str) -> str | No
     for part in parts:
         for k, v in part.items():
             merged.setdefault(k, v)
-    cfg = config.__class__(**config.to_dict())
-    cfg.architectures = ["GPT2LMHeadModel"]
-    cfg.tie_word_embeddings = True
-    model = GPT2LMHeadModel(cfg)
-    expected = {k for k in model.state_dict() if k != "lm_head.weight"}
+    return merged
+
+
+def export_pretrained(module: torch.nn.Module, config, out_dir: str) -> str | None:
+    """Collective over the world: write the pipeline as a Hugging Face ``*ForCausalLM`` of its family.
+
+    Every rank sends its layers (CPU copies) to global rank 0, which writes ``out_dir`` (config,
+    ``model.safetensors``) and returns it; other ranks return None.
+    """
+    from . import models_hf
+
+    merged = _gather(module, config)
+    if merged is None:
+        return None
+    if models_hf.is_family_config(config):
+        model = models_hf.causal_lm(config)
+        tied, embed = models_hf.is_tied(config), "model.embed_tokens.weight"
+    else:
+        from transformers import GPT2LMHeadModel
+
+        cfg = config.__class__(**config.to_dict())
+        cfg.architectures = ["GPT2LMHeadModel"]
+        cfg.tie_word_embeddings = True
+        model, tied, embed = GPT2LMHeadModel(cfg), True, "transformer.wte.weight"
+    expected = {k for k in model.state_dict() if not (tied and k == "lm_head.weight")}
     missing, extra = expected - set(merged), set(merged) - expected
     if missing or extra:
         raise RuntimeError(f"export: tensors missing {sorted(missing)[:5]} / unexpected {sorted(extra)[:5]}")
-    model.load_state_dict(merged, strict=False)  # lm_head.weight is wte.weight (tied)
-    if model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr():
-        raise RuntimeError("export: lm_head is not tied to transformer.wte")
+    model.load_state_dict(merged, strict=False)  # tied: lm_head.weight is the embedding
+    head, emb = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    if tied and head.data_ptr() != emb.data_ptr():
+        raise RuntimeError(f"export: lm_head is not tied to {embed}")
+    if not tied and head.data_ptr() == emb.data_ptr():
+        raise RuntimeError("export: an untied model's lm_head shares the embedding's storage")
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     return out_dir

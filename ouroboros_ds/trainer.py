@@ -1,5 +1,5 @@
-"""Train a GPT-2-style language model with the Ouroboros pipeline on DeepSpeed (or, for the
-baseline, with DeepSpeed's stock synchronous 1F1B pipeline on the same model and data).
+"""Train a GPT-2-style or Llama-style language model with the Ouroboros pipeline on DeepSpeed (or,
+for the baseline, with DeepSpeed's stock synchronous 1F1B pipeline on the same model and data).
 
 The job, for the flags of ``ouroboros_ds.config.TrainConfig`` (launch commands: train.py)::
 
@@ -76,7 +76,7 @@ class Trainer:
 
         model = self._module()
         if pretrained and hf.has_weights(c.model.name):
-            hf.load_pretrained_weights(model, c.model.name, mcfg.n_layer)  # before initialize: fp16/ZeRO copy them
+            hf.load_pretrained_weights(model, c.model.name, mcfg)  # before initialize: fp16/ZeRO copy them
         params = [p for p in model.parameters() if p.requires_grad]
         if c.ring.stale_lr_scale:
             from ouroboros_ds.staleness import pipeline_groups
@@ -100,14 +100,22 @@ class Trainer:
         runlog.track_waits(engine)  # per-stage utilization for --stage-stats-every
         self.peak = runlog.PeakMemory(engine)  # per-stage peak memory for --stage-stats-every
         summary = runlog.startup_summary(engine)  # collective: every rank reports its stage
+        dims = hf.dims(mcfg)
         if self.log:
             print(f"ouroboros-ds: schedule={c.ring.schedule} "
                   f"replay={c.ring.replay if c.ring.schedule == 'ouroboros' else '-'} "
                   f"weight_prediction={c.ring.weight_prediction} "
                   f"activation_checkpointing={c.ring.activation_checkpointing} G={self.G} dp={dp} M={M} "
-                  f"micro-batch={mb} seq={seq_len} vocab={tok.vocab_size} layers={mcfg.n_layer} d={mcfg.n_embd} "
+                  f"micro-batch={mb} seq={seq_len} vocab={tok.vocab_size} layers={dims['n_layer']} d={dims['n_embd']} "
                   f"train_tokens={len(tok.train):,} unigram_entropy={tok.unigram_entropy_bits:.3f} bits/token",
                   flush=True)
+            if "model_type" in dims:
+                print(f"  model: {dims['model_type']} ({'tied' if dims['tied'] else 'untied'} head, "
+                      f"{dims['n_head']} heads / {dims['n_kv_head']} key-value heads, vocab_size={dims['vocab_size']})",
+                      flush=True)
+                if seq_len > dims["n_positions"]:
+                    print(f"  note: --seq-len {seq_len} > max_position_embeddings={dims['n_positions']}: rotary "
+                          "positions beyond the model's configured context", flush=True)
             if pretrained:
                 print(f"  initialized from {c.model.name}" if hf.has_weights(c.model.name)
                       else f"  config from {c.model.name} (no weights there: random init)", flush=True)
@@ -120,8 +128,7 @@ class Trainer:
             self.emit({"step": 0, "delays": runlog.delays(engine)})
 
         self.first = 0
-        self.ckpt_meta = {"model": {k: getattr(mcfg, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer",
-                                                                  "n_head", "n_inner")}}
+        self.ckpt_meta = {"model": dims}
         load = c.checkpoint.load
         # `--save DIR --load DIR` on every launch of a requeued job: the first launch finds no save yet.
         if load and not c.checkpoint.has_save():
@@ -137,20 +144,20 @@ class Trainer:
     def _module(self):
         """The pipeline module: the Ouroboros ring (its partition printed at start-up) or, for the
         baseline, DeepSpeed's PipelineModule over the same layers."""
-        from ouroboros_ds.models import gpt2_layer_specs, lm_loss
+        from ouroboros_ds import hf, models_hf
+        from ouroboros_ds.models import lm_loss
 
         c, mcfg, G = self.config, self.mcfg, self.G
-        plan = gpt2_layer_specs(mcfg, seed=c.training.seed)
+        plan = hf.layer_specs_of(mcfg, seed=c.training.seed)  # GPT-2's layers or a family's
         if c.ring.schedule == "ouroboros":
-            from ouroboros_ds.module import (OuroborosPipelineModule, balanced_blocks_per_module, layer_costs,
-                                             stage_costs_of)
+            from ouroboros_ds.module import OuroborosPipelineModule, balanced_blocks_per_module, stage_costs_of
             bpm, note, chosen = None, None, None
             if c.ring.partition == "budget":  # blocks and kept graphs chosen together
                 bpm, chosen = self._budget_partition(plan)
                 note = f"partition budget: blocks of modules 1..K {bpm}"
             if c.ring.partition in ("balanced", "fresh"):
-                costs = layer_costs(mcfg.n_embd, self.tok.vocab_size, c.training.seq_len)
-                bpm = balanced_blocks_per_module(mcfg.n_layer, G, costs, c.ring.replay,
+                costs = hf.layer_costs_of(mcfg, self.tok.vocab_size, c.training.seq_len)
+                bpm = balanced_blocks_per_module(len(plan.block_indices), G, costs, c.ring.replay,
                                                  fresh=c.ring.partition == "fresh")
                 work = stage_costs_of(bpm, costs, c.ring.replay)
                 note = (f"partition {c.ring.partition}: blocks of modules 1..K {bpm}; modelled work per stage "
@@ -174,7 +181,7 @@ class Trainer:
                                       activation_checkpoint_interval=1 if c.ring.activation_checkpointing else 0,
                                       # only the blocks: reentrant checkpointing of the embedding (integer
                                       # input) would cut it off from autograd
-                                      checkpointable_layers=["Block", "XLBlock"])
+                                      checkpointable_layers=["Block", "XLBlock", models_hf.BLOCK_CLASS])
 
     def _budget(self) -> str:
         return self.config.ring.activation_budget or "1f1b"
@@ -193,13 +200,13 @@ class Trainer:
     def _budget_partition(self, plan):
         """--partition budget: ``(blocks per module, memory.BudgetPlan)`` chosen together."""
         c = self.config
+        from ouroboros_ds import hf
         from ouroboros_ds.memory import plan_partition
-        from ouroboros_ds.module import layer_costs
         from ouroboros_ds.reference import build_layers
 
         bpm, chosen = plan_partition(build_layers(plan), plan.block_indices, self._sample(), self.G,
                                      self._micro_batches(),
-                                     layer_costs(self.mcfg.n_embd, self.tok.vocab_size, c.training.seq_len),
+                                     hf.layer_costs_of(self.mcfg, self.tok.vocab_size, c.training.seq_len),
                                      self._budget())
         return bpm, chosen
 
@@ -331,7 +338,7 @@ class Trainer:
             print(f"saved {os.path.join(save, tag)} ({why}); resume with --load {save}", flush=True)
 
     def export(self) -> None:
-        """--export: the trained model as a Hugging Face GPT-2 directory (collective)."""
+        """--export: the trained model as a Hugging Face directory of its family (collective)."""
         from ouroboros_ds import hf
 
         out = self.config.model.export
