@@ -27,6 +27,8 @@ _EXPORTS = {
     "gpt2_layer_specs": "models",
     "lm_loss": "models",
     "LayerPlan": "models",
+    "family_config": "models_hf",  # Llama, Mistral, Qwen2/3, Gemma, ... from a transformers config
+    "family_layer_specs": "models_hf",
     # data
     "load_token_data": "data",
     "BatchStream": "data",
@@ -37,13 +39,16 @@ _EXPORTS = {
     "simulate": "simulate",
 }
 
+# public name -> the defining module's own name for it
+_RENAMED = {"family_layer_specs": "layer_specs"}
+
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'ouroboros_ds' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), _RENAMED.get(name, name))
     globals()[name] = value
     return value
 
