@@ -66,7 +66,7 @@ def _bad_cases(tmp_path):
         (["--save-every", "5"], None, ["--save-every", "--save DIR"]),
         (["--load", str(tmp_path)], None, ["--load", "no 'latest' file"]),
         (["--comm-timeout", "0"], None, ["--comm-timeout: must be > 0"]),
-        (["--weight-prediction", "1"], None, ["--weight-prediction: needs", "--replay stash"]),
+        (["--paper", "--weight-prediction", "1"], None, ["--paper: the paper's update has no staleness mitigation"]),
         (["--weight-prediction", "-1", "--replay", "stash"], None, ["--weight-prediction: must be >= 0"]),
     ], base
 
