@@ -30,7 +30,7 @@ __all__ = ["ROOT", "TRAIN", "free_port", "run_ranks", "close_pools", "SEED", "IN
 # ------------------------------------------------------------------ spawned ranks
 # Starting a rank (importing torch, DeepSpeed and transformers, forming the gloo group) costs
 # several seconds; most multi-rank tests need only a clean engine, not a clean process. So jobs
-# run in a pool of ranks kept per world size for the whole test session, each job building its
+# run in a pool of ranks kept per world size for the whole pytest run, each job building its
 # own engines in the pool's process group. A test that needs new processes (a resume that must
 # find everything in the checkpoint, a rank that kills itself) passes ``fresh=True``; so should a
 # job that leaves threads, signal handlers or collectives behind (train.py's Trainer does). A failed or
@@ -123,7 +123,7 @@ _POOLS: dict = {}
 
 
 def close_pools() -> None:
-    """End every pooled rank (the test session's end)."""
+    """End every pooled rank (at the end of the pytest run)."""
     while _POOLS:
         _POOLS.popitem()[1].close()
 
@@ -132,7 +132,7 @@ def run_ranks(fn, world: int, *args, tmpdir: str, timeout: float = 600, fresh: b
     """Run ``fn(rank, *args)`` on ``world`` gloo ranks (one torch thread each); raise with the
     failing ranks' tracebacks. ``fn`` (a module-level function) may call
     ``deepspeed.init_distributed``: the group exists already. ``fresh``: new processes, ended
-    after the job, instead of the session's pool."""
+    after the job, instead of the run's pool."""
     if fresh:
         errfile = os.path.join(tmpdir, "rank_error")
         ctx = mp.start_processes(_entry, args=(world, free_port(), fn, args, errfile), nprocs=world,
@@ -302,9 +302,9 @@ def _torchrun(args, nproc: int) -> list:
 
 
 def launch_train(args, nproc: int = 2, env=None, cwd=ROOT, stderr=subprocess.PIPE) -> subprocess.Popen:
-    """Start ``torchrun --nproc_per_node nproc train.py args`` in its own session."""
+    """Start ``torchrun --nproc_per_node nproc train.py args`` in its own process group."""
     return subprocess.Popen(_torchrun(args, nproc), cwd=cwd, env=env or train_env(), stdout=subprocess.PIPE,
-                            stderr=stderr, text=True, start_new_session=True)
+                            stderr=stderr, text=True, process_group=0)
 
 
 def run_train(args, nproc: int = 2, env=None, cwd=ROOT, timeout: float = 300) -> subprocess.CompletedProcess:

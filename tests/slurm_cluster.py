@@ -37,7 +37,7 @@ class LocalSlurm:
 
     def _spawn(self, cmd, log):
         p = subprocess.Popen(cmd, stdout=open(os.path.join(self.root, log), "ab"), stderr=subprocess.STDOUT,
-                             env=self.env, start_new_session=True)
+                             env=self.env, process_group=0)
         self.procs.append(p)
         return p
 
