@@ -36,21 +36,26 @@ SIZES = {
 }
 
 
+def model_fields(model: str | dict, sizes: dict, what: str) -> dict:
+    """The config fields ``--model`` names: a key of ``sizes``, a dict, a JSON file or a JSON
+    string (``what``: the config class, for the error message)."""
+    if isinstance(model, dict):
+        return dict(model)
+    if model in sizes:
+        return dict(sizes[model])
+    if os.path.isfile(model):
+        with open(model) as f:
+            return json.load(f)
+    try:
+        return json.loads(model)
+    except json.JSONDecodeError:
+        raise ValueError(f"--model: {model!r} is neither a named size ({', '.join(sizes)}), "
+                         f"a JSON object of {what} fields, nor a JSON file") from None
+
+
 def gpt2_config(model: str | dict, vocab_size: int, dropout: float | None = None) -> GPT2Config:
     """A ``GPT2Config`` from a named size, a JSON string, a JSON file, or a dict of fields."""
-    if isinstance(model, dict):
-        fields = dict(model)
-    elif model in SIZES:
-        fields = dict(SIZES[model])
-    elif os.path.isfile(model):
-        with open(model) as f:
-            fields = json.load(f)
-    else:
-        try:
-            fields = json.loads(model)
-        except json.JSONDecodeError:
-            raise ValueError(f"--model: {model!r} is neither a named size ({', '.join(SIZES)}), "
-                             "a JSON object of GPT2Config fields, nor a JSON file") from None
+    fields = model_fields(model, SIZES, "GPT2Config")
     fields.setdefault("vocab_size", vocab_size)
     if dropout is not None:
         fields.update(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F_
 
 from .context import keyed_rng, seeded_init
-from .models import LayerPlan
+from .models import LayerPlan, model_fields
 
 
 @dataclass(frozen=True)
@@ -94,33 +94,20 @@ REFUSED = {
 
 # Named tiny configs for --model. llama-tiny has the GPT-2 "tiny" shape (4 layers, width 64,
 # 4 heads) and the same parameters per block: GQA with 2 key/value heads and a gated MLP of 192.
+_TINY = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=192, max_position_embeddings=256)
 SIZES = {
-    "llama-tiny": dict(model_type="llama", num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=192, max_position_embeddings=256,
-                       tie_word_embeddings=True),
-    "llama-tiny-untied": dict(model_type="llama", num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
-                              num_key_value_heads=2, intermediate_size=192, max_position_embeddings=256,
-                              tie_word_embeddings=False),
+    "llama-tiny": dict(_TINY, model_type="llama", tie_word_embeddings=True),
+    "llama-tiny-untied": dict(_TINY, model_type="llama", tie_word_embeddings=False),
     "llama-small": dict(model_type="llama", num_hidden_layers=8, hidden_size=256, num_attention_heads=8,
                         num_key_value_heads=4, intermediate_size=768, max_position_embeddings=512,
                         tie_word_embeddings=True),
-    "mistral-tiny": dict(model_type="mistral", num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=192, max_position_embeddings=256,
-                         sliding_window=128, tie_word_embeddings=False),
-    "qwen2-tiny": dict(model_type="qwen2", num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=192, max_position_embeddings=256,
-                       tie_word_embeddings=True),
-    "qwen3-tiny": dict(model_type="qwen3", num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16, intermediate_size=192, max_position_embeddings=256,
-                       tie_word_embeddings=True),
-    "gemma-tiny": dict(model_type="gemma", num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
-                       num_key_value_heads=1, head_dim=16, intermediate_size=192, max_position_embeddings=256),
-    "phi3-tiny": dict(model_type="phi3", num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=192, max_position_embeddings=256,
-                      tie_word_embeddings=False),
-    "olmo2-tiny": dict(model_type="olmo2", num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=192, max_position_embeddings=256,
-                       tie_word_embeddings=False),
+    "mistral-tiny": dict(_TINY, model_type="mistral", sliding_window=128, tie_word_embeddings=False),
+    "qwen2-tiny": dict(_TINY, model_type="qwen2", tie_word_embeddings=True),
+    "qwen3-tiny": dict(_TINY, model_type="qwen3", head_dim=16, tie_word_embeddings=True),
+    "gemma-tiny": dict(_TINY, model_type="gemma", num_key_value_heads=1, head_dim=16),
+    "phi3-tiny": dict(_TINY, model_type="phi3", tie_word_embeddings=False),
+    "olmo2-tiny": dict(_TINY, model_type="olmo2", tie_word_embeddings=False),
 }
 
 # Dropout fields a --dropout value sets, where the family's config has them.
@@ -185,15 +172,7 @@ def named_config(model: str | dict, vocab_size: int, dropout: float | None = Non
     byte vocabulary."""
     from transformers import AutoConfig
 
-    if isinstance(model, dict):
-        fields = dict(model)
-    elif model in SIZES:
-        fields = dict(SIZES[model])
-    elif os.path.isfile(model):
-        with open(model) as f:
-            fields = json.load(f)
-    else:
-        fields = json.loads(model)
+    fields = model_fields(model, SIZES, "family config")
     mt = fields.pop("model_type", None)
     if mt is None:
         raise ValueError("--model: a family config needs a model_type (e.g. \"llama\")")

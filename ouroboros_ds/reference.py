@@ -219,19 +219,13 @@ class Reference:
                 x = self.stash.pop((k, b, j))
                 g = self.pending.pop((k, b, j))
                 mem = self.stash_mems.pop((k, b, j))
-                if self.replay == "stash":  # the kept graph already holds the memory it read
-                    x, y = self.graphs.pop((k, b, j))
-                    dx = W.backward(x, y, g, self.weight_stash[(k, b)])
-                    if k > 1:
-                        self.pending[(k - 1, b, j)] = dx
-                    j += 1
-                    if (k, b, j) not in self.stash:
-                        del self.weight_stash[(k, b)]
-                    continue
                 snap = self.weight_stash.get((k, b))
-                if snap is not None:  # weight prediction: recompute at the forward's predicted weights
-                    with dropout_key(self.seed, b, j), recurrent_memory(mem):
-                        x, y = W.forward(self.module_layers[k], snap, x)
+                if snap is not None:  # stash mode, or weight prediction: the gradient at the snapshot
+                    if self.replay == "stash":  # the kept graph already holds the memory it read
+                        x, y = self.graphs.pop((k, b, j))
+                    else:  # recompute at the forward's predicted weights
+                        with dropout_key(self.seed, b, j), recurrent_memory(mem):
+                            x, y = W.forward(self.module_layers[k], snap, x)
                     dx = W.backward(x, y, g, snap)
                     if k > 1:
                         self.pending[(k - 1, b, j)] = dx

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
 
 __all__ = ["ROOT", "TRAIN", "free_port", "run_ranks", "close_pools", "SEED", "INIT_SEED", "VOCAB", "SEQ", "MICRO", "CLIP",
-           "steps_for", "ds_config", "batches", "model_plan", "ring_engine", "feed", "stage_parameters",
+           "steps_for", "ds_config", "batches", "model_plan", "ring_engine", "feed", "stage_parameters", "pipeline_logits",
            "ApiRecorder", "C10dRecorder", "P2P_OPS", "train_env", "launch_train", "run_train", "run_train_single"]
 
 
@@ -230,6 +230,32 @@ def stage_parameters(mod) -> dict:
     # nothing the engine trains is left out of the comparison
     assert seen == {id(p) for p in mod.parameters()}, "some engine parameter is not named by its layer"
     return state
+
+
+@torch.no_grad()
+def pipeline_logits(module, G: int, ids, hidden: int):
+    """Modules 1..K in ring order across the ranks (eval mode, blocking send/recv of the
+    ``[batch, seq, hidden]`` activations); stage 0 returns the logits, other ranks None."""
+    import torch.distributed as tdist
+
+    from ouroboros_ds.schedule import num_modules, stage_of
+
+    module.eval()
+    me, K, x = tdist.get_rank(), num_modules(G), None
+    for k in range(1, K + 1):
+        s, prev = stage_of(k, G), stage_of(k - 1, G) if k > 1 else None
+        if s != me:
+            continue
+        if k == 1:
+            x = ids
+        elif prev != me:
+            x = torch.empty(ids.shape[0], ids.shape[1], hidden)
+            tdist.recv(x, src=prev)
+        x = module.forward_module(k, x)
+        if k < K and stage_of(k + 1, G) != me:
+            tdist.send(x, dst=stage_of(k + 1, G))
+    module.train()
+    return x if me == 0 else None
 
 
 # ------------------------------------------------------------------ recorders

@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import SEED, VOCAB, batches, ds_config, run_ranks, stage_parameters, steps_for
+from helpers import SEED, VOCAB, batches, ds_config, pipeline_logits, run_ranks, stage_parameters, steps_for
 
 SEQ = 8  # the length of helpers.batches
 INIT_SEED = 7
@@ -112,31 +112,6 @@ def _stock_1f1b_first_loss(G, M):
     return {"loss": float(loss), "blocks": blocks}
 
 
-@torch.no_grad()
-def _pipeline_logits(module, G, ids, hidden):
-    """Modules 1..K in ring order across the ranks (eval mode); stage 0 returns the logits."""
-    import torch.distributed as tdist
-
-    from ouroboros_ds.schedule import num_modules, stage_of
-
-    module.eval()
-    me, K, x = tdist.get_rank(), num_modules(G), None
-    for k in range(1, K + 1):
-        s, prev = stage_of(k, G), stage_of(k - 1, G) if k > 1 else None
-        if s != me:
-            continue
-        if k == 1:
-            x = ids
-        elif prev != me:
-            x = torch.empty(ids.shape[0], ids.shape[1], hidden)
-            tdist.recv(x, src=prev)
-        x = module.forward_module(k, x)
-        if k < K and stage_of(k + 1, G) != me:
-            tdist.send(x, dst=stage_of(k + 1, G))
-    module.train()
-    return x if me == 0 else None
-
-
 def _probe():
     return torch.randint(0, VOCAB, (3, SEQ), generator=torch.Generator().manual_seed(5))
 
@@ -151,12 +126,12 @@ def _round_trip(G, src, out):
     plan = hf.layer_specs_of(cfg, seed=99)  # random init, then overwritten by the loaded weights
     mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
     hf.load_pretrained_weights(mod, src, cfg)
-    before = _pipeline_logits(mod, G, _probe(), cfg.hidden_size)
+    before = pipeline_logits(mod, G, _probe(), cfg.hidden_size)
     engine, *_ = initialize(model=mod, model_parameters=list(mod.parameters()), config=ds_config(4, 4), seed=1)
     it = _feed(engine, 3, 4)
     for _ in range(4):
         engine.train_batch(it)
-    after = _pipeline_logits(engine.module, G, _probe(), cfg.hidden_size)
+    after = pipeline_logits(engine.module, G, _probe(), cfg.hidden_size)
     written = hf.export_pretrained(engine.module, cfg, out)
     return {"before": before, "after": after, "written": written}
 

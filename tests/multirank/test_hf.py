@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from helpers import run_ranks
+from helpers import pipeline_logits, run_ranks
 
 VOCAB, SEQ, MICRO, M = 48, 8, 2, 2
 HF_FIELDS = dict(n_layer=3, n_embd=16, n_head=2, n_positions=SEQ, vocab_size=VOCAB,
@@ -24,30 +24,6 @@ def _probe():
     return torch.randint(0, VOCAB, (3, SEQ), generator=torch.Generator().manual_seed(5))
 
 
-@torch.no_grad()
-def _pipeline_logits(module, G, ids):
-    """Run modules 1..K in ring order across the ranks (eval mode); stage 0 returns the logits."""
-    import torch.distributed as tdist
-    from ouroboros_ds.schedule import num_modules, stage_of
-
-    module.eval()
-    me, K, x = tdist.get_rank(), num_modules(G), None
-    for k in range(1, K + 1):
-        s, prev = stage_of(k, G), stage_of(k - 1, G) if k > 1 else None
-        if s != me:
-            continue
-        if k == 1:
-            x = ids
-        elif prev != me:
-            x = torch.empty(ids.shape[0], SEQ, HF_FIELDS["n_embd"])
-            tdist.recv(x, src=prev)
-        x = module.forward_module(k, x)
-        if k < K and stage_of(k + 1, G) != me:
-            tdist.send(x, dst=stage_of(k + 1, G))
-    module.train()
-    return x if me == 0 else None
-
-
 def _ranks(rank, G, src, out, tmp, steps):
     import deepspeed
     from ouroboros_ds import hf
@@ -61,14 +37,14 @@ def _ranks(rank, G, src, out, tmp, steps):
     model = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
     n = hf.load_pretrained_weights(model, src, cfg)
     assert n == len(list(model.parameters()))
-    before = _pipeline_logits(model, G, _probe())
+    before = pipeline_logits(model, G, _probe(), HF_FIELDS["n_embd"])
     engine, *_ = initialize(model=model, model_parameters=list(model.parameters()), config=_ds_config(), seed=1)
     g = torch.Generator().manual_seed(0)
     data = iter([(torch.randint(0, VOCAB, (MICRO, SEQ), generator=g), torch.randint(0, VOCAB, (MICRO, SEQ), generator=g))
                  for _ in range(steps * M)])
     for _ in range(steps):
         engine.train_batch(data if engine.stage_id == 0 else None)
-    after = _pipeline_logits(engine.module, G, _probe())
+    after = pipeline_logits(engine.module, G, _probe(), HF_FIELDS["n_embd"])
     written = hf.export_pretrained(engine.module, cfg, out)
     if rank == 0:
         assert written == out
