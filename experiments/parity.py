@@ -75,6 +75,10 @@ def parse_args(argv=None):
     p.add_argument("--bench", nargs="*", default=[],
                    help="benchmark JSONs (python -m ouroboros_ds.bench --out ...): step times per (G, M), over --step-times")
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where the Reference runs (cuda: fp32 with TF32 matmuls)")
+    p.add_argument("--max-seconds", type=float, default=0,
+                   help="stop a run at the first evaluation after this many seconds (0: never); the table then "
+                        "compares the runs at the last step all of them reached")
     p.add_argument("--reuse", action="store_true", help="keep runs whose raw metrics exist")
     p.add_argument("--table-only", action="store_true",
                    help="run nothing: table and curves from the runs already in --raw (a cell without runs is left out)")
@@ -102,7 +106,11 @@ def train_one(job: dict) -> dict:
     """One run on the Reference: returns {"steps", "bpb", "seconds"} at every evaluation."""
     import torch
 
-    torch.set_num_threads(1)
+    dev = torch.device(job.get("device", "cpu"))
+    if dev.type == "cpu":
+        torch.set_num_threads(1)
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     from ouroboros_ds import data as D
     from ouroboros_ds.models import gpt2_config, gpt2_layer_specs, lm_loss
     from ouroboros_ds.module import balanced_blocks_per_module, layer_costs
@@ -124,7 +132,7 @@ def train_one(job: dict) -> dict:
     cfg["scheduler"]["params"]["total_num_steps"] = a["steps"]
     mb = a["batch"] // a["M"]
     cfg.update(train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=a["M"])
-    ref = Reference(plan, a["G"], cfg, lm_loss, seed=a["seed"], blocks_per_module=bpm, **opts)
+    ref = Reference(plan, a["G"], cfg, lm_loss, seed=a["seed"], blocks_per_module=bpm, **opts).to(dev)
     stream = D.BatchStream(tok.train, a["seq_len"], mb, a["M"], seed=a["seed"])
     val = D.eval_batches(tok.val, a["seq_len"], 32, max_batches=a["eval_sequences"] // 32)
 
@@ -133,7 +141,7 @@ def train_one(job: dict) -> dict:
         with torch.no_grad():
             losses = []
             for x, y in val:
-                h = x
+                h, y = x.to(dev), y.to(dev)
                 for k in range(1, ref.K + 1):
                     h = ref.forward_module(k, h)
                 losses.append(lm_loss(h, y).item())
@@ -141,10 +149,10 @@ def train_one(job: dict) -> dict:
         return tok.bits_per_byte(sum(losses) / len(losses))
 
     out = {"steps": [], "bpb": [], "seconds": [], "train_loss": []}
-    clock = 0.0
+    clock, start = 0.0, time.perf_counter()
     for step in range(a["steps"]):
         t0 = time.perf_counter()
-        loss = ref.step([next(stream) for _ in range(a["M"])])
+        loss = ref.step([tuple(t.to(dev) for t in next(stream)) for _ in range(a["M"])])
         clock += time.perf_counter() - t0
         if not math.isfinite(loss):
             out["diverged_at"] = step
@@ -154,6 +162,9 @@ def train_one(job: dict) -> dict:
             out["bpb"].append(evaluate())
             out["seconds"].append(clock)
             out["train_loss"].append(loss)
+            if a.get("max_seconds") and time.perf_counter() - start > a["max_seconds"]:
+                out["stopped_at"] = step + 1  # out of time: the curve so far, at equal steps with the others
+                break
     return out
 
 
@@ -236,6 +247,10 @@ def summarize(args, results: dict):
     bench = bench_step_times(args.bench)
     default_times = json.loads(args.step_times)
     groups: dict = {}  # (data, G, M, variant) -> {lr: [runs]}
+    if any("stopped_at" in r for r in results.values()):  # --max-seconds: compare at the steps all reached
+        n = min(len(r["bpb"]) for r in results.values() if "diverged_at" not in r)
+        results = {key: {**r, **{f: r[f][:n] for f in ("steps", "bpb", "seconds", "train_loss")}}
+                   for key, r in results.items()}
     for r in results.values():
         j = r["job"]
         if j["steps"] != args.steps or not r["bpb"]:
@@ -332,7 +347,7 @@ def main(argv=None) -> int:
     lrs_of = {v: json.loads(args.variant_lrs).get(v, args.lrs) for v in args.variants}
     jobs = [dict(data=d, G=G, M=M, variant=v, lr=lr, seed=s, steps=args.steps, batch=args.batch,
                  seq_len=args.seq_len, model=args.model, eval_every=args.eval_every,
-                 eval_sequences=args.eval_sequences)
+                 eval_sequences=args.eval_sequences, device=args.device, max_seconds=args.max_seconds)
             for d in args.data for G in args.stages for M in args.micro_batches for v in args.variants
             for lr in lrs_of[v] for s in args.seeds
             if not (variant_options(v).get("synchronous") and (G != args.stages[0]))]  # 1F1B: one G is all Gs

@@ -13,7 +13,8 @@ gradient at the forward's weights, :mod:`ouroboros_ds.stash`), as the engine's s
 ``weight_prediction`` takes that snapshot ahead along the last update, as the engine does
 (:class:`ouroboros_ds.stash.LastUpdate`); with ``replay="recompute"`` the forward runs through the
 predicted snapshot without a graph and the replay recomputes through it (the same update as stash
-mode). ``global_clip`` clips one norm over the whole model, as DeepSpeed's 1F1B engine does (the
+mode). ``lookahead`` runs module K's losses and backwards one last update ahead
+(:func:`ouroboros_ds.stash.look_ahead`), as the engine does. ``global_clip`` clips one norm over the whole model, as DeepSpeed's 1F1B engine does (the
 baseline, with ``synchronous=True``).
 """
 from __future__ import annotations
@@ -79,7 +80,7 @@ class Reference:
     def __init__(self, plan: LayerPlan, stages: int, ds_config: dict, loss_fn, seed: int = 0,
                  blocks_per_module=None, synchronous: bool = False, replay: str = "recompute",
                  stale_lr_scale: float = 0.0, weight_prediction: float = 0.0, global_clip: bool = False,
-                 stale_beta1: float = 0.0):
+                 stale_beta1: float = 0.0, lookahead: float = 0.0):
         self.replay = W.check_replay(replay)
         self.weight_prediction = W.check_prediction(weight_prediction)
         self.G, self.K = stages, S.num_modules(stages)
@@ -112,6 +113,10 @@ class Reference:
             self.schedulers.append(make_scheduler(opt, ds_config))
         self.last_update = W.LastUpdate(W.delayed_parameters(
             self.module_layers[k] for k in range(1, self.K))) if self.weight_prediction else None
+        # lookahead: module K's own weights before the last step, for its look-ahead (stash.look_ahead)
+        self.lookahead = W.check_lookahead(lookahead)
+        self.k_update = W.LastUpdate(W.own_parameters(self.module_layers[self.K])) \
+            if self.lookahead and not synchronous else None
         self.t = 0
         self.stash: dict = {}    # (module, batch, mb) -> input
         self.pending: dict = {}  # (module, batch, mb) -> dL/d(output of module)
@@ -122,6 +127,18 @@ class Reference:
 
     def delay(self, k: int) -> int:
         return 0 if self.synchronous else S.delay(k, self.G)
+
+    def to(self, device) -> "Reference":
+        """Move the model (and the weights kept for prediction) to ``device``, before the first step;
+        the initial weights stay the CPU-built ones, so every device starts from the same model."""
+        if self.t:
+            raise RuntimeError("Reference.to: move the Reference before its first step")
+        for m in layer_modules(self.layers):
+            m.to(device)  # in place: the optimizers keep the same Parameter objects
+        for update in (self.last_update, self.k_update):
+            if update is not None:
+                update.before = [b.to(device) for b in update.before]
+        return self
 
     def forward_module(self, k: int, x):
         for layer in self.module_layers[k]:
@@ -180,6 +197,7 @@ class Reference:
             self._replays(range(K - 1, 0, -1))
         # 3. module K: forward, loss and backward of batch t
         losses = []
+        saved = W.look_ahead(self.k_update, self.lookahead) if self.k_update is not None else None
         for j, (_, labels) in enumerate(micro_batches):
             x = acts[j].detach().requires_grad_()
             with dropout_key(self.seed, t, j), recurrent_memory(self.mems.get((K, j))) as new_mem:
@@ -189,11 +207,14 @@ class Reference:
             (loss / M).backward()
             losses.append(loss.detach())
             self.pending[(K - 1, t, j)] = x.grad
+        if saved is not None:
+            W.look_back(self.k_update, saved)
         if self.synchronous:
             self._replays(range(K - 1, 0, -1))
         # 4. per stage: clip, step (modules without a gradient yet keep their weights), LR schedule
-        if self.last_update is not None:
-            self.last_update.record()
+        for update in (self.last_update, self.k_update):
+            if update is not None:
+                update.record()
         if self.global_clip and self.clip > 0:
             torch.nn.utils.clip_grad_norm_([p for params in self.stage_params for p in params if p.grad is not None],
                                            self.clip)

@@ -149,6 +149,56 @@ class LastUpdate:
                 b.copy_(s)
 
 
+def own_parameters(layers) -> list:
+    """The parameters of a module's own layers, each once, in layer order; a functional layer's
+    (the tied output projection's) belong to the module that owns the weight."""
+    seen, out = set(), []
+    for layer in layers:
+        if isinstance(layer, torch.nn.Module):
+            for p in layer.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+    return out
+
+
+def check_lookahead(lookahead: float) -> float:
+    lookahead = float(lookahead)
+    if lookahead < 0:
+        raise ValueError(f"lookahead: must be >= 0 (0 turns it off, 1 runs the fresh module one last update "
+                         f"ahead), got {lookahead}")
+    return lookahead
+
+
+def look_ahead(last_update: LastUpdate, horizon: float) -> list:
+    """The fresh module's look-ahead (``lookahead``; beyond the paper).
+
+    Module K computes batch t's loss and backward at step t and sends dL/d(input) upstream, where
+    module k applies it ``delay(k)`` steps later: by then module K has moved on. With weight
+    prediction, module k's own weights are predicted to where they will be; the look-ahead does
+    the same for module K, one update ahead::
+
+        w_K <- w_K + horizon (w_K - w_K(t - 1))     in place, for the losses and backwards of step t
+        ... module K's forwards, losses, backwards ...
+        w_K <- the saved weights                    (look_back, bit for bit), then the optimizer step
+
+    Module K's own gradient is then taken at the look-ahead point and applied at the current
+    weights: Nesterov's look-ahead gradient. The tied output projection is not moved (it belongs
+    to module 1). Returns the weights :func:`look_back` puts back."""
+    saved = [p.detach().clone() for p in last_update.params]
+    with torch.no_grad():
+        for p, b in zip(last_update.params, last_update.before):
+            p.add_(p - b, alpha=horizon)
+    return saved
+
+
+def look_back(last_update: LastUpdate, saved: list) -> None:
+    """Undo :func:`look_ahead`: the live weights get back exactly what they were."""
+    with torch.no_grad():
+        for p, c in zip(last_update.params, saved):
+            p.copy_(c)
+
+
 def take_snapshot(layers, last_update: LastUpdate | None, horizon: float) -> Snapshot:
     """The weight snapshot of a module for a batch's forward, predicted ``horizon`` last updates
     ahead when weight prediction is on: the one way the engine and the Reference take it."""
