@@ -22,6 +22,7 @@ SECONDS_PER_RUN=${SECONDS_PER_RUN:-300}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu MODEL=tiny STEPS=20 EVAL_EVERY=10: a dry run without a GPU
 MODEL=${MODEL:-'{"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024}'}
 EVAL_EVERY=${EVAL_EVERY:-100}
+VARIANTS=${VARIANTS:-1f1b default paper}
 mkdir -p "$OUT/parity" "$OUT/raw"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -49,5 +50,5 @@ PY
 fi
 python3 experiments/parity.py --device "$DEVICE" --out "$OUT/parity" --raw "$OUT/raw" --model "$MODEL" \
     --data shakespeare --stages 2 --micro-batches 4 --seeds 0 --batch 32 --seq-len 256 \
-    --lrs 6e-4 --variants 1f1b default paper --steps "$STEPS" --max-seconds "$SECONDS_PER_RUN" \
+    --lrs 6e-4 --variants $VARIANTS --steps "$STEPS" --max-seconds "$SECONDS_PER_RUN" \
     --eval-every "$EVAL_EVERY" --eval-sequences 64 --jobs 3 2>&1 | grep -v "WARNING\]" | tee "$OUT/parity.log"

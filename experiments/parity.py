@@ -46,6 +46,7 @@ VARIANTS = {
     "stash-pred-fresh": dict(replay="stash", weight_prediction=1.0, partition="fresh"),
     "pred": dict(weight_prediction=1.0),
     "pred-fresh": dict(weight_prediction=1.0, partition="fresh"),
+    "pred-fresh-look": dict(weight_prediction=1.0, partition="fresh", lookahead=1.0),
     "fresh": dict(partition="fresh"),
 }
 
