@@ -30,8 +30,8 @@ META_FILE = "ouroboros_meta.json"  # written last, by rank 0: its presence marks
 class RingCheckpointing:
     """Mixin of :class:`ouroboros_ds.engine.OuroborosEngine`: ring state in and out of checkpoints.
 
-    Uses the engine's in-flight dicts (``RING_STATE``), its ``p2p`` channel, ``last_update`` and
-    DeepSpeed's ``save_checkpoint``/``load_checkpoint``.
+    Uses the engine's in-flight dicts (``RING_STATE``), its ``p2p`` channel, ``last_update``,
+    ``k_update`` and DeepSpeed's ``save_checkpoint``/``load_checkpoint``.
     """
 
     # Every dict of in-flight state kept across steps (keyed by (k, batch, mb) or (k, mb)); a mode
@@ -43,18 +43,19 @@ class RingCheckpointing:
         return {"G": self.num_stages, "M": self.micro_batches,
                 "micro_batch": self.train_micro_batch_size_per_gpu(), "dp": self.dp_world_size,
                 "seed": self.seed, "replay": self.replay, "weight_prediction": self.weight_prediction,
+                "lookahead": self.lookahead,
                 "num_layers": len(self.module._layer_specs),
                 "module_bounds": [list(b) for b in self.module.module_bounds]}
 
     def in_flight_bytes(self) -> int:
         """Bytes held across steps: stashed inputs, received error gradients, weight snapshots,
-        recurrent memories, the weights kept for weight prediction."""
+        recurrent memories, the weights kept for weight prediction and for module K's look-ahead."""
         def nbytes(t):
             t = t if torch.is_tensor(t) else t.buf  # a PendingRecv: its buffer, once posted
             return 0 if t is None else t.numel() * t.element_size()
         n = sum(map(nbytes, self.stash.values())) + sum(map(nbytes, self.grads_in.values()))
         n += sum(nbytes(m) for d in (*self.mems.values(), *self.stash_mems.values()) for m in d.values())
-        n += self.last_update.nbytes() if self.last_update is not None else 0
+        n += sum(u.nbytes() for u in (self.last_update, self.k_update) if u is not None)
         return n + sum(snap.nbytes() for snap in self.weight_stash.values())
 
     def _settle(self):
@@ -69,7 +70,7 @@ class RingCheckpointing:
 
     def ring_state_dict(self) -> dict:
         """This rank's in-flight Ouroboros state: every ``RING_STATE`` dict, the RNG states."""
-        if self.acts_in or self.outbox or self.labels:
+        if self.acts_in or self.outbox or self.labels or self._k_saved is not None:
             raise RuntimeError("ring_state_dict() must be called between train_batch() calls")
         self._settle()
         state = {name: dict(getattr(self, name)) for name in self.RING_STATE}
@@ -77,6 +78,8 @@ class RingCheckpointing:
         state["weight_stash"] = {key: snap.state_dict() for key, snap in self.weight_stash.items()}
         if self.last_update is not None:
             state["last_update"] = self.last_update.state_dict()
+        if self.k_update is not None:
+            state["k_update"] = self.k_update.state_dict()
         state["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "numpy": np.random.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -92,6 +95,8 @@ class RingCheckpointing:
         self.graphs = {}  # a cache: _stash_graph() reruns each kept forward from the restored state
         if self.last_update is not None:
             self.last_update.load_state_dict(state["last_update"])
+        if self.k_update is not None:
+            self.k_update.load_state_dict(state["k_update"])
         self.p2p.reset_edges()  # both ends of every edge restart, so both redo the shape handshake
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
@@ -137,6 +142,7 @@ class RingCheckpointing:
                                     f"(no {META_FILE}: its save did not finish); load another tag")
         with open(meta_path) as f:
             saved = json.load(f)
+        saved.setdefault("lookahead", 0.0)  # saved before the option existed: a run without look-ahead
         mine = {**self.ring_meta(), **(meta or {}), "world": dist.get_world_size()}
         diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in mine.items() if saved.get(k) != v]
         if diffs:

@@ -51,8 +51,9 @@ class ModelConfig:
 
 # The default staleness mitigation (the best measured combination: docs/parity.md) and the paper's
 # update, as RingConfig options (a DeepSpeed JSON's "ouroboros" object may set them too).
-DEFAULT_MITIGATION = {"weight_prediction": 1.0, "partition": "fresh"}
-PAPER = {"weight_prediction": 0.0, "partition": "balanced"}
+DEFAULT_MITIGATION = {"weight_prediction": 1.0, "lookahead": 1.0, "partition": "fresh"}
+PAPER = {"weight_prediction": 0.0, "lookahead": 0.0, "partition": "balanced"}
+MITIGATIONS = tuple(DEFAULT_MITIGATION)  # the options a "ouroboros" object may set besides paper
 
 
 @dataclass
@@ -83,8 +84,14 @@ class RingConfig:
     """staleness mitigation H (default 1; 0 with --paper): module k's forward and its replay run at its
     weights predicted H x delay(k) last updates ahead, in both replay modes; see ouroboros_ds/stash.py
     LastUpdate and docs/parity.md"""
+    lookahead: float | None = None
+    """staleness mitigation L (default 1; 0 with --paper): module K, the fresh module, runs each step's
+    losses and backwards at its weights moved L last updates ahead, w + L (w - w_before), and steps
+    from its current weights: the error gradient it sends upstream is applied delay(k) steps later,
+    when module K has moved on. One copy of module K's weights, no extra compute; see
+    ouroboros_ds/stash.py look_ahead"""
     paper: bool = False
-    """the paper's exact update (no weight prediction, the balanced partition); the defaults
+    """the paper's exact update (no weight prediction, no look-ahead, the balanced partition); the defaults
     otherwise add the measured staleness mitigation (docs/parity.md). ds_configs/paper.json sets it
     too, with the paper's optimizer"""
     activation_checkpointing: bool = False
@@ -93,33 +100,40 @@ class RingConfig:
 
     def __post_init__(self):
         # which mitigation options the command line set: a config's "ouroboros" object fills the others
-        self._given = {k: getattr(self, k) is not None for k in ("weight_prediction", "partition")}
+        self._given = {k: getattr(self, k) is not None for k in MITIGATIONS}
         self.resolve({})
 
     def resolve(self, section: dict) -> None:
         """Fill the unset mitigation options from ``section`` (the DeepSpeed JSON's ``"ouroboros"``
-        object: ``paper``, ``weight_prediction``, ``partition``), then from the defaults; check them."""
-        unknown = set(section) - {"paper", "weight_prediction", "partition"}
+        object: ``paper``, ``weight_prediction``, ``lookahead``, ``partition``), then from the defaults;
+        check them."""
+        unknown = set(section) - {"paper", *MITIGATIONS}
         if unknown:
             raise ValueError(f"--deepspeed_config: unknown ouroboros option(s) {sorted(unknown)}; expected paper, "
-                             "weight_prediction, partition")
+                             f"{', '.join(MITIGATIONS)}")
         self.paper = self.paper or bool(section.get("paper", False))
         if self.schedule != "ouroboros":
             if self.weight_prediction:
                 raise ValueError("--weight-prediction: only the ouroboros schedule has stale modules; drop it for 1f1b")
+            if self.lookahead:
+                raise ValueError("--lookahead: only the ouroboros schedule has a fresh module whose error gradients "
+                                 "are applied later; drop it for 1f1b")
             if self.replay != "recompute" or self.partition not in (None, "balanced"):
                 raise ValueError("--replay/--partition apply to --schedule ouroboros only")
-            self.weight_prediction, self.partition = 0.0, "balanced"
+            self.weight_prediction, self.lookahead, self.partition = 0.0, 0.0, "balanced"
         else:
-            if self.paper and (self.weight_prediction or self.partition == "fresh" or self.stale_lr_scale):
+            if self.paper and (self.weight_prediction or self.lookahead or self.partition == "fresh"
+                               or self.stale_lr_scale):
                 raise ValueError("--paper: the paper's update has no staleness mitigation; drop --weight-prediction, "
-                                 "--partition fresh and --stale-lr-scale (or --paper)")
+                                 "--lookahead, --partition fresh and --stale-lr-scale (or --paper)")
             defaults = PAPER if self.paper else DEFAULT_MITIGATION
-            for key in ("weight_prediction", "partition"):
+            for key in MITIGATIONS:
                 if getattr(self, key) is None:
                     setattr(self, key, section.get(key, defaults[key]) if not self.paper else defaults[key])
         if self.weight_prediction < 0:
             raise ValueError(f"--weight-prediction: must be >= 0 (0: off), got {self.weight_prediction}")
+        if self.lookahead < 0:
+            raise ValueError(f"--lookahead: must be >= 0 (0: off, 1: one last update ahead), got {self.lookahead}")
         if self.activation_budget is not None:
             if self.schedule != "ouroboros" or self.replay != "stash":
                 raise ValueError("--activation-budget: bounds --schedule ouroboros --replay stash (features replay keeps "
@@ -325,8 +339,8 @@ def load_deepspeed_config(config: TrainConfig) -> dict:
         raise ValueError(f"--deepspeed_config: 'ouroboros' must be an object of options (got {section!r})")
     if section:
         ring = config.ring
-        ring.weight_prediction = ring.weight_prediction if ring._given.get("weight_prediction") else None
-        ring.partition = ring.partition if ring._given.get("partition") else None
+        for key in MITIGATIONS:  # the flags given beat the object; it fills the others
+            setattr(ring, key, getattr(ring, key) if ring._given.get(key) else None)
         ring.resolve(section)
     if config.training.lr is not None:
         cfg.setdefault("optimizer", {}).setdefault("params", {})["lr"] = config.training.lr

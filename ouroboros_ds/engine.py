@@ -16,6 +16,7 @@ What changes against the stock engine, and why (the algorithm: docs/ring.md):
 - ``replay="stash"`` keeps each forward's graph and weight snapshot (:mod:`ouroboros_ds.stash`;
   within an activation budget, :mod:`ouroboros_ds.memory`). ``weight_prediction`` takes the
   snapshot ahead along the last update; features replay then recomputes through it too.
+  ``lookahead`` runs module K's losses and backwards one last update ahead (stage 0 only).
 - A non-finite loss or gradient is dropped batch by batch around the ring, with no collective.
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
     """
 
     def __init__(self, *args, seed: int = 0, replay: str = "recompute", weight_prediction: float = 0.0,
-                 replay_plan=None, **kwargs):
+                 replay_plan=None, lookahead: float = 0.0, **kwargs):
         self.replay = W.check_replay(replay)
         if replay_plan is not None and self.replay != "stash":
             raise ValueError("replay_plan / --activation-budget: needs replay='stash' (the plan chooses which stashed "
@@ -56,6 +57,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         # memory.ReplayPlan: which micro-batches keep their graph in stash mode (None: all of them)
         self.replay_plan = replay_plan
         self.weight_prediction = W.check_prediction(weight_prediction)
+        self.lookahead = W.check_lookahead(lookahead)
         config = kwargs.get("config_class")
         if config is not None and config.float16_config.enabled:
             # fp16's dynamic loss scale skips a step on overflow; on the ring every stage would have to
@@ -94,6 +96,11 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         # weight_prediction only: the delayed modules' weights before the last step (state).
         self.last_update = W.LastUpdate(W.delayed_parameters(
             self.module.module_funcs[k] for k in self.local_modules if k < self.K)) if self.weight_prediction else None
+        # lookahead only, on the stage that holds module K: its own weights before the last step
+        # (state), and during a step the weights the look-ahead moved away from (stash.look_ahead).
+        self.k_update = W.LastUpdate(W.own_parameters(self.module.module_funcs[self.K])) \
+            if self.lookahead and self.K in self.local_modules else None
+        self._k_saved = None
         # Replica r's micro-batch j is micro-batch j*D + r of the global batch (data.BatchStream):
         # dropout is keyed by that index, so D replicas draw the masks of the D = 1 run.
         self._dp_rank = self.grid.get_data_parallel_rank()
@@ -345,6 +352,13 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         """``KLj``: module K's forward, loss and backward of batch t, at once (no delay)."""
         t = self.batch_id
         x = self.p2p.wait(self.acts_in.pop((k, mb))).detach().requires_grad_()
+        if mb == 0 and self.k_update is not None:
+            # lookahead: module K's error gradients reach module k delay(k) steps from now, when module
+            # K has moved on, so all of the step's losses and backwards run one last update ahead (once
+            # per step, as the Reference does). _exec_ring_optimizer_step puts the weights back, so the
+            # step, evaluation and checkpoints (between steps) see the real ones. The tied embedding is
+            # module 1's and stays put; module 1's replays ran before the losses.
+            self._k_saved = W.look_ahead(self.k_update, self.lookahead)
         with dropout_key(self.seed, t, self._global_mb(mb)), recurrent_memory(self.mems.get((k, mb))) as new_mem:
             loss = self.module.loss_fn(self.module.forward_module(k, x), self.labels.pop(mb))
         self._keep_memory(k, mb, new_mem)
@@ -382,8 +396,12 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
             self._report_nonfinite("parameter gradient", None, None, None, action="stage update skipped")
             for p in self.module.parameters():
                 p.grad = None  # torch's Adam/AdamW leave a parameter without a gradient untouched
-        if self.last_update is not None:
-            self.last_update.record()
+        if self._k_saved is not None:  # lookahead: the gradient of the look-ahead point steps the real weights
+            W.look_back(self.k_update, self._k_saved)
+            self._k_saved = None
+        for update in (self.last_update, self.k_update):
+            if update is not None:
+                update.record()
         PipelineEngine._exec_optimizer_step(self, lr_kwargs)
 
     _INSTRUCTION_MAP = {

@@ -1,10 +1,11 @@
 """What one GPU can check, in one command (a few minutes on an H100/H200):
 
 1. The engine's CUDA path at G = 1 against the Reference: the Ouroboros engine (the default, weight
-   prediction through features replay; the paper's update; stash replay; a memory-bounded replay
-   plan) trains a small model with dropout for a few steps on the GPU; the single-process Reference
-   runs the same steps on the same device; the parameters must agree (fp32: within 1e-4 on the GPU,
-   whose embedding backward sums in no fixed order; bitwise on the CPU).
+   prediction through features replay and module K's look-ahead; the paper's update; stash replay;
+   a memory-bounded replay plan) trains a small model with dropout for a few steps on the GPU; the
+   single-process Reference runs the same steps on the same device; the parameters must agree
+   (fp32: within 1e-4 on the GPU, whose embedding backward sums in no fixed order; bitwise on the
+   CPU).
 2. Per-instruction costs of a GPT-2-medium-sized block (d 1024, 16 heads, seq 1024, bf16):
    forward, backward, the tied head + loss, the optimizer step per block, and the bytes it saves,
    written as :class:`ouroboros_ds.speed_map.BlockCosts` JSON for the (G, M) map::
@@ -64,24 +65,24 @@ def engine_vs_reference(steps: int = 4, M: int = 4) -> list[str]:
     data = [[(torch.randint(0, 256, (4, 64), generator=g), torch.randint(0, 256, (4, 64), generator=g))
              for _ in range(M)] for _ in range(steps)]
     lines = []
-    # the default (weight prediction through features replay), the paper's update, stash, a mixed plan
-    for replay, plan, pred in (("recompute", None, 1.0), ("recompute", None, 0.0), ("stash", None, 0.0),
-                               ("stash", ReplayPlan({1: 1}), 0.0)):
+    # the default (weight prediction through features replay, look-ahead), the paper's, stash, a mixed plan
+    for replay, plan, pred, look in (("recompute", None, 1.0, 1.0), ("recompute", None, 0.0, 0.0),
+                                     ("stash", None, 0.0, 0.0), ("stash", ReplayPlan({1: 1}), 0.0, 0.0)):
         spec = gpt2_layer_specs(cfg, seed=7)
         mod = OuroborosPipelineModule(spec.specs, num_stages=1, loss_fn=lm_loss, block_indices=spec.block_indices)
         engine, *_ = initialize(model=mod, model_parameters=list(mod.parameters()), config=ds, seed=3,
-                                replay=replay, replay_plan=plan, weight_prediction=pred)
+                                replay=replay, replay_plan=plan, weight_prediction=pred, lookahead=look)
         it = iter([mb for step in data for mb in step])
         losses = [float(engine.train_batch(it)) for _ in range(steps)]
         ref = Reference(gpt2_layer_specs(cfg, seed=7), 1, ds, lm_loss, seed=3, replay=replay,
-                        weight_prediction=pred).to(dev)
+                        weight_prediction=pred, lookahead=look).to(dev)
         ref_losses = [ref.step([(x.to(dev), y.to(dev)) for x, y in b]) for b in data]
         got = {n: p.detach().float().cpu() for n, p in _named(mod)}
         want = {n: p.detach().float().cpu() for n, p in ref.named_parameters()}
         diff = max((got[n] - want[n]).abs().max().item() for n in want)
         bitwise = all(torch.equal(got[n], want[n]) for n in want)
         ok = bitwise if dev.type == "cpu" else diff <= 1e-4
-        lines.append(f"engine vs Reference, G=1 M={M} replay={replay} plan={plan} prediction={pred}: "
+        lines.append(f"engine vs Reference, G=1 M={M} replay={replay} plan={plan} prediction={pred} lookahead={look}: "
                      f"{steps} steps on {dev.type}; "
                      f"max |param diff| {diff:.3g}, bitwise {bitwise}; losses {losses[-1]:.4f} vs "
                      f"{ref_losses[-1]:.4f}: {'OK' if ok else 'MISMATCH'}")

@@ -81,14 +81,15 @@ def _ring_section(config):
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
                lr_scheduler=None, config=None, seed: int = 0, replay: str = "recompute",
-               weight_prediction: float | None = None, replay_plan=None):
+               weight_prediction: float | None = None, replay_plan=None, lookahead: float | None = None):
     """``deepspeed.initialize`` for pipelines: an :class:`OuroborosPipelineModule` gets the
     :class:`OuroborosEngine` (``replay``: "recompute" or "stash"; ``weight_prediction``: see
     :class:`ouroboros_ds.stash.LastUpdate`; None: the config's ``"ouroboros"`` object decides, as
     ``ds_configs/ouroboros.json`` sets 1 and ``ds_configs/paper.json`` the paper's update; without
-    one, 0; ``replay_plan``: a :class:`ouroboros_ds.memory.ReplayPlan`, needs "stash"), a
-    ``DualPipeVModule`` DeepSpeed's ``DualPipeVEngine`` with keyed dropout, any other
-    ``PipelineModule`` DeepSpeed's stock engine.
+    one, 0; ``replay_plan``: a :class:`ouroboros_ds.memory.ReplayPlan`, needs "stash"; ``lookahead``:
+    module K's look-ahead, see :func:`ouroboros_ds.stash.look_ahead`, None read from the config like
+    ``weight_prediction``), a ``DualPipeVModule`` DeepSpeed's ``DualPipeVEngine`` with keyed
+    dropout, any other ``PipelineModule`` DeepSpeed's stock engine.
 
     Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed.
     """
@@ -108,6 +109,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         weight_prediction = 0.0 if section.get("paper") else float(section.get("weight_prediction", 0.0))
     if not isinstance(model, OuroborosPipelineModule) and section.get("weight_prediction") and not section.get("paper"):
         weight_prediction = 0.0  # the config's ring default does not apply to the 1F1B baseline
+    if lookahead is None:  # the config's ring default applies to the ring only, as weight_prediction's
+        ring = isinstance(model, OuroborosPipelineModule) and not section.get("paper")
+        lookahead = float(section.get("lookahead", 0.0)) if ring else 0.0
     config_class = DeepSpeedConfig(config, model.mpu())  # a dict or a JSON path, as DeepSpeed takes
     deepspeed.set_optimizer_flags(config_class, model)
     kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
@@ -116,12 +120,15 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if not isinstance(model, OuroborosPipelineModule) and (weight_prediction or replay_plan is not None):
         raise ValueError("weight_prediction / replay_plan: only the Ouroboros ring has delayed modules; drop them "
                          "for 1f1b and dualpipev")
+    if not isinstance(model, OuroborosPipelineModule) and lookahead:
+        raise ValueError("lookahead: only the Ouroboros ring has a fresh module whose error gradients are applied "
+                         "later upstream; drop it for 1f1b and dualpipev")
     if isinstance(model, DualPipeVModule):
         check_dualpipev(config_class.gradient_accumulation_steps, model.num_stages // 2)
     with _without_scheduler_start_warning():
         if isinstance(model, OuroborosPipelineModule):
             engine = OuroborosEngine(seed=seed, replay=replay, weight_prediction=weight_prediction,
-                                     replay_plan=replay_plan, **kwargs)
+                                     replay_plan=replay_plan, lookahead=lookahead, **kwargs)
         elif isinstance(model, DualPipeVModule):
             engine = KeyedDualPipeVEngine(seed=seed, **kwargs)
         else:

@@ -84,6 +84,7 @@ class Trainer:
                                      c.ring.stale_lr_scale)
         self.engine, *_ = initialize(model=model, model_parameters=params, config=ds, seed=c.training.seed,
                                      replay=c.ring.replay, weight_prediction=c.ring.weight_prediction,
+                                     lookahead=c.ring.lookahead,
                                      replay_plan=getattr(model, "replay_plan", None))
         engine = self.engine
 
@@ -104,7 +105,7 @@ class Trainer:
         if self.log:
             print(f"ouroboros-ds: schedule={c.ring.schedule} "
                   f"replay={c.ring.replay if c.ring.schedule == 'ouroboros' else '-'} "
-                  f"weight_prediction={c.ring.weight_prediction} "
+                  f"weight_prediction={c.ring.weight_prediction} lookahead={c.ring.lookahead} "
                   f"activation_checkpointing={c.ring.activation_checkpointing} G={self.G} dp={dp} M={M} "
                   f"micro-batch={mb} seq={seq_len} vocab={tok.vocab_size} layers={dims['n_layer']} d={dims['n_embd']} "
                   f"train_tokens={len(tok.train):,} unigram_entropy={tok.unigram_entropy_bits:.3f} bits/token",

@@ -1,5 +1,6 @@
 """The GPU check's CPU fallback: tiny shapes, the engine at G = 1 bitwise equal to the Reference in
-every replay mode (a memory-bounded plan included), and block costs that the (G, M) map reads."""
+every replay mode (the default's weight prediction and look-ahead, the paper's update, stash, a
+memory-bounded plan), and block costs that the (G, M) map reads."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,8 @@ def test_gpu_check_runs_on_cpu_and_feeds_the_map(tmp_path):
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     checks = [line for line in r.stdout.splitlines() if line.startswith("engine vs Reference")]
-    assert len(checks) == 3 and all(line.endswith("OK") and "bitwise True" in line for line in checks), checks
+    assert len(checks) == 4 and all(line.endswith("OK") and "bitwise True" in line for line in checks), checks
+    assert any("prediction=1.0 lookahead=1.0" in line for line in checks), checks
     costs = json.loads(out.read_text())
     from ouroboros_ds.speed_map import BlockCosts, build_map
 

@@ -1,8 +1,8 @@
 """The staleness mitigation is the default; the paper's exact update is one switch away.
 
 - train.py's defaults (and ``ds_configs/ouroboros.json``'s ``"ouroboros"`` object): weight
-  prediction H = 1, the fresh partition; ``--paper`` or ``ds_configs/paper.json``: no prediction,
-  the balanced partition (the update the paper's rule is tested against: docs/ring.md); the 1F1B
+  prediction H = 1, module K's look-ahead L = 1, the fresh partition; ``--paper`` or
+  ``ds_configs/paper.json``: no prediction, no look-ahead, the balanced partition (the update the paper's rule is tested against: docs/ring.md); the 1F1B
   baseline gets neither; a flag on the command line beats the config's object.
 - ``initialize`` reads the same object (and DeepSpeed never sees it).
 - Contradictions fail with one line naming the flags.
@@ -23,31 +23,45 @@ def ring(argv):
     c = parse_config(argv)
     ds = load_deepspeed_config(c)
     assert "ouroboros" not in ds  # ours, not DeepSpeed's
-    return c.ring.weight_prediction, c.ring.partition, c.ring.paper
+    return c.ring.weight_prediction, c.ring.lookahead, c.ring.partition, c.ring.paper
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], (DEFAULT_MITIGATION["weight_prediction"], DEFAULT_MITIGATION["partition"], False)),
-    (["--paper"], (PAPER["weight_prediction"], PAPER["partition"], True)),
-    (["--deepspeed_config", "ds_configs/paper.json"], (0.0, "balanced", True)),
-    (["--schedule", "1f1b"], (0.0, "balanced", False)),
-    (["--deepspeed_config", "ds_configs/paper.json", "--schedule", "1f1b"], (0.0, "balanced", True)),
-    (["--weight-prediction", "2"], (2.0, "fresh", False)),
-    (["--partition", "balanced"], (1.0, "balanced", False)),
-    (["--weight-prediction", "0", "--partition", "balanced"], (0.0, "balanced", False)),  # = --paper's update
+    ([], (DEFAULT_MITIGATION["weight_prediction"], DEFAULT_MITIGATION["lookahead"], DEFAULT_MITIGATION["partition"],
+          False)),
+    (["--paper"], (PAPER["weight_prediction"], PAPER["lookahead"], PAPER["partition"], True)),
+    (["--deepspeed_config", "ds_configs/paper.json"], (0.0, 0.0, "balanced", True)),
+    (["--schedule", "1f1b"], (0.0, 0.0, "balanced", False)),
+    (["--deepspeed_config", "ds_configs/paper.json", "--schedule", "1f1b"], (0.0, 0.0, "balanced", True)),
+    (["--weight-prediction", "2"], (2.0, 1.0, "fresh", False)),
+    (["--lookahead", "0.5"], (1.0, 0.5, "fresh", False)),
+    (["--partition", "balanced"], (1.0, 1.0, "balanced", False)),
+    (["--weight-prediction", "0", "--lookahead", "0", "--partition", "balanced"],
+     (0.0, 0.0, "balanced", False)),  # = --paper's update
 ], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
 def test_defaults_and_the_paper_switch(argv, expected):
     assert ring(argv) == expected
 
 
+def test_the_default_looks_ahead_and_the_paper_does_not():
+    assert DEFAULT_MITIGATION["lookahead"] == 1.0 and PAPER["lookahead"] == 0.0
+    assert ring([])[1] == 1.0 and ring(["--paper"])[1] == 0.0
+
+
 def test_the_shipped_configs_say_it():
     assert json.load(open(os.path.join(ROOT, "ds_configs", "ouroboros.json")))["ouroboros"] == DEFAULT_MITIGATION
+    assert json.load(open(os.path.join(ROOT, "ds_configs", "ouroboros_bf16_zero1.json")))["ouroboros"] == \
+        DEFAULT_MITIGATION
     assert json.load(open(os.path.join(ROOT, "ds_configs", "paper.json")))["ouroboros"] == {"paper": True}
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--paper", "--weight-prediction", "1"], "--paper: the paper's update has no staleness mitigation"),
     (["--paper", "--partition", "fresh"], "--paper: the paper's update has no staleness mitigation"),
+    (["--paper", "--lookahead", "1"], "--paper: the paper's update has no staleness mitigation; drop "
+                                      "--weight-prediction, --lookahead"),
+    (["--schedule", "1f1b", "--lookahead", "1"], "--lookahead: only the ouroboros schedule"),
+    (["--lookahead", "-1"], "--lookahead: must be >= 0"),
     (["--schedule", "1f1b", "--weight-prediction", "1"], "--weight-prediction: only the ouroboros schedule"),
     (["--schedule", "1f1b", "--partition", "fresh"], "--replay/--partition apply to --schedule ouroboros only"),
     (["--weight-prediction", "-1"], "--weight-prediction: must be >= 0"),
@@ -55,6 +69,26 @@ def test_the_shipped_configs_say_it():
 def test_contradictions_name_the_flags(argv, message):
     with pytest.raises(ValueError, match=message):
         parse_config(argv)
+
+
+def test_a_config_object_sets_lookahead_and_a_flag_beats_it(tmp_path):
+    cfg = json.load(open(os.path.join(ROOT, "ds_configs", "ouroboros.json")))
+    cfg["ouroboros"] = {"lookahead": 0.5}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    assert ring(["--deepspeed_config", str(path)]) == (1.0, 0.5, "fresh", False)
+    assert ring(["--deepspeed_config", str(path), "--lookahead", "2"]) == (1.0, 2.0, "fresh", False)
+    cfg["ouroboros"] = {"lookahead": -1}
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="--lookahead: must be >= 0"):
+        ring(["--deepspeed_config", str(path)])
+
+
+def test_the_lookahead_flag_is_built_like_the_others():
+    from ouroboros_ds.config import build_parser
+
+    help_text = build_parser().format_help()
+    assert "--lookahead LOOKAHEAD" in help_text and "module K" in help_text
 
 
 def test_a_config_object_with_a_typo_fails(tmp_path):

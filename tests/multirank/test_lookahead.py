@@ -1,0 +1,252 @@
+"""Module K's look-ahead in the engine (``lookahead``, ``ouroboros_ds/stash.py`` ``look_ahead``; on by
+default, with weight prediction; its closed form is pinned in tests/unit/test_lookahead.py).
+
+- The engine with lookahead 1 and weight prediction 1 (the default run's settings) equals the
+  single-process Reference with both **bit for bit**: G in {1, 2, 3} (G = 1: modules 1 and K on one
+  stage), M in {1, 4}, both replay modes, dropout, clip, LR schedule; one launch per G. The
+  Reference without the look-ahead differs (the test is not blind).
+- Resume: module K's last update is in the checkpoint (and counted in ``in_flight_bytes``); save
+  after the warm-up, load in fresh processes (both replay modes in one launch), and the rest of
+  the run equals the uninterrupted one bitwise. A run without the look-ahead refuses the checkpoint.
+- ``initialize``: None reads the config's ``"ouroboros"`` object (as for weight prediction), the
+  paper's switch turns it off, the 1F1B baseline refuses the argument and ignores the object.
+- A NaN loss: dropping the micro-batch equals giving it a zero gradient, bit for bit, and a step
+  whose only loss is NaN leaves module K exactly where it was (the look-ahead is undone).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import pytest
+import torch
+
+from helpers import SEED, batches, ds_config, model_plan, ring_engine, run_ranks, stage_parameters, steps_for
+
+L, H = 1.0, 1.0  # look-ahead and weight-prediction horizons: the default run's
+G_VALUES, M_VALUES, REPLAYS = (1, 2, 3), (1, 4), ("recompute", "stash")
+RESUME_G, RESUME_M, SAVE_AT = 2, 4, 3
+BAD_BATCH, BAD_MB = 3, 2  # after step 0 (lr 0) and step 1: module K has a last update to look along
+
+
+def _engine(G, M, replay, lookahead=L, loss_fn=None):
+    return ring_engine(G, ds_config(M, steps_for(G)), replay=replay, weight_prediction=H, lookahead=lookahead,
+                       loss_fn=loss_fn)
+
+
+def _feed(engine, G, M, start):
+    data = batches(steps_for(G), M)[start:]
+    return iter([mb for step in data for mb in step]) if engine.stage_id == 0 else None
+
+
+def _train(G, M, replay, ckpt=None):
+    engine, mod = _engine(G, M, replay)
+    it, losses, kept = _feed(engine, G, M, 0), [], None
+    for _ in range(steps_for(G)):
+        loss = engine.train_batch(it)
+        losses.append(None if loss is None else loss.item())
+        if ckpt and engine.global_steps == SAVE_AT:
+            kept = _kept(engine)
+            engine.save_ring_checkpoint(ckpt)
+    return {"losses": losses, "params": stage_parameters(mod), "stage": engine.stage_id, "kept": kept}
+
+
+def _kept(engine):
+    """(bytes of module K's last update, what in_flight_bytes counts for it) on stage 0; None elsewhere."""
+    if engine.k_update is None:
+        return None
+    with_k = engine.in_flight_bytes()
+    ku, engine.k_update = engine.k_update, None
+    try:
+        return ku.nbytes(), with_k - engine.in_flight_bytes()
+    finally:
+        engine.k_update = ku
+
+
+def _nonfinite(M, mode):
+    """A NaN (or, to compare, zero) loss at (BAD_BATCH, BAD_MB of M), G = 2, recompute."""
+    from ouroboros_ds.models import lm_loss
+    from ouroboros_ds.stash import own_parameters
+
+    calls, bad = [0], (BAD_BATCH, min(BAD_MB, M - 1))
+
+    def loss_fn(out, labels):
+        loss = lm_loss(out, labels)
+        t, j = divmod(calls[0], M)
+        calls[0] += 1
+        return loss * (float("nan") if mode == "nan" else 0.0) if (t, j) == bad else loss
+
+    G = RESUME_G
+    engine, mod = _engine(G, M, "recompute", loss_fn=loss_fn)
+    own = own_parameters(mod.module_funcs[G + 1]) if engine.stage_id == 0 else []
+    it, snaps = _feed(engine, G, M, 0), []
+    for _ in range(steps_for(G)):
+        snaps.append([p.detach().clone() for p in own])
+        engine.train_batch(it)
+    snaps.append([p.detach().clone() for p in own])
+    return {"params": stage_parameters(mod), "snaps": snaps, "events": list(engine.nonfinite_events)}
+
+
+def _initialize_reads_lookahead():
+    """What ``initialize`` makes of ``lookahead`` (G = 1): the argument, the config's "ouroboros"
+    object when it is None, the paper's switch, and the 1F1B baseline."""
+    from deepspeed.pipe import PipelineModule
+
+    from ouroboros_ds import initialize
+    from ouroboros_ds.models import lm_loss
+
+    cfg, out = ds_config(1, 4), {}
+    for name, section, arg in (("object", {"lookahead": 0.5}, None), ("argument", {"lookahead": 0.5}, 2.0),
+                               ("paper", {"paper": True, "lookahead": 0.5}, None), ("none", None, None)):
+        config = cfg if section is None else {**cfg, "ouroboros": section}
+        engine, _ = ring_engine(1, config, lookahead=arg)
+        out[name] = (engine.lookahead, engine.k_update is not None)
+    plan = model_plan()
+    base = PipelineModule(plan.specs, num_stages=1, loss_fn=lm_loss, partition_method="type:Block")
+    engine, *_ = initialize(model=base, config={**cfg, "ouroboros": {"lookahead": 1.0}}, seed=SEED)
+    out["baseline, object"] = getattr(engine, "lookahead", None)
+    try:
+        initialize(model=base, config=cfg, seed=SEED, lookahead=1.0)
+        out["baseline, argument"] = None
+    except ValueError as e:
+        out["baseline, argument"] = str(e)
+    return out
+
+
+def worker(rank, G, out, ckpt):
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
+    res = {(replay, M): _train(G, M, replay, os.path.join(ckpt, replay) if ckpt and M == RESUME_M else None)
+           for replay in REPLAYS for M in M_VALUES}
+    if G == RESUME_G:
+        res["nonfinite"] = {("nan", 4): _nonfinite(4, "nan"), ("zero", 4): _nonfinite(4, "zero"),
+                            ("nan", 1): _nonfinite(1, "nan")}
+    if G == 1:
+        res["initialize"] = _initialize_reads_lookahead()
+    torch.save(res, os.path.join(out, f"full{rank}.pt"))
+
+
+def resume_worker(rank, out, ckpt):
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
+    G, M, res = RESUME_G, RESUME_M, {}
+    engine, _ = _engine(G, M, "recompute", lookahead=0.0)
+    try:
+        engine.load_ring_checkpoint(os.path.join(ckpt, "recompute"))
+        res["refused"] = None
+    except ValueError as e:
+        res["refused"] = str(e)
+    for replay in REPLAYS:
+        engine, mod = _engine(G, M, replay)
+        engine.load_ring_checkpoint(os.path.join(ckpt, replay))
+        start, losses = engine.global_steps, []
+        it = _feed(engine, G, M, start)
+        for _ in range(start, steps_for(G)):
+            loss = engine.train_batch(it)
+            losses.append(None if loss is None else loss.item())
+        res[replay] = {"start": start, "losses": losses, "params": stage_parameters(mod)}
+    torch.save(res, os.path.join(out, f"resume{rank}.pt"))
+
+
+# ------------------------------------------------------------------ the runs, once per G
+_RUNS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def ring_run(tmp_path_factory):
+    def get(G: int) -> list:
+        if G not in _RUNS:
+            out = str(tmp_path_factory.mktemp(f"lookahead_g{G}"))
+            _RUNS[G] = None  # a failed run fails every test of this G without re-running
+            ckpt = os.path.join(out, "ckpt") if G == RESUME_G else ""
+            run_ranks(worker, G, G, out, ckpt, tmpdir=out, timeout=300)
+            _RUNS[G] = (out, [torch.load(os.path.join(out, f"full{r}.pt")) for r in range(G)])
+        if _RUNS[G] is None:
+            pytest.fail(f"the G={G} run failed (see the first test of G={G})")
+        return _RUNS[G]
+    return get
+
+
+def _reference(G, M, replay, lookahead):
+    from ouroboros_ds.models import lm_loss
+    from ouroboros_ds.reference import Reference
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run
+    try:
+        ref = Reference(model_plan(), G, ds_config(M, steps_for(G)), lm_loss, seed=SEED, replay=replay,
+                        weight_prediction=H, lookahead=lookahead)
+        losses = [ref.step(b) for b in batches(steps_for(G), M)]
+    finally:
+        torch.set_num_threads(threads)
+    return dict(ref.named_parameters()), losses
+
+
+@pytest.mark.parametrize("G", G_VALUES, ids=lambda g: f"G{g}")
+def test_engine_with_lookahead_equals_reference(ring_run, G):
+    _, ranks = ring_run(G)
+    for replay in REPLAYS:
+        for M in M_VALUES:
+            what = f"G={G} M={M} replay={replay}"
+            runs = [r[(replay, M)] for r in ranks]
+            assert [r["stage"] for r in runs] == list(range(G))
+            ref, ref_losses = _reference(G, M, replay, L)
+            assert runs[0]["losses"] == ref_losses, what  # floats from .item(): exact
+            for r in runs:
+                for name, p in r["params"].items():
+                    assert torch.equal(p, ref[name].detach()), f"{what} {name}: engine != reference"
+            plain, plain_losses = _reference(G, M, replay, 0.0)
+            assert plain_losses != ref_losses and any(not torch.equal(ref[n], plain[n]) for n in ref), \
+                f"{what}: the look-ahead changed nothing: the test is blind"
+
+
+def test_resume_with_lookahead_is_bitwise(ring_run, tmp_path):
+    out, full = ring_run(RESUME_G)
+    ckpt = os.path.join(out, "ckpt")
+    with open(os.path.join(ckpt, "recompute", "latest")) as f:
+        tag = f.read().strip()
+    with open(os.path.join(ckpt, "recompute", tag, "ouroboros_meta.json")) as f:
+        assert json.load(f)["lookahead"] == L
+    k_bytes, counted = full[0][("recompute", RESUME_M)]["kept"]
+    assert k_bytes > 0 and counted == k_bytes, "module K's last update is not counted in in_flight_bytes"
+    assert full[1][("recompute", RESUME_M)]["kept"] is None  # only stage 0 holds module K
+    run_ranks(resume_worker, RESUME_G, str(tmp_path), ckpt, tmpdir=str(tmp_path), timeout=300, fresh=True)
+    for r in range(RESUME_G):
+        res = torch.load(tmp_path / f"resume{r}.pt")
+        assert res["refused"] and "lookahead: checkpoint 1.0, this run 0.0" in res["refused"], res["refused"]
+        for replay in REPLAYS:
+            uninterrupted = full[r][(replay, RESUME_M)]
+            assert res[replay]["start"] == SAVE_AT
+            assert res[replay]["losses"] == uninterrupted["losses"][SAVE_AT:], f"rank {r} {replay}"
+            for name, p in uninterrupted["params"].items():
+                assert torch.equal(p, res[replay]["params"][name]), f"rank {r} {replay} {name}: resumed != uninterrupted"
+
+
+def test_nan_loss_with_lookahead(ring_run):
+    _, ranks = ring_run(RESUME_G)
+    for r, res in enumerate(ranks):
+        nan, zero = res["nonfinite"][("nan", 4)], res["nonfinite"][("zero", 4)]
+        for name, p in nan["params"].items():
+            assert torch.isfinite(p).all(), f"rank {r}: {name} is not finite"
+            assert torch.equal(p, zero["params"][name]), f"rank {r}: {name} differs from the zero-gradient run"
+        assert any(e["what"] in ("loss", "error gradient") for e in nan["events"])
+    # M = 1: the NaN loss is the step's only one, so module K has no gradient at that step; it was
+    # looked ahead during the step (its last update is not zero) and must come back exactly
+    snaps = ranks[0]["nonfinite"][("nan", 1)]["snaps"]
+    assert snaps[BAD_BATCH] and all(torch.equal(a, b) for a, b in zip(snaps[BAD_BATCH], snaps[BAD_BATCH + 1]))
+    assert any(not torch.equal(a, b) for a, b in zip(snaps[BAD_BATCH - 1], snaps[BAD_BATCH]))
+    assert any(not torch.equal(a, b) for a, b in zip(snaps[BAD_BATCH + 1], snaps[BAD_BATCH + 2]))
+
+
+def test_initialize_reads_lookahead_like_weight_prediction(ring_run):
+    _, ranks = ring_run(1)
+    init = ranks[0]["initialize"]
+    assert init["object"] == (0.5, True)  # None: the config's "ouroboros" object decides
+    assert init["argument"] == (2.0, True)  # an argument beats the object
+    assert init["paper"] == (0.0, False)  # the paper's update never looks ahead
+    assert init["none"] == (0.0, False)  # no object: off
+    assert init["baseline, object"] is None  # the ring's default does not reach the 1F1B engine
+    assert init["baseline, argument"].startswith("lookahead: only the Ouroboros ring"), init["baseline, argument"]
