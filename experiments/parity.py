@@ -130,6 +130,8 @@ def train_one(job: dict) -> dict:
     with open(os.path.join(ROOT, "ds_configs", "ouroboros.json")) as f:
         cfg = json.load(f)
     cfg["optimizer"]["params"]["lr"] = a["lr"]
+    if "clip" in opts:  # a variant may set its own gradient_clipping
+        cfg["gradient_clipping"] = opts.pop("clip")
     cfg["scheduler"]["params"]["total_num_steps"] = a["steps"]
     mb = a["batch"] // a["M"]
     cfg.update(train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=a["M"])
