@@ -57,18 +57,20 @@ class RingSendActivation(RingInstruction):
 
 class RingRecvGrad(RingInstruction):
     """``kRECV_Bj``: post the receive of dL/d(output of k) for the batch module k replays *next*
-    step, ``t + 1 - delay(k)``. Roughly::
+    step, ``t + 1 - delay(k)``; in a synchronous step for batch t, replayed in this step. Roughly::
 
-        if t + 1 - delay(k) >= 0:
-            grads_in[k, t + 1 - delay(k), j] = irecv(from stage of module k+1)
+        b = t if synchronous else t + 1 - delay(k)
+        if synchronous or b >= sync_steps:           # earlier batches were replayed synchronously
+            grads_in[k, b, j] = irecv(from stage of module k+1)
 
     Pairs with ``(k+1)SEND_Bj`` (or ``KSEND_Bj`` from the loss) in the same step."""
 
 
 class RingReplay(RingInstruction):
-    """``kBj`` (k < K): features replay of batch b = t - delay(k). Roughly::
+    """``kBj`` (k < K): features replay of batch b = t - delay(k) (b = t in a synchronous step). Roughly::
 
-        if b < 0: return                           # warm-up: no delayed gradient yet
+        if b < sync_steps and not synchronous:     # warm-up: no delayed gradient yet, or
+            return                                 # batch b was replayed in its own (synchronous) step
         g = wait(grads_in.pop((k, b, j)))
         x = stash.pop((k, b, j)).requires_grad_()
         with dropout_key(seed, b, j):              # the forward's masks
@@ -114,11 +116,13 @@ def instructions_of(action: S.Action) -> list[PipeInstruction]:
 
 
 class OuroborosSchedule(PipeSchedule):
-    """DeepSpeed's view of one stage's Ouroboros step: one atomic instruction list per action."""
+    """DeepSpeed's view of one stage's Ouroboros step: one atomic instruction list per action.
+    ``synchronous``: a step of the synchronous warm-up (every delay 0, ``sync_steps``)."""
 
-    def __init__(self, micro_batches, stages, stage_id):
+    def __init__(self, micro_batches, stages, stage_id, synchronous=False):
         super().__init__(micro_batches, stages, stage_id)
-        self.actions = S.ouroboros_schedule(stages, micro_batches)[stage_id]
+        self.synchronous = synchronous
+        self.actions = S.ouroboros_schedule(stages, micro_batches, synchronous=synchronous)[stage_id]
 
     def steps(self):
         for action in self.actions:

@@ -26,7 +26,8 @@ The actions, their pseudo-code, and what each pairs with (k < K unless said):
              step (t + 1 - delay(k)).  Pairs with (k+1)SEND_Bj (or KSEND_Bj) in the same step.
 ``kBj``      the replay: b = t - delay(k); (x, key) = stash(k, b, j); y = module_k(x) under key,
              with the current weights; y.backward(dL/dy of (b, j)), received last step.
-             Does nothing while b < 0 (warm-up: the module has no gradient yet).
+             Does nothing while b < 0 (warm-up: the module has no gradient yet), nor, after a
+             synchronous warm-up of S steps, while b < S (batch b was replayed in its own step).
 ``kSEND_Bj`` send dL/dx of (b, j) upstream (k > 1).  Pairs with (k-1)RECV_Bj, same step.
 ``KLj``      module K, fresh: x = input(K, j); loss = module_K(x) vs labels; (loss / M).backward().
              Waits on KRECV_Fj.  ``KSEND_Bj`` sends dL/dx to module K-1 (used there next step).
@@ -35,6 +36,12 @@ The actions, their pseudo-code, and what each pairs with (k < K unless said):
 
 Between stages only point-to-point messages flow. When both ends of a hand-off live on one
 stage (G = 1: modules 1 and 2 both on stage 0) there is no SEND/RECV: the hand-off is local.
+
+Synchronous steps (``sync_steps``: the first steps of a run, before the ring starts). Every delay
+is 0: module k replays batch t itself, in the same step, so ``kRECV_Bj`` receives this step's
+error gradient and ``kBj`` waits for it. Stage 0 runs module K's losses right after its forwards
+and its replays of module 1 after them; every other stage forwards, then replays as the error
+gradients come back. The messages and their order on each channel are the ring step's.
 """
 from __future__ import annotations
 
@@ -101,19 +108,20 @@ def modules_of(stage: int, stages: int) -> list[int]:
     return [1, num_modules(stages)] if stage == 0 else [stage + 1]
 
 
-def delay(k: int, stages: int) -> int:
-    """Steps between a batch's forward through module ``k`` and the update that uses its gradient."""
-    return num_modules(stages) - k
+def delay(k: int, stages: int, synchronous: bool = False) -> int:
+    """Steps between a batch's forward through module ``k`` and the update that uses its gradient
+    (0 in a synchronous step)."""
+    return 0 if synchronous else num_modules(stages) - k
 
 
-def stash_depth(k: int, stages: int) -> int:
+def stash_depth(k: int, stages: int, synchronous: bool = False) -> int:
     """Batches whose inputs module k keeps stashed during a step: K - k + 1 (docs/ring.md#memory);
     one fewer between steps, after the replay has consumed the oldest. Module K keeps none."""
-    return delay(k, stages) + (1 if k < num_modules(stages) else 0)
+    return delay(k, stages, synchronous) + (1 if k < num_modules(stages) else 0)
 
 
 # ---------------------------------------------------------------- the schedule
-def ouroboros_schedule(stages: int, micro_batches: int) -> list[list[Action]]:
+def ouroboros_schedule(stages: int, micro_batches: int, synchronous: bool = False) -> list[list[Action]]:
     """Per-stage action lists of one Ouroboros step, for G = ``stages`` and M = ``micro_batches``.
 
     Every stage first forwards all M micro-batches, then replays its delayed batch; stage 0
@@ -122,6 +130,11 @@ def ouroboros_schedule(stages: int, micro_batches: int) -> list[list[Action]]:
     stashed for the replay anyway); the replays, whose error gradients are already local, fill
     the time until the micro-batches come back around the ring. The simulator chose this order
     over interleaved ones (``docs/`` and ``tests/unit/test_schedule.py`` show the numbers).
+
+    ``synchronous``: the list of a synchronous step (delay 0). The replays need this step's error
+    gradients, which start at module K's losses, so stage 0 runs the losses before module 1's
+    replays; the other stages' lists are the ring step's, their replays now waiting for the
+    gradient to come back around the ring.
     """
     G, M = stages, micro_batches
     if isinstance(G, bool) or not isinstance(G, int) or G < 1:
@@ -144,15 +157,18 @@ def ouroboros_schedule(stages: int, micro_batches: int) -> list[list[Action]]:
             acts.append(Action(F, k, j))
             if remote_down:
                 acts += [Action(SEND_F, k, j), Action(RECV_B, k, j)]
+        replays = []
         for j in range(M):
-            acts.append(Action(B, k, j))
+            replays.append(Action(B, k, j))
             if k > 1:
-                acts.append(Action(SEND_B, k, j))
+                replays.append(Action(SEND_B, k, j))
+        losses = []
         if s == 0:
             for j in range(M):
-                acts.append(Action(L, K, j))
+                losses.append(Action(L, K, j))
                 if remote_down:
-                    acts.append(Action(SEND_B, K, j))
+                    losses.append(Action(SEND_B, K, j))
+        acts += losses + replays if synchronous else replays + losses
         acts.append(Action(STEP))
         plan.append(acts)
     return plan

@@ -8,7 +8,8 @@ its stage is free and what it waits for has arrived:
   (for G = 1 the hand-off is local: the same stage's ``1Fj``).
 - ``kBj`` waits for the error gradient that module k + 1 sent for micro-batch j *one step
   earlier* (``(k+1)SEND_Bj`` or ``KSEND_Bj``; for G = 1 the local ``2Lj``). In step 0 none
-  exists and the replay is free (the engine skips it during warm-up).
+  exists and the replay is free (the engine skips it during warm-up). In a synchronous plan
+  (``synchronous=True``, delay 0) it waits for the same step's.
 - sends and receives cost nothing on the stage (they are asynchronous); a message arrives
   ``latency`` after its send.
 
@@ -112,7 +113,7 @@ class Timeline:
         return [self.busy(s, steps) / (len(steps) * self.period(s, steps)) for s in range(self.stages)]
 
 
-def _dependency(a: Action, stages: int, step: int):
+def _dependency(a: Action, stages: int, step: int, synchronous: bool = False):
     """(kind, module, mb, step) of the event ``a`` waits for, or None."""
     K = num_modules(stages)
     local = stages == 1
@@ -120,15 +121,19 @@ def _dependency(a: Action, stages: int, step: int):
         return (SEND_F, a.k - 1, a.mb, step)
     if a.kind == L:
         return (F, 1, a.mb, step) if local else (SEND_F, K - 1, a.mb, step)
-    if a.kind == B and step > 0:
+    src = step if synchronous else step - 1  # the step whose error gradient the replay backprops
+    if a.kind == B and src >= 0:
         if a.k + 1 == K:
-            return (L, K, a.mb, step - 1) if local else (SEND_B, K, a.mb, step - 1)
-        return (SEND_B, a.k + 1, a.mb, step - 1)
+            return (L, K, a.mb, src) if local else (SEND_B, K, a.mb, src)
+        return (SEND_B, a.k + 1, a.mb, src)
     return None
 
 
-def simulate(plan: list[list[Action]], costs: Costs | None = None, steps: int = 4) -> Timeline:
-    """Run ``plan`` for ``steps`` consecutive steps; raise :class:`ScheduleError` on deadlock."""
+def simulate(plan: list[list[Action]], costs: Costs | None = None, steps: int = 4,
+             synchronous: bool = False) -> Timeline:
+    """Run ``plan`` for ``steps`` consecutive steps; raise :class:`ScheduleError` on deadlock.
+    ``synchronous``: every step is a synchronous one (each replay waits for its own step's error
+    gradient), as :func:`~ouroboros_ds.schedule.ouroboros_schedule` ``(..., synchronous=True)`` runs."""
     costs = costs or Costs()
     G = len(plan)
     done: dict[tuple, float] = {}  # (kind, module, mb, step) -> time its result is available
@@ -142,7 +147,7 @@ def simulate(plan: list[list[Action]], costs: Costs | None = None, steps: int = 
             while pos[s] < total[s]:
                 step, i = divmod(pos[s], len(plan[s]))
                 a = plan[s][i]
-                dep = _dependency(a, G, step)
+                dep = _dependency(a, G, step, synchronous)
                 if dep is not None and dep not in done:
                     break
                 start = max(clock[s], done[dep] if dep is not None else 0.0)
@@ -159,10 +164,28 @@ def simulate(plan: list[list[Action]], costs: Costs | None = None, steps: int = 
         if not moved:
             s = next(s for s in range(G) if pos[s] < total[s])
             step, i = divmod(pos[s], len(plan[s]))
-            dep = _dependency(plan[s][i], G, step)
+            dep = _dependency(plan[s][i], G, step, synchronous)
             what = f"{dep[1]}{dep[0]}{dep[2]}" + (f" of step {dep[3]}" if dep[3] != step else "")
             raise ScheduleError(plan, s, i, step, f"deadlock: waits for {what}, which never happens "
                                 f"(every stage is blocked)")
+
+
+def synchronous_cost(stages: int, micro_batches: int, costs: Costs | None = None) -> tuple[float, float]:
+    """(ring step time, synchronous step time) in the steady state (:func:`steady_steps`, the
+    slowest stage's period): what a step of the ``sync_steps`` warm-up costs against a ring step.
+    A synchronous step's replays wait for the error gradient of their own step, which comes back
+    only after the forwards have gone around the ring and through the losses: the stages take
+    turns rather than overlap."""
+    from .schedule import ouroboros_schedule
+
+    costs = costs or Costs()
+    window = steady_steps(stages)
+    out = []
+    for sync in (False, True):
+        tl = simulate(ouroboros_schedule(stages, micro_batches, synchronous=sync), costs, steps=window.stop,
+                      synchronous=sync)
+        out.append(max(tl.period(s, window) for s in range(stages)))
+    return out[0], out[1]
 
 
 def stage_costs(stages: int, forward: dict, replay: dict, loss: float, step: float = 0.0) -> list[float]:
@@ -344,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="ignore the costs above: every stage does 1.0 per micro-batch (balanced_costs)")
     p.add_argument("--scale", action="store_true",
                    help="print the at-scale table: every --stages value x M in 1, 2, 4, ..., 4G (--micro-batches ignored)")
+    p.add_argument("--synchronous", action="store_true",
+                   help="simulate synchronous steps (every delay 0: the sync_steps warm-up) and print their step "
+                        "time against the ring's")
     p.add_argument("--png", help="draw the timeline of the first --draw-steps steady-state steps")
     p.add_argument("--draw-steps", type=int, default=3)
     args = p.parse_args(argv)
@@ -352,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         costs = balanced_costs(G) if args.balanced else Costs(args.forward, args.replay, args.loss, args.step,
                                                               args.latency)
         window = steady_steps(G)
-        tl = simulate(ouroboros_schedule(G, M), costs, steps=window.stop)
+        tl = simulate(ouroboros_schedule(G, M, synchronous=args.synchronous), costs, steps=window.stop,
+                      synchronous=args.synchronous)
         fb = _stage_fb(G, costs)
         f, b = max(fb, key=sum)
         return costs, tl, window, tl.utilization(window), tl.step_time(window), onef1b_step_time(G, M, f, b)
@@ -376,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
               + f"; cycle bound {cycle_bound(G, M, costs)[0]:.4g}")
         print(f"step time {st:.4g}; 1F1B model (M+G-1)(f+b) with the slowest stage's f, b: {ref:.4g} "
               f"(ratio {ref / st:.3f}; bubble bound (M+G-1)/M = {bubble_bound(G, M):.3f})")
+        if args.synchronous:
+            ring, sync = synchronous_cost(G, M, costs)
+            print(f"synchronous step {sync:.4g} vs ring step {ring:.4g} (slowest stage's period): "
+                  f"{sync / ring:.3f}x")
         if args.png:
             draw(tl, args.png, title=f"Ouroboros G={G} M={M}: steps {window.start}.."
                  f"{window.start + args.draw_steps - 1} (steady state)",
@@ -395,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["Costs", "Timeline", "ScheduleError", "simulate", "stage_costs", "balanced_costs", "steady_steps",
+__all__ = ["Costs", "Timeline", "ScheduleError", "simulate", "synchronous_cost", "stage_costs", "balanced_costs", "steady_steps",
            "onef1b_step_time", "bubble_bound", "cycle_bound", "scale_table", "draw", "LOAD", "RECV_B", "RECV_F"]
 
 

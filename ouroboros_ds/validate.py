@@ -12,19 +12,25 @@ index, reason, and the grid with the bad action bracketed) at the first of these
 4. *order on a stage*: ``1LOADj`` before ``1Fj``; ``kRECV_Fj`` posted before its consumer ``kFj``
    or ``KLj`` (or, for G = 1, ``1Fj`` before ``2Lj``); ``kSEND_Fj`` after ``kFj``; ``kSEND_Bj``
    after ``kBj`` / ``KLj``; a replay ``kBj`` whose upstream error gradient comes from another
-   stage has its ``kRECV_Bj`` in the list (it receives next step's gradient);
+   stage has its ``kRECV_Bj`` in the list (it receives next step's gradient; in a synchronous
+   step this step's, so it must be posted before ``kBj``, and for G = 1 ``2Lj`` must come
+   before ``1Bj``);
 5. *pairing*: ``kSEND_Fj`` <-> ``(k+1)RECV_Fj`` on ``stage_of(k+1)``, ``kSEND_Bj`` <->
    ``(k-1)RECV_Bj`` on ``stage_of(k-1)``, in the same step list, both ways;
 6. *channel order*: between two stages, the receiver posts its receives in the order the sender
    sends (point-to-point messages between two ranks match in posting order: NCCL has no tags,
    and DeepSpeed's p2p uses none), so no message lands in the wrong buffer;
 7. *delays*: the module of every replay has ``schedule.delay(k) == K - k`` as the ring placement
-   gives it (:func:`delay_table`), and module K has delay 0;
+   gives it (:func:`delay_table`), or 0 in a synchronous step, and module K has delay 0;
 8. *no deadlock*: ``simulate(plan, Costs(), steps=K + 2)`` runs to the end.
+
+``synchronous=True`` checks the list of a synchronous step (``ouroboros_schedule(G, M,
+synchronous=True)``): each replay backprops its own step's error gradient.
 
 The list is the same in every step, so a static error is reported at step 0 (where it first
 happens). CLI: ``python -m ouroboros_ds.validate --stages G --micro-batches M`` prints the grid
-and ``ok``, or the error and exit status 1; ``--file F`` checks a text schedule instead.
+and ``ok``, or the error and exit status 1; ``--file F`` checks a text schedule instead;
+``--synchronous`` the synchronous step's list.
 """
 from __future__ import annotations
 
@@ -39,15 +45,16 @@ from .simulate import Costs, ScheduleError, simulate
 __all__ = ["validate", "delay_table", "ScheduleError"]
 
 
-def delay_table(stages: int) -> list[tuple[int, int, int, int]]:
+def delay_table(stages: int, synchronous: bool = False) -> list[tuple[int, int, int, int]]:
     """(module, stage, delay, stash depth) for modules 1..K, from the ring itself: the error
     gradient of a batch starts at module K (the loss, fresh) and walks back one module per step,
-    so module k applies it after as many steps as there are modules after k on the ring."""
+    so module k applies it after as many steps as there are modules after k on the ring. In a
+    synchronous step it walks back the whole ring within the step: every delay is 0."""
     K = num_modules(stages)
     ring = [1 + s for s in range(stages)] + [K]  # stage 0 -> 1 -> ... -> G-1 -> stage 0
     rows = []
     for pos, k in enumerate(ring):
-        after = len(ring) - 1 - pos
+        after = 0 if synchronous else len(ring) - 1 - pos
         rows.append((k, stage_of(k, stages), after, after + (1 if k < K else 0)))
     return rows
 
@@ -60,9 +67,11 @@ def _text(kind: str, k: int, mb: int) -> str:
     return str(Action(kind, k, mb))
 
 
-def validate(plan: list[list[Action]], stages: int | None = None, micro_batches: int | None = None) -> None:
-    """Raise :class:`ScheduleError` if ``plan`` is not a correct Ouroboros step; see the module
-    docstring for the checks. ``stages``/``micro_batches`` default to what the plan shows."""
+def validate(plan: list[list[Action]], stages: int | None = None, micro_batches: int | None = None,
+             synchronous: bool = False) -> None:
+    """Raise :class:`ScheduleError` if ``plan`` is not a correct Ouroboros step (a synchronous one
+    with ``synchronous=True``); see the module docstring for the checks. ``stages``/``micro_batches``
+    default to what the plan shows."""
     def fail(s: int, i: int, reason: str, step: int = 0):
         raise ScheduleError(plan, s, i, step, reason)
 
@@ -170,7 +179,13 @@ def validate(plan: list[list[Action]], stages: int | None = None, micro_batches:
                 before(s, i, src, f"{a} sends dL/dx, which {_text(*src)} computes")
             elif a.kind == B and stage_of(k + 1, G) != s and (RECV_B, k, j) not in where:
                 fail(s, i, f"{a} replays with the error gradient of module {k + 1}, but stage {s} "
-                           f"never posts {_text(RECV_B, k, j)} to receive it (for the next step)")
+                           f"never posts {_text(RECV_B, k, j)} to receive it"
+                           + ("" if synchronous else " (for the next step)"))
+            elif a.kind == B and synchronous:  # this step's error gradient: received or computed first
+                src = (RECV_B, k, j) if stage_of(k + 1, G) != s else (L, k + 1, j)
+                before(s, i, src, f"{a} backprops this step's error gradient of module {k + 1} "
+                                  f"(synchronous step), which {_text(*src)} "
+                                  + ("receives" if src[0] == RECV_B else "computes"))
 
     # 5. pairing, both ways
     mate = {SEND_F: (RECV_F, +1), RECV_F: (SEND_F, -1), SEND_B: (RECV_B, -1), RECV_B: (SEND_B, +1)}
@@ -210,24 +225,25 @@ def validate(plan: list[list[Action]], stages: int | None = None, micro_batches:
                                  f"{src} is {a} (messages between two ranks match in posting order)")
 
     # 7. delays, against the placement table
-    table = {k: (st, d) for k, st, d, _ in delay_table(G)}
-    if delay(K, G) != 0 or table[K][1] != 0:
+    sync = synchronous
+    table = {k: (st, d) for k, st, d, _ in delay_table(G, sync)}
+    if delay(K, G, sync) != 0 or table[K][1] != 0:
         s = stage_of(K, G)
-        fail(s, where[(L, K, 0)][1], f"module K={K} must have delay 0, schedule.delay gives {delay(K, G)}")
+        fail(s, where[(L, K, 0)][1], f"module K={K} must have delay 0, schedule.delay gives {delay(K, G, sync)}")
     for s, acts in enumerate(plan):
         for i, a in enumerate(acts):
-            if a.kind == B and (delay(a.k, G) != K - a.k or table[a.k][1] != K - a.k
-                                or table[a.k][0] != s):
+            want = 0 if sync else K - a.k
+            if a.kind == B and (delay(a.k, G, sync) != want or table[a.k][1] != want or table[a.k][0] != s):
                 fail(s, i, f"{a}: module {a.k} on stage {s} must replay the batch of step "
-                           f"t - {K - a.k} (K - k), schedule.delay gives {delay(a.k, G)}, "
-                           f"the ring placement {table[a.k][1]}")
-            if a.kind == B and stash_depth(a.k, G) != K - a.k + 1:
-                fail(s, i, f"{a}: module {a.k} must stash K - k + 1 = {K - a.k + 1} inputs, "
-                           f"schedule.stash_depth gives {stash_depth(a.k, G)}")
+                           f"t - {want} ({'synchronous: 0' if sync else 'K - k'}), schedule.delay gives "
+                           f"{delay(a.k, G, sync)}, the ring placement {table[a.k][1]}")
+            if a.kind == B and stash_depth(a.k, G, sync) != want + 1:
+                fail(s, i, f"{a}: module {a.k} must stash {want + 1} inputs, "
+                           f"schedule.stash_depth gives {stash_depth(a.k, G, sync)}")
 
     # 8. no deadlock (the simulator names where it blocks)
     try:
-        simulate(plan, Costs(), steps=K + 2)
+        simulate(plan, Costs(), steps=K + 2, synchronous=sync)
     except ScheduleError as e:
         raise ScheduleError(plan, e.stage, e.index, e.step, e.reason) from None
 
@@ -237,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", "-G", type=int, help="pipeline stages G")
     p.add_argument("--micro-batches", "-M", type=int, help="micro-batches per step M")
     p.add_argument("--file", help="validate a text schedule (format_schedule's form) instead")
+    p.add_argument("--synchronous", action="store_true",
+                   help="a synchronous step's list (every delay 0: the sync_steps warm-up)")
     args = p.parse_args(argv)
     if args.file:
         with open(args.file) as fh:
@@ -244,10 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.stages is None or args.micro_batches is None:
             p.error("give --stages and --micro-batches, or --file")
-        plan = ouroboros_schedule(args.stages, args.micro_batches)
+        plan = ouroboros_schedule(args.stages, args.micro_batches, synchronous=args.synchronous)
     print(format_schedule(plan))
     try:
-        validate(plan, args.stages, args.micro_batches)
+        validate(plan, args.stages, args.micro_batches, synchronous=args.synchronous)
     except ScheduleError as e:
         print(f"error: {e}")
         return 1

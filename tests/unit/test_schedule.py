@@ -1,7 +1,7 @@
 """The schedule as data, its validator and its simulator: pure Python, no torch, a few seconds.
 
-Golden schedules live in tests/golden/g{G}_m{M}.txt (format_schedule's text). After an intended
-schedule change, regenerate them and review the diff:
+Golden schedules live in tests/golden/g{G}_m{M}.txt (format_schedule's text; sync_g{G}_m{M}.txt the
+synchronous step's list). After an intended schedule change, regenerate them and review the diff:
 
     REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/unit/test_schedule.py -q
     # or: .venv/bin/python tests/unit/test_schedule.py --regen
@@ -22,12 +22,13 @@ from ouroboros_ds.schedule import (B, F, KINDS, L, LOAD, RECV_B, RECV_F, SEND_B,
                                    format_schedule, modules_of, num_modules, ouroboros_schedule, parse_schedule,
                                    stage_of, stash_depth)
 from ouroboros_ds.simulate import (Costs, ScheduleError, balanced_costs, bubble_bound, draw, onef1b_step_time,
-                                   simulate, stage_costs, steady_steps)
+                                   simulate, stage_costs, steady_steps, synchronous_cost)
 from ouroboros_ds.validate import delay_table, validate
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 GOLDEN_CASES = [(1, 1), (1, 4), (2, 1), (2, 4), (3, 2), (4, 3)]
+SYNC_GOLDEN_CASES = [(2, 2), (3, 2)]
 GRID = [(G, M) for G in range(1, 7) for M in range(1, 9)]
 
 
@@ -113,14 +114,16 @@ def test_m1_is_the_papers_step(G):
 
 
 # ---------------------------------------------------------------- golden schedules
-def golden_path(G, M):
-    return GOLDEN / f"g{G}_m{M}.txt"
+def golden_path(G, M, synchronous=False):
+    return GOLDEN / f"{'sync_' if synchronous else ''}g{G}_m{M}.txt"
 
 
 def regen_golden():
     GOLDEN.mkdir(exist_ok=True)
     for G, M in GOLDEN_CASES:
         golden_path(G, M).write_text(format_schedule(ouroboros_schedule(G, M)) + "\n")
+    for G, M in SYNC_GOLDEN_CASES:
+        golden_path(G, M, True).write_text(format_schedule(ouroboros_schedule(G, M, synchronous=True)) + "\n")
 
 
 @pytest.mark.parametrize("G,M", GOLDEN_CASES)
@@ -130,6 +133,15 @@ def test_golden(G, M):
         golden_path(G, M).write_text(text)
     assert text == golden_path(G, M).read_text(), f"schedule changed; regenerate: see {__file__}'s docstring"
     validate(parse_schedule(golden_path(G, M).read_text()), G, M)
+
+
+@pytest.mark.parametrize("G,M", SYNC_GOLDEN_CASES)
+def test_golden_synchronous(G, M):
+    text = format_schedule(ouroboros_schedule(G, M, synchronous=True)) + "\n"
+    if os.environ.get("REGEN_GOLDEN"):
+        golden_path(G, M, True).write_text(text)
+    assert text == golden_path(G, M, True).read_text(), f"schedule changed; regenerate: see {__file__}'s docstring"
+    validate(parse_schedule(golden_path(G, M, True).read_text()), G, M, synchronous=True)
 
 
 # ---------------------------------------------------------------- the validator catches broken schedules
@@ -202,17 +214,20 @@ BROKEN = {
 }
 
 
-@pytest.mark.parametrize("name", BROKEN)
-def test_validator_catches(name):
-    plan, stage, action, words = BROKEN[name]
+def assert_caught(plan, stage, action, words, synchronous=False):
     with pytest.raises(ScheduleError) as info:
-        validate(plan)
+        validate(plan, synchronous=synchronous)
     e, msg = info.value, str(info.value)
     assert e.stage == stage and plan[stage][e.index] == Action.parse(action), msg
     assert msg.startswith(f"stage {stage}, step {e.step}, action {e.index} ({action}): "), msg
     assert words in msg, msg
     assert f"[{action}]" in msg and f"> stage {stage}: " in msg, msg  # the grid, bad action marked
     assert format_schedule(plan, mark=(stage, e.index)) in msg
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_validator_catches(name):
+    assert_caught(*BROKEN[name])
 
 
 def test_validator_checks_sizes():
@@ -230,6 +245,103 @@ def test_simulator_reports_the_deadlock_step():
     """The simulator, not the static checks, finds this one; it names the step where it blocks."""
     with pytest.raises(ScheduleError, match=r"^stage 0, step 0, action 2 \(4L0\): deadlock: waits for 3SEND_F0"):
         simulate(deadlocked(3, 2))
+
+
+# ---------------------------------------------------------------- synchronous steps (sync_steps)
+SYNC_GRID = [(G, M) for G in range(1, 6) for M in range(1, 7)]
+
+
+@pytest.mark.parametrize("G,M", SYNC_GRID)
+def test_synchronous_grid_validates(G, M):
+    plan = ouroboros_schedule(G, M, synchronous=True)
+    validate(plan, synchronous=True)
+    validate(plan, G, M, synchronous=True)
+    assert parse_schedule(format_schedule(plan)) == plan
+    # the same actions as a ring step; the ring step's list is no synchronous step (its replays
+    # run before the error gradient of their own step exists)
+    ring = ouroboros_schedule(G, M)
+    assert sorted(map(str, sum(plan, []))) == sorted(map(str, sum(ring, [])))
+    with pytest.raises(ScheduleError):
+        validate(ring, synchronous=True)
+
+
+@pytest.mark.parametrize("G,M", [(1, 1), (1, 3), (2, 2), (3, 4), (5, 2)])
+def test_synchronous_list(G, M):
+    """Stage 0: forwards, then module K's losses, then module 1's replays; the other stages' lists
+    are the ring step's; G = 1 has no SEND/RECV."""
+    K = num_modules(G)
+    plan, ring = ouroboros_schedule(G, M, synchronous=True), ouroboros_schedule(G, M)
+    assert plan[1:] == ring[1:]
+    compute = [str(a) for a in plan[0] if a.kind in (F, B, L, STEP)]
+    assert compute == ([f"1F{j}" for j in range(M)] + [f"{K}L{j}" for j in range(M)] + [f"1B{j}" for j in range(M)]
+                       + ["STEP"])
+    if G == 1:
+        assert all(a.kind not in (SEND_F, RECV_F, SEND_B, RECV_B) for a in plan[0])
+    else:
+        row = plan[0]
+        for j in range(M):  # the replay's gradient is received in this step, posted before it
+            assert row.index(Action(RECV_B, 1, j)) < row.index(Action(SEND_B, K, 0)) < row.index(Action(B, 1, j))
+
+
+def test_synchronous_delays():
+    for G in range(1, 7):
+        K = num_modules(G)
+        assert [delay(k, G, synchronous=True) for k in range(1, K + 1)] == [0] * K
+        assert [stash_depth(k, G, synchronous=True) for k in range(1, K + 1)] == [1] * G + [0]
+        assert [d for _, _, d, _ in delay_table(G, synchronous=True)] == [0] * K
+        assert [depth for *_, depth in delay_table(G, synchronous=True)] == [1] * G + [0]
+
+
+SYNC = ouroboros_schedule(3, 2, synchronous=True)
+BROKEN_SYNC = {
+    # name: (plan, stage, marked action, words in the reason)
+    "RECV_B after its replay": (swapped(SYNC, 1, "2RECV_B1", "2B1"), 1, "2B1", "2RECV_B1 comes after it"),
+    "RECV_B removed": (moved(SYNC, 2, "3RECV_B0"), 2, "3B0", "never posts 3RECV_B0"),
+    "G=1 replay before the loss": (moved(ouroboros_schedule(1, 2, synchronous=True), 0, "1B0", before="2L0"),
+                                   0, "1B0", "2L0 comes after it"),
+    "replay before the losses": (moved(SYNC, 0, "1B0", before="4L0"), 0, "1B0", "deadlock: waits for 2SEND_B0"),
+    "the ring step's list": (ouroboros_schedule(3, 2), 0, "1B0", "deadlock: waits for 2SEND_B0"),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN_SYNC)
+def test_validator_catches_a_broken_synchronous_list(name):
+    assert_caught(*BROKEN_SYNC[name], synchronous=True)
+
+
+def test_synchronous_replays_wait_for_their_own_step():
+    G, M = 3, 2
+    K = num_modules(G)
+    tl = simulate(ouroboros_schedule(G, M, synchronous=True), Costs(), steps=4, synchronous=True)
+    end = {(t, str(a)): e for ev in tl.events for t, a, _, e in ev}
+    for ev in tl.events:
+        for t, a, start, _ in ev:
+            if a.kind == B:  # after its own step's loss of the micro-batch, and after module k+1's replay
+                assert start >= end[(t, f"{K}L{a.mb}")]
+                if a.k + 1 < K:
+                    assert start >= end[(t, f"{a.k + 1}B{a.mb}")]
+
+
+# A synchronous step against a ring step (the slowest stage's steady-state period). Costs()'s
+# stage 0 (module 1 + module K's loss) has twice the others' work and hides the synchronous
+# step's waits from M >= 2 on at G = 2, 4; with balanced stages they show. docs/ring.md cites these.
+SYNC_COST = {  # (G, M): (Costs() ring, Costs() synchronous, balanced ring, balanced synchronous)
+    (2, 4): (32.0, 32.0, 4.0, 4.571),
+    (4, 8): (64.0, 64.0, 8.0, 10.571),
+    (4, 1): (8.0, 20.0, 1.321, 4.0),
+    (8, 4): (32.0, 48.0, 4.0, 10.571),
+}
+
+
+@pytest.mark.parametrize("G,M", SYNC_COST)
+def test_synchronous_step_cost(G, M):
+    got = (*synchronous_cost(G, M), *synchronous_cost(G, M, balanced_costs(G)))
+    assert tuple(round(x, 3) for x in got) == SYNC_COST[(G, M)]
+    for ring, sync in (got[:2], got[2:]):
+        assert sync >= ring - 1e-9  # never faster than the ring
+    window = steady_steps(G)
+    tl = simulate(ouroboros_schedule(G, M, synchronous=True), balanced_costs(G), steps=window.stop, synchronous=True)
+    assert all(0 < u <= 1 + 1e-9 for u in tl.steady_utilization(window))
 
 
 # ---------------------------------------------------------------- simulator
@@ -346,6 +458,17 @@ def test_validate_cli():
     assert ok.returncode == 0 and ok.stdout.rstrip().endswith("ok") and "stage 2:" in ok.stdout
     gold = run_cli("ouroboros_ds.validate", "--file", str(golden_path(4, 3)))
     assert gold.returncode == 0, gold.stdout
+
+
+def test_synchronous_clis():
+    ok = run_cli("ouroboros_ds.validate", "--stages", "2", "--micro-batches", "2", "--synchronous")
+    assert ok.returncode == 0 and ok.stdout.rstrip().endswith("ok"), ok.stdout
+    assert "3L1 3SEND_B1 1B0 1B1 STEP" in ok.stdout
+    gold = run_cli("ouroboros_ds.validate", "--file", str(golden_path(2, 2, True)), "--synchronous")
+    assert gold.returncode == 0, gold.stdout
+    sim = run_cli("ouroboros_ds.simulate", "--stages", "2", "--micro-batches", "4", "--balanced", "--synchronous")
+    assert sim.returncode == 0, sim.stderr
+    assert "synchronous step 4.571 vs ring step 4 (slowest stage's period): 1.143x" in sim.stdout, sim.stdout
 
 
 def test_validate_cli_reports_errors(tmp_path):
