@@ -15,7 +15,10 @@ gradient at the forward's weights, :mod:`ouroboros_ds.stash`), as the engine's s
 predicted snapshot without a graph and the replay recomputes through it (the same update as stash
 mode). ``lookahead`` runs module K's losses and backwards one last update ahead
 (:func:`ouroboros_ds.stash.look_ahead`), as the engine does. ``global_clip`` clips one norm over the whole model, as DeepSpeed's 1F1B engine does (the
-baseline, with ``synchronous=True``).
+baseline, with ``synchronous=True``). ``sync_steps`` = S makes steps 0..S-1 synchronous (the
+synchronous warm-up, as the engine runs it): from step S on module k replays batch
+``t - delay(k)`` again, and while that batch is one of the first S, already applied in its own
+step, the module has no gradient and keeps its weights, as at the start of a run.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from .models import LayerPlan
 from .module import ring_partition
 from .staleness import scaled_by_delay, stale_momentum
 from .utils import layer_modules, unique_parameters
-from .warmup import FIRST_STEP, stage_param_groups
+from .warmup import FIRST_STEP, check_sync_steps, stage_param_groups
 
 
 def build_layers(plan: LayerPlan) -> list:
@@ -80,11 +83,12 @@ class Reference:
     def __init__(self, plan: LayerPlan, stages: int, ds_config: dict, loss_fn, seed: int = 0,
                  blocks_per_module=None, synchronous: bool = False, replay: str = "recompute",
                  stale_lr_scale: float = 0.0, weight_prediction: float = 0.0, global_clip: bool = False,
-                 stale_beta1: float = 0.0, lookahead: float = 0.0):
+                 stale_beta1: float = 0.0, lookahead: float = 0.0, sync_steps: int = 0):
         self.replay = W.check_replay(replay)
         self.weight_prediction = W.check_prediction(weight_prediction)
+        self.sync_steps = check_sync_steps(sync_steps)
         self.G, self.K = stages, S.num_modules(stages)
-        self.seed, self.loss_fn, self.synchronous = seed, loss_fn, synchronous
+        self.seed, self.loss_fn, self.always_synchronous = seed, loss_fn, synchronous
         self.layers = build_layers(plan)
         bounds = ring_partition(len(self.layers), plan.block_indices, stages, blocks_per_module)
         self.module_layers = {k: self.layers[a:b] for k, (a, b) in enumerate(bounds, start=1)}
@@ -125,8 +129,13 @@ class Reference:
         self.mems: dict = {}        # (module, mb) -> memory its last forward wrote (Transformer-XL)
         self.stash_mems: dict = {}  # (module, batch, mb) -> memory that forward read
 
+    @property
+    def synchronous(self) -> bool:
+        """Whether step t (the next one to run) is synchronous: every delay 0."""
+        return self.always_synchronous or self.t < self.sync_steps
+
     def delay(self, k: int) -> int:
-        return 0 if self.synchronous else S.delay(k, self.G)
+        return S.delay(k, self.G, self.synchronous)
 
     def to(self, device) -> "Reference":
         """Move the model (and the weights kept for prediction) to ``device``, before the first step;
@@ -197,7 +206,9 @@ class Reference:
             self._replays(range(K - 1, 0, -1))
         # 3. module K: forward, loss and backward of batch t
         losses = []
-        saved = W.look_ahead(self.k_update, self.lookahead) if self.k_update is not None else None
+        # no look-ahead in a synchronous step: module K's error gradients are applied in this step
+        look = self.k_update is not None and not self.synchronous
+        saved = W.look_ahead(self.k_update, self.lookahead) if look else None
         for j, (_, labels) in enumerate(micro_batches):
             x = acts[j].detach().requires_grad_()
             with dropout_key(self.seed, t, j), recurrent_memory(self.mems.get((K, j))) as new_mem:
@@ -233,8 +244,8 @@ class Reference:
         t = self.t
         for k in modules:
             b = t - self.delay(k)
-            if b < 0:
-                continue  # warm-up: no delayed gradient for module k yet
+            if b < (0 if self.synchronous else self.sync_steps):
+                continue  # warm-up: no delayed gradient for module k yet, or batch b was replayed in its own step
             j = 0
             while (k, b, j) in self.stash:
                 x = self.stash.pop((k, b, j))

@@ -8,6 +8,11 @@ which is also the delay its gradient carries: on stage 0 the tied embedding ``wt
 step 0 (module K's output projection uses it), while the position embedding and module 1's blocks
 wait G steps. A stage's parameters are grouped by that step (:data:`FIRST_STEP`), and the engine
 keeps the optimizer off a group before it; the staleness mitigations scale per group.
+
+A synchronous warm-up (``sync_steps`` = S) moves that pause: during steps 0..S-1 every module
+backprops its own step's batch, and from step S on module k replays batch ``t - delay(k)``, whose
+gradient it already applied while ``t - delay(k) < S``. So a group has no gradient during steps
+S .. S + first step - 1 instead (:func:`has_gradient`).
 """
 from __future__ import annotations
 
@@ -18,6 +23,19 @@ from .utils import layer_modules
 
 # Param-group key: the first step t at which the group's parameters have a gradient.
 FIRST_STEP = "ouroboros_first_step"
+
+
+def check_sync_steps(sync_steps) -> int:
+    if isinstance(sync_steps, bool) or not isinstance(sync_steps, int) or sync_steps < 0:
+        raise ValueError(f"sync_steps: must be an integer >= 0 (0: none; N: the first N steps are synchronous, "
+                         f"every delay 0), got {sync_steps!r}")
+    return sync_steps
+
+
+def has_gradient(t: int, first_step: int, sync_steps: int = 0) -> bool:
+    """Whether a group whose gradient first comes ``first_step`` steps into the ring has one at
+    step t: always during the synchronous steps, then not until the ring delivers it."""
+    return t < sync_steps or t >= sync_steps + first_step
 
 
 def used_parameters(layer, tied_attrs: dict) -> list:

@@ -5,6 +5,8 @@
 - With delays forced to 0 (``synchronous=True``) it is ordinary, non-pipelined training.
 - Warm-up: module k does not move during its first K - k steps; module K and the tied
   embedding move from step 0.
+- A synchronous warm-up (``sync_steps``): over the whole run it is the synchronous Reference, 0
+  changes nothing, and after it module k pauses for K - k steps as at the start.
 """
 from __future__ import annotations
 
@@ -329,3 +331,80 @@ def test_warm_up(G, M):
             moved = not torch.equal(before[n], after[n])
             assert moved == (t >= K - k), f"G={G} M={M} step {t}: {n} (module {k}) moved={moved}"
         before = after
+
+
+# ---------------------------------------------------------------- the synchronous warm-up (sync_steps)
+MITIGATED = dict(weight_prediction=1.0, lookahead=1.0)  # the default run's
+
+
+def _run(G, M, steps, **options):
+    ref = Reference(plan(), G, config(0.5, steps), lm_loss, seed=SEED, blocks_per_module=BLOCKS[G], **options)
+    return [ref.step(b) for b in batches(steps, M, seed=4)], dict(ref.named_parameters()), ref
+
+
+def _equal(a, b) -> bool:
+    return a[0] == b[0] and all(torch.equal(a[1][n], b[1][n]) for n in a[1])
+
+
+@pytest.mark.parametrize("replay", ("recompute", "stash"))
+@pytest.mark.parametrize("M", (1, 3), ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("G", (1, 2, 3), ids=lambda g: f"G{g}")
+def test_sync_steps_over_the_whole_run_is_the_synchronous_reference(G, M, replay):
+    """Every step synchronous: no delay, no look-ahead, no prediction ahead (delay 0), the per-stage clip."""
+    steps = G + 3
+    synchronous = _run(G, M, steps, replay=replay, synchronous=True, **MITIGATED)
+    for n in (steps, steps + 5):
+        assert _equal(_run(G, M, steps, replay=replay, sync_steps=n, **MITIGATED), synchronous), f"sync_steps={n}"
+    assert not _equal(_run(G, M, steps, replay=replay, **MITIGATED), synchronous)
+
+
+@pytest.mark.parametrize("options", ({}, MITIGATED, dict(replay="stash", **MITIGATED)), ids=("paper", "default",
+                                                                                               "stash"))
+def test_sync_steps_zero_changes_nothing(options):
+    G, M, steps = 2, 2, 7
+    plain = _run(G, M, steps, **options)
+    zero = _run(G, M, steps, sync_steps=0, **options)
+    assert _equal(zero, plain) and zero[2].sync_steps == 0 and zero[2].stash.keys() == plain[2].stash.keys()
+
+
+@pytest.mark.parametrize("G", (1, 2, 3), ids=lambda g: f"G{g}")
+def test_sync_steps_then_the_ring(G):
+    """Steps 0..S-1 synchronous: every module moves; from S on module k replays batch t - delay(k),
+    which it already applied while t - delay(k) < S, so it keeps its weights during S..S+delay(k)-1
+    (no weight decay, no Adam step: its step count ends delay(k) short, as after a plain warm-up).
+    Constant LR (step 0 of WarmupCosineLR has LR 0). The run differs from both limits."""
+    K, S, M = G + 1, 2, 2
+    steps = S + G + 2
+    ref = Reference(plan(), G, config(1.0, None), lm_loss, seed=SEED, blocks_per_module=BLOCKS[G],
+                    sync_steps=S, **MITIGATED)
+    layers, tied = module_layers(G), "0.wte.weight"
+    module_of = {n: K if n == tied else next(k for k, r in layers.items() if int(n.split(".")[0]) in r)
+                 for n, _ in ref.named_parameters()}
+    before = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    for t, b in enumerate(batches(steps, M, seed=2)):
+        assert ref.synchronous == (t < S)
+        ref.step(b)
+        after = {n: p.detach().clone() for n, p in ref.named_parameters()}
+        for n, k in module_of.items():
+            moved = not torch.equal(before[n], after[n])
+            assert moved == (not S <= t < S + K - k), f"G={G} step {t}: {n} (module {k}) moved={moved}"
+        before = after
+        if t == S - 1:  # nothing is held across the boundary
+            assert not (ref.stash or ref.pending or ref.weight_stash or ref.graphs), "state left after the sync steps"
+    params = dict(ref.named_parameters())
+    for opt in ref.optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                n = next(n for n, q in params.items() if q is p)
+                assert int(opt.state[p]["step"]) == steps - (K - module_of[n]), n
+    ring = _run(G, M, steps, **MITIGATED)
+    warm = _run(G, M, steps, sync_steps=S, **MITIGATED)
+    synchronous = _run(G, M, steps, synchronous=True, **MITIGATED)
+    assert not _equal(warm, ring) and not _equal(warm, synchronous)
+    assert warm[0][:S] == synchronous[0][:S] and warm[0][S:] != synchronous[0][S:]
+
+
+@pytest.mark.parametrize("bad", (-1, 1.5, True, "2"))
+def test_sync_steps_must_be_a_count(bad):
+    with pytest.raises(ValueError, match="sync_steps: must be an integer >= 0"):
+        Reference(plan(), 2, config(0.5, 4), lm_loss, sync_steps=bad)
