@@ -43,7 +43,7 @@ class RingCheckpointing:
         return {"G": self.num_stages, "M": self.micro_batches,
                 "micro_batch": self.train_micro_batch_size_per_gpu(), "dp": self.dp_world_size,
                 "seed": self.seed, "replay": self.replay, "weight_prediction": self.weight_prediction,
-                "lookahead": self.lookahead,
+                "lookahead": self.lookahead, "sync_steps": self.sync_steps,
                 "num_layers": len(self.module._layer_specs),
                 "module_bounds": [list(b) for b in self.module.module_bounds]}
 
@@ -69,7 +69,9 @@ class RingCheckpointing:
         self.p2p.settle()
 
     def ring_state_dict(self) -> dict:
-        """This rank's in-flight Ouroboros state: every ``RING_STATE`` dict, the RNG states."""
+        """This rank's in-flight Ouroboros state: every ``RING_STATE`` dict, the RNG states. After a
+        synchronous step (``sync_steps``) the only in-flight state is recurrent memory: each
+        replay ran within its own step."""
         if self.acts_in or self.outbox or self.labels or self._k_saved is not None:
             raise RuntimeError("ring_state_dict() must be called between train_batch() calls")
         self._settle()
@@ -143,6 +145,7 @@ class RingCheckpointing:
         with open(meta_path) as f:
             saved = json.load(f)
         saved.setdefault("lookahead", 0.0)  # saved before the option existed: a run without look-ahead
+        saved.setdefault("sync_steps", 0)  # likewise: no synchronous warm-up
         mine = {**self.ring_meta(), **(meta or {}), "world": dist.get_world_size()}
         diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in mine.items() if saved.get(k) != v]
         if diffs:

@@ -17,6 +17,8 @@ What changes against the stock engine, and why (the algorithm: docs/ring.md):
   within an activation budget, :mod:`ouroboros_ds.memory`). ``weight_prediction`` takes the
   snapshot ahead along the last update; features replay then recomputes through it too.
   ``lookahead`` runs module K's losses and backwards one last update ahead (stage 0 only).
+- ``sync_steps``: the first steps run synchronously (every delay 0, the schedule's synchronous
+  list); the step's delays are decided once, at its start (``step_synchronous``).
 - A non-finite loss or gradient is dropped batch by batch around the ring, with no collective.
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .context import dropout_key, recurrent_memory
 from .instructions import (OuroborosSchedule, RingForward, RingLoad, RingLoss, RingRecvActivation, RingRecvGrad,
                            RingReplay, RingSendActivation, RingSendGrad)
 from .module import OuroborosPipelineModule
+from .warmup import check_sync_steps
 
 
 # ------------------------------------------------------------------ the engine
@@ -49,8 +52,11 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
     """
 
     def __init__(self, *args, seed: int = 0, replay: str = "recompute", weight_prediction: float = 0.0,
-                 replay_plan=None, lookahead: float = 0.0, **kwargs):
+                 replay_plan=None, lookahead: float = 0.0, sync_steps: int = 0, **kwargs):
         self.replay = W.check_replay(replay)
+        # before DeepSpeed builds the optimizer: its warm-up hook counts from the end of these steps
+        self.sync_steps = check_sync_steps(sync_steps)
+        self.step_synchronous = False  # whether the step being run is one of the sync_steps
         if replay_plan is not None and self.replay != "stash":
             raise ValueError("replay_plan / --activation-budget: needs replay='stash' (the plan chooses which stashed "
                              "forwards keep their graph); set replay / --replay to stash")
@@ -107,7 +113,8 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
 
     # ---------------------------------------------------------- DeepSpeed hooks we change
     def _train_schedule(self):
-        return OuroborosSchedule(micro_batches=self.micro_batches, stages=self.num_stages, stage_id=self.stage_id)
+        return OuroborosSchedule(micro_batches=self.micro_batches, stages=self.num_stages, stage_id=self.stage_id,
+                                 synchronous=self.step_synchronous)
 
     # Overridden: the data loader lives on stage 0 only (it feeds module 1 and module K's labels);
     # the stock engine also gives one to the topologically last stage.
@@ -132,7 +139,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
             super()._configure_optimizer(client_optimizer, model_parameters)
         finally:
             self.mpu = mpu
-        self.basic_optimizer.register_step_pre_hook(O.warmup_hook(lambda: self.batch_id))
+        self.basic_optimizer.register_step_pre_hook(O.warmup_hook(lambda: self.batch_id, self.sync_steps))
 
     # Overridden: the stock clip all-reduces the norm over all stages (a cross-stage collective);
     # Ouroboros clips each stage's gradient by its own norm. After the data-parallel reduction the
@@ -177,6 +184,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
             self.set_dataiterator(data_iter)
         self.module.train()
         self.step_losses = []
+        self.step_synchronous = self.global_steps < self.sync_steps
         self.timers("train_batch").start()
         self._exec_schedule(self._train_schedule())
         self.p2p.end_step()
@@ -200,6 +208,10 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
 
     def _global_mb(self, mb: int) -> int:
         return mb * self.dp_world_size + self._dp_rank
+
+    def _delay(self, k: int) -> int:
+        """Module k's delay in the step being run: 0 in a synchronous step."""
+        return S.delay(k, self.num_stages, self.step_synchronous)
 
     # ---------------------------------------------------------- the instructions
     def _exec_ring_load(self, k, mb):
@@ -230,9 +242,10 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         with recurrent_memory(mem) as new_mem:
             if self.replay == "stash" and (self.replay_plan is None or self.replay_plan.keeps(k, mb)):
                 y = self._stash_graph(k, t, mb)[1].detach()
-            elif self.replay == "stash" or self.last_update is not None:
+            elif self.replay == "stash" or (self.last_update is not None and self._delay(k)):
                 # a graph the plan does not keep, or weight prediction with features replay: run through
-                # the snapshot without a graph; the replay recomputes through the same snapshot
+                # the snapshot without a graph; the replay recomputes through the same snapshot (a
+                # synchronous step predicts nothing and takes none, as the Reference)
                 with torch.no_grad():
                     y = self._stash_graph(k, t, mb, keep=False)[1]
             else:
@@ -255,18 +268,23 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
 
     def _exec_ring_recv_grad(self, k, mb):
         """``kRECV_Bj``: post the receive of dL/d(output of k) for the batch module k replays next
-        step (pairs with (k+1)SEND_Bj; nothing is sent while that batch does not exist yet)."""
-        b = self.batch_id + 1 - S.delay(k, self.num_stages)
-        if b >= 0:
+        step, or in a synchronous step for this step's batch (pairs with (k+1)SEND_Bj). Nothing is
+        sent for a batch that does not exist yet, nor for one replayed in its synchronous step."""
+        if self.step_synchronous:
+            b = self.batch_id
+        else:
+            b = self.batch_id + 1 - self._delay(k)
+        if self.step_synchronous or b >= self.sync_steps:
             src = S.stage_of(k + 1, self.num_stages)
             self.grads_in[(k, b, mb)] = self.p2p.irecv(src, P.tag(P.GRAD, k, mb), P.GRAD)
 
     def _exec_ring_replay(self, k, mb):
         """``kBj``: features replay of batch b = t - delay(k): recompute module k from the stashed
         input with the current weights and the forward's dropout masks, backprop the received
-        error gradient. Nothing to do while b < 0 (warm-up)."""
-        b = self.batch_id - S.delay(k, self.num_stages)
-        if b < 0:
+        error gradient. Nothing to do while b < 0 (warm-up), nor in a ring step for a batch that
+        was replayed in its own synchronous step (b < sync_steps)."""
+        b = self.batch_id - self._delay(k)
+        if not self.step_synchronous and b < self.sync_steps:
             return
         g = self.p2p.wait(self.grads_in.pop((k, b, mb)))
         if not torch.isfinite(g).all():  # a non-finite loss or gradient downstream: drop (b, mb)
@@ -275,7 +293,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
             if k > 1:  # pass the poison on: module k-1 drops (b, mb) when it replays it
                 self.outbox[(S.SEND_B, k, mb)] = torch.full_like(x, float("nan"))
             return
-        if self.replay == "stash" or self.last_update is not None:  # prediction: recompute at the snapshot
+        if self.replay == "stash" or (k, b) in self.weight_stash:  # prediction: recompute at the snapshot
             return self._stash_replay(k, b, mb, g)
         x = self.stash.pop((k, b, mb))
         if x.is_floating_point():
@@ -307,7 +325,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         batch's first forward and kept until its last replay."""
         if (k, b) not in self.weight_stash:
             snap = self.weight_stash[(k, b)] = W.take_snapshot(
-                self.module.module_funcs[k], self.last_update, self.weight_prediction * S.delay(k, self.num_stages))
+                self.module.module_funcs[k], self.last_update, self.weight_prediction * self._delay(k))
             if self.saved_bytes is not None:  # counted once, as held state, not per graph
                 for c, _ in snap.live:
                     self.saved_bytes.track(c)
@@ -352,12 +370,13 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         """``KLj``: module K's forward, loss and backward of batch t, at once (no delay)."""
         t = self.batch_id
         x = self.p2p.wait(self.acts_in.pop((k, mb))).detach().requires_grad_()
-        if mb == 0 and self.k_update is not None:
+        if mb == 0 and self.k_update is not None and not self.step_synchronous:
             # lookahead: module K's error gradients reach module k delay(k) steps from now, when module
             # K has moved on, so all of the step's losses and backwards run one last update ahead (once
             # per step, as the Reference does). _exec_ring_optimizer_step puts the weights back, so the
             # step, evaluation and checkpoints (between steps) see the real ones. The tied embedding is
-            # module 1's and stays put; module 1's replays ran before the losses.
+            # module 1's and stays put; module 1's replays ran before the losses. A synchronous step
+            # applies its error gradients at once: nothing to look ahead for.
             self._k_saved = W.look_ahead(self.k_update, self.lookahead)
         with dropout_key(self.seed, t, self._global_mb(mb)), recurrent_memory(self.mems.get((k, mb))) as new_mem:
             loss = self.module.loss_fn(self.module.forward_module(k, x), self.labels.pop(mb))

@@ -81,14 +81,16 @@ def _ring_section(config):
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
                lr_scheduler=None, config=None, seed: int = 0, replay: str = "recompute",
-               weight_prediction: float | None = None, replay_plan=None, lookahead: float | None = None):
+               weight_prediction: float | None = None, replay_plan=None, lookahead: float | None = None,
+               sync_steps: int | None = None):
     """``deepspeed.initialize`` for pipelines: an :class:`OuroborosPipelineModule` gets the
     :class:`OuroborosEngine` (``replay``: "recompute" or "stash"; ``weight_prediction``: see
     :class:`ouroboros_ds.stash.LastUpdate`; None: the config's ``"ouroboros"`` object decides, as
     ``ds_configs/ouroboros.json`` sets 1 and ``ds_configs/paper.json`` the paper's update; without
     one, 0; ``replay_plan``: a :class:`ouroboros_ds.memory.ReplayPlan`, needs "stash"; ``lookahead``:
     module K's look-ahead, see :func:`ouroboros_ds.stash.look_ahead`, None read from the config like
-    ``weight_prediction``), a ``DualPipeVModule`` DeepSpeed's ``DualPipeVEngine`` with keyed
+    ``weight_prediction``; ``sync_steps``: how many first steps run synchronously, every delay 0,
+    None read from the config like ``lookahead``), a ``DualPipeVModule`` DeepSpeed's ``DualPipeVEngine`` with keyed
     dropout, any other ``PipelineModule`` DeepSpeed's stock engine.
 
     Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed.
@@ -112,6 +114,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if lookahead is None:  # the config's ring default applies to the ring only, as weight_prediction's
         ring = isinstance(model, OuroborosPipelineModule) and not section.get("paper")
         lookahead = float(section.get("lookahead", 0.0)) if ring else 0.0
+    if sync_steps is None:  # likewise
+        ring = isinstance(model, OuroborosPipelineModule) and not section.get("paper")
+        sync_steps = section.get("sync_steps", 0) if ring else 0
     config_class = DeepSpeedConfig(config, model.mpu())  # a dict or a JSON path, as DeepSpeed takes
     deepspeed.set_optimizer_flags(config_class, model)
     kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
@@ -123,12 +128,16 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if not isinstance(model, OuroborosPipelineModule) and lookahead:
         raise ValueError("lookahead: only the Ouroboros ring has a fresh module whose error gradients are applied "
                          "later upstream; drop it for 1f1b and dualpipev")
+    if not isinstance(model, OuroborosPipelineModule) and sync_steps:
+        raise ValueError("sync_steps: only the Ouroboros ring has delays to start without; 1f1b and dualpipev are "
+                         "synchronous throughout; drop it for them")
     if isinstance(model, DualPipeVModule):
         check_dualpipev(config_class.gradient_accumulation_steps, model.num_stages // 2)
     with _without_scheduler_start_warning():
         if isinstance(model, OuroborosPipelineModule):
             engine = OuroborosEngine(seed=seed, replay=replay, weight_prediction=weight_prediction,
-                                     replay_plan=replay_plan, lookahead=lookahead, **kwargs)
+                                     replay_plan=replay_plan, lookahead=lookahead, sync_steps=sync_steps,
+                                     **kwargs)
         elif isinstance(model, DualPipeVModule):
             engine = KeyedDualPipeVEngine(seed=seed, **kwargs)
         else:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .warmup import FIRST_STEP, ring_param_groups
+from .warmup import FIRST_STEP, has_gradient, ring_param_groups
 
 
 def ring_optimizer_groups(module, model_parameters) -> list[dict]:
@@ -36,13 +36,14 @@ def ring_optimizer_groups(module, model_parameters) -> list[dict]:
     return model_parameters
 
 
-def warmup_hook(current_step):
+def warmup_hook(current_step, sync_steps: int = 0):
     """A torch optimizer step pre-hook: no gradient for a group whose first-gradient step is
-    still ahead of ``current_step()`` (the step t being run)."""
+    still ahead of ``current_step()`` (the step t being run), counted from the end of the
+    ``sync_steps`` synchronous steps (:func:`ouroboros_ds.warmup.has_gradient`)."""
     def hook(optimizer, args, kwargs):
         t = current_step()
         for group in optimizer.param_groups:
-            if t < group[FIRST_STEP]:
+            if not has_gradient(t, group[FIRST_STEP], sync_steps):
                 for p in group["params"]:
                     p.grad = None
     return hook
