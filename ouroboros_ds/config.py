@@ -51,8 +51,8 @@ class ModelConfig:
 
 # The default staleness mitigation (the best measured combination: docs/parity.md) and the paper's
 # update, as RingConfig options (a DeepSpeed JSON's "ouroboros" object may set them too).
-DEFAULT_MITIGATION = {"weight_prediction": 1.0, "lookahead": 1.0, "partition": "fresh"}
-PAPER = {"weight_prediction": 0.0, "lookahead": 0.0, "partition": "balanced"}
+DEFAULT_MITIGATION = {"weight_prediction": 1.0, "lookahead": 1.0, "partition": "fresh", "sync_steps": 50}
+PAPER = {"weight_prediction": 0.0, "lookahead": 0.0, "partition": "balanced", "sync_steps": 0}
 MITIGATIONS = tuple(DEFAULT_MITIGATION)  # the options a "ouroboros" object may set besides paper
 
 
@@ -90,8 +90,14 @@ class RingConfig:
     from its current weights: the error gradient it sends upstream is applied delay(k) steps later,
     when module K has moved on. One copy of module K's weights, no extra compute; see
     ouroboros_ds/stash.py look_ahead"""
+    sync_steps: int | None = None
+    """staleness mitigation N (default 50; 0 with --paper): the first N steps are synchronous (every
+    module backprops its own step's batch, delay 0, as ordinary training; no overlap between stages),
+    then the ring starts with its usual delays. Delayed gradients slow the escape from the loss's
+    early plateau; see docs/ring.md"""
     paper: bool = False
-    """the paper's exact update (no weight prediction, no look-ahead, the balanced partition); the defaults
+    """the paper's exact update (no weight prediction, no look-ahead, no synchronous steps, the balanced
+    partition); the defaults
     otherwise add the measured staleness mitigation (docs/parity.md). ds_configs/paper.json sets it
     too, with the paper's optimizer"""
     activation_checkpointing: bool = False
@@ -105,7 +111,8 @@ class RingConfig:
 
     def resolve(self, section: dict) -> None:
         """Fill the unset mitigation options from ``section`` (the DeepSpeed JSON's ``"ouroboros"``
-        object: ``paper``, ``weight_prediction``, ``lookahead``, ``partition``), then from the defaults;
+        object: ``paper``, ``weight_prediction``, ``lookahead``, ``partition``, ``sync_steps``), then from the
+        defaults;
         check them."""
         unknown = set(section) - {"paper", *MITIGATIONS}
         if unknown:
@@ -118,14 +125,17 @@ class RingConfig:
             if self.lookahead:
                 raise ValueError("--lookahead: only the ouroboros schedule has a fresh module whose error gradients "
                                  "are applied later; drop it for 1f1b")
+            if self.sync_steps:
+                raise ValueError(f"--sync-steps: only the ouroboros schedule has delays to start without ({self.schedule} "
+                                 "is synchronous throughout); drop it")
             if self.replay != "recompute" or self.partition not in (None, "balanced"):
                 raise ValueError("--replay/--partition apply to --schedule ouroboros only")
-            self.weight_prediction, self.lookahead, self.partition = 0.0, 0.0, "balanced"
+            self.weight_prediction, self.lookahead, self.partition, self.sync_steps = 0.0, 0.0, "balanced", 0
         else:
             if self.paper and (self.weight_prediction or self.lookahead or self.partition == "fresh"
-                               or self.stale_lr_scale):
+                               or self.stale_lr_scale or self.sync_steps):
                 raise ValueError("--paper: the paper's update has no staleness mitigation; drop --weight-prediction, "
-                                 "--lookahead, --partition fresh and --stale-lr-scale (or --paper)")
+                                 "--lookahead, --sync-steps, --partition fresh and --stale-lr-scale (or --paper)")
             defaults = PAPER if self.paper else DEFAULT_MITIGATION
             for key in MITIGATIONS:
                 if getattr(self, key) is None:
@@ -134,6 +144,9 @@ class RingConfig:
             raise ValueError(f"--weight-prediction: must be >= 0 (0: off), got {self.weight_prediction}")
         if self.lookahead < 0:
             raise ValueError(f"--lookahead: must be >= 0 (0: off, 1: one last update ahead), got {self.lookahead}")
+        if isinstance(self.sync_steps, bool) or not isinstance(self.sync_steps, int) or self.sync_steps < 0:
+            raise ValueError(f"--sync-steps: must be an integer >= 0 (0: off, N: the first N steps synchronous), "
+                             f"got {self.sync_steps!r}")
         if self.activation_budget is not None:
             if self.schedule != "ouroboros" or self.replay != "stash":
                 raise ValueError("--activation-budget: bounds --schedule ouroboros --replay stash (features replay keeps "

@@ -1,8 +1,9 @@
 """The staleness mitigation is the default; the paper's exact update is one switch away.
 
 - train.py's defaults (and ``ds_configs/ouroboros.json``'s ``"ouroboros"`` object): weight
-  prediction H = 1, module K's look-ahead L = 1, the fresh partition; ``--paper`` or
-  ``ds_configs/paper.json``: no prediction, no look-ahead, the balanced partition (the update the paper's rule is tested against: docs/ring.md); the 1F1B
+  prediction H = 1, module K's look-ahead L = 1, the fresh partition, 50 synchronous first steps;
+  ``--paper`` or ``ds_configs/paper.json``: no prediction, no look-ahead, no synchronous steps, the
+  balanced partition (the update the paper's rule is tested against: docs/ring.md); the 1F1B
   baseline gets neither; a flag on the command line beats the config's object.
 - ``initialize`` reads the same object (and DeepSpeed never sees it).
 - Contradictions fail with one line naming the flags.
@@ -123,3 +124,51 @@ def test_stale_momentum_changes_only_the_stale_groups_beta1():
     assert all("betas" not in g for g in stale_momentum(groups, (0.9, 0.99), 0.0))  # 0: off
     with pytest.raises(ValueError, match="stale_beta1"):
         stale_momentum(groups, (0.9, 0.99), 1.0)
+
+
+def sync_steps(argv):
+    c = parse_config(argv)
+    load_deepspeed_config(c)
+    return c.ring.sync_steps
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], 50), (["--paper"], 0), (["--deepspeed_config", "ds_configs/paper.json"], 0), (["--schedule", "1f1b"], 0),
+    (["--schedule", "dualpipev"], 0), (["--sync-steps", "7"], 7), (["--sync-steps", "0"], 0),
+    (["--paper", "--sync-steps", "0"], 0), (["--deepspeed_config", "ds_configs/ouroboros_bf16_zero1.json"], 50),
+], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_sync_steps_default_and_the_paper(argv, expected):
+    assert DEFAULT_MITIGATION["sync_steps"] == 50 and PAPER["sync_steps"] == 0
+    assert sync_steps(argv) == expected
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sync-steps", "-1"], "--sync-steps: must be an integer >= 0"),
+    (["--paper", "--sync-steps", "5"], "--paper: the paper's update has no staleness mitigation; drop "
+                                       "--weight-prediction, --lookahead, --sync-steps"),
+    (["--schedule", "1f1b", "--sync-steps", "5"], "--sync-steps: only the ouroboros schedule"),
+])
+def test_sync_steps_refusals_name_the_flag(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(argv)
+
+
+@pytest.mark.parametrize("value", [-3, 2.5, True, "10"])
+def test_a_config_object_with_a_bad_sync_steps(tmp_path, value):
+    cfg = json.load(open(os.path.join(ROOT, "ds_configs", "ouroboros.json")))
+    cfg["ouroboros"] = {"sync_steps": value}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as info:
+        sync_steps(["--deepspeed_config", str(path)])
+    assert str(info.value).startswith("--sync-steps: must be an integer >= 0") and "\n" not in str(info.value)
+
+
+def test_a_config_object_sets_sync_steps_and_a_flag_beats_it(tmp_path):
+    cfg = json.load(open(os.path.join(ROOT, "ds_configs", "ouroboros.json")))
+    cfg["ouroboros"] = {"sync_steps": 3}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    assert sync_steps(["--deepspeed_config", str(path)]) == 3
+    assert sync_steps(["--deepspeed_config", str(path), "--sync-steps", "9"]) == 9
+    assert "--sync-steps SYNC_STEPS" in __import__("ouroboros_ds.config", fromlist=["x"]).build_parser().format_help()
