@@ -16,6 +16,7 @@ bad input ends with one ``error: ...`` line (exit 2), a lost peer with one line 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -262,7 +263,10 @@ class Trainer:
         try:
             for step in range(first, steps):
                 watchdog.started = t0 = time.monotonic()
-                with self.peak.track(engine):
+                # the peak-memory hooks cost Python work per saved tensor: count on the step that
+                # closes a stats window only (in the steady state every step is alike)
+                closes_window = stats_every and ((step + 1) % stats_every == 0 or step + 1 == steps)
+                with self.peak.track(engine) if closes_window else contextlib.nullcontext():
                     loss = engine.train_batch(self.stream if (c.ring.schedule != "ouroboros" or engine.stage_id == 0)
                                               else None)
                 watchdog.started = None
