@@ -92,9 +92,9 @@ class RingConfig:
     ouroboros_ds/stash.py look_ahead"""
     sync_steps: int | None = None
     """staleness mitigation N (default 50; 0 with --paper): the first N steps are synchronous (every
-    module backprops its own step's batch, delay 0, as ordinary training; no overlap between stages),
-    then the ring starts with its usual delays. Delayed gradients slow the escape from the loss's
-    early plateau; see docs/ring.md"""
+    module backprops its own step's batch, delay 0, as ordinary training; each such step fills and
+    drains the pipeline as 1F1B does), then the ring starts with its usual delays. Delayed gradients
+    slow the escape from the loss's early plateau; see docs/ring.md"""
     paper: bool = False
     """the paper's exact update (no weight prediction, no look-ahead, no synchronous steps, the balanced
     partition); the defaults
