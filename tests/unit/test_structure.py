@@ -90,3 +90,15 @@ def test_public_api():
         assert "no_such_name" in str(e)
     else:
         raise AssertionError("unknown names must raise AttributeError")
+
+
+def test_test_files_have_unique_names():
+    """The tiers have no __init__.py, so pytest imports test files by basename: two files with one
+    name in different tiers stop the whole collection ("import file mismatch")."""
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    seen: dict = {}
+    for folder, _, files in os.walk(tests):
+        for name in files:
+            if name.startswith("test_") and name.endswith(".py"):
+                seen.setdefault(name, []).append(os.path.relpath(os.path.join(folder, name), tests))
+    assert not {n: p for n, p in seen.items() if len(p) > 1}
