@@ -1,7 +1,7 @@
 """The ring's point-to-point channel: tagged, non-blocking, posted early and waited on at first use.
 
 Why not DeepSpeed's ``p2p.py``: it sends with blocking ``send``/``recv`` on one tag, so both sides
-must issue messages in the same order. Work on the ring spans steps (a stage posts the receive of
+must post messages in the same order. Work on the ring spans steps (a stage posts the receive of
 a gradient it only uses next step) and stage 0 talks to both ends of the ring, so here every
 message has its own tag (kind, module k, micro-batch j) and matches its own receive whatever
 else is in flight, as in DeepSpeed's ``DualPipeVEngine`` (``_queue_p2p``).

@@ -23,14 +23,14 @@ def _ds_shm_files() -> set:
         return set()
 
 
-def pytest_sessionstart(session):
+def pytest_sessionstart():  # pluggy passes only the arguments a hook names
     _shm_before.update(_ds_shm_files())
 
 
-def pytest_sessionfinish(session, exitstatus):
+def pytest_sessionfinish():
     """End the pooled ranks (tests/helpers.py), then a safety net for
     ouroboros_ds.launch.release_shm_buffers: a rank that died before it could unlink its DeepSpeed
-    shm buffer leaves ~66 MB of RAM in /dev/shm; this session's go now."""
+    shm buffer leaves ~66 MB of RAM in /dev/shm; those of this test run go now."""
     from helpers import close_pools
 
     close_pools()

@@ -17,7 +17,7 @@ from ouroboros_ds import data as D
 from helpers import ROOT
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)  # this module's tests, before its corpus fixtures
 def _cache_dir(tmp_path_factory):
     """Materialize builtin corpora into a temp dir, not the user's ~/.cache."""
     with pytest.MonkeyPatch.context() as mp:
