@@ -23,6 +23,8 @@ import weakref
 import torch
 from torch.func import functional_call
 
+from .utils import unique_parameters
+
 REPLAY_MODES = ("recompute", "stash")
 
 
@@ -152,14 +154,7 @@ class LastUpdate:
 def own_parameters(layers) -> list:
     """The parameters of a module's own layers, each once, in layer order; a functional layer's
     (the tied output projection's) belong to the module that owns the weight."""
-    seen, out = set(), []
-    for layer in layers:
-        if isinstance(layer, torch.nn.Module):
-            for p in layer.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-    return out
+    return unique_parameters(layer for layer in layers if isinstance(layer, torch.nn.Module))
 
 
 def check_lookahead(lookahead: float) -> float:
