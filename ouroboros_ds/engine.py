@@ -40,7 +40,7 @@ from .context import dropout_key, recurrent_memory
 from .instructions import (OuroborosSchedule, RingForward, RingLoad, RingLoss, RingRecvActivation, RingRecvGrad,
                            RingReplay, RingSendActivation, RingSendGrad)
 from .module import OuroborosPipelineModule
-from .warmup import check_sync_steps
+from .warmup import check_sync_steps, replays_batch
 
 
 # ------------------------------------------------------------------ the engine
@@ -274,7 +274,8 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
             b = self.batch_id
         else:
             b = self.batch_id + 1 - self._delay(k)
-        if self.step_synchronous or b >= self.sync_steps:
+        # the step that replays b is this one, or the next, a ring step like this one
+        if replays_batch(b, self.step_synchronous, self.sync_steps):
             src = S.stage_of(k + 1, self.num_stages)
             self.grads_in[(k, b, mb)] = self.p2p.irecv(src, P.tag(P.GRAD, k, mb), P.GRAD)
 
@@ -284,7 +285,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         error gradient. Nothing to do while b < 0 (warm-up), nor in a ring step for a batch that
         was replayed in its own synchronous step (b < sync_steps)."""
         b = self.batch_id - self._delay(k)
-        if not self.step_synchronous and b < self.sync_steps:
+        if not replays_batch(b, self.step_synchronous, self.sync_steps):
             return
         g = self.p2p.wait(self.grads_in.pop((k, b, mb)))
         if not torch.isfinite(g).all():  # a non-finite loss or gradient downstream: drop (b, mb)

@@ -33,7 +33,7 @@ from .models import LayerPlan
 from .module import ring_partition
 from .staleness import scaled_by_delay, stale_momentum
 from .utils import layer_modules, unique_parameters
-from .warmup import FIRST_STEP, check_sync_steps, stage_param_groups
+from .warmup import FIRST_STEP, check_sync_steps, replays_batch, stage_param_groups
 
 
 def build_layers(plan: LayerPlan) -> list:
@@ -244,7 +244,7 @@ class Reference:
         t = self.t
         for k in modules:
             b = t - self.delay(k)
-            if b < (0 if self.synchronous else self.sync_steps):
+            if not replays_batch(b, self.synchronous, self.sync_steps):
                 continue  # warm-up: no delayed gradient for module k yet, or batch b was replayed in its own step
             j = 0
             while (k, b, j) in self.stash:

@@ -12,7 +12,7 @@ keeps the optimizer off a group before it; the staleness mitigations scale per g
 A synchronous warm-up (``sync_steps`` = S) moves that pause: during steps 0..S-1 every module
 backprops its own step's batch, and from step S on module k replays batch ``t - delay(k)``, whose
 gradient it already applied while ``t - delay(k) < S``. So a group has no gradient during steps
-S .. S + first step - 1 instead (:func:`has_gradient`).
+S .. S + first step - 1 instead (:func:`replays_batch`, :func:`has_gradient`).
 """
 from __future__ import annotations
 
@@ -32,10 +32,22 @@ def check_sync_steps(sync_steps) -> int:
     return sync_steps
 
 
+def replays_batch(b: int, synchronous: bool, sync_steps: int) -> bool:
+    """Whether a module backprops batch b in a step whose replay (``b = t - delay``) falls on it.
+
+    A synchronous step backprops its own batch. A ring step replays a batch ``delay`` steps old,
+    and skips it when it is one of the first ``sync_steps``: that batch was already backpropagated
+    and applied in its own synchronous step, and its stash and error gradient are gone. With no
+    synchronous steps the same test skips ``b < 0``, the ring's warm-up.
+    """
+    return synchronous or b >= sync_steps
+
+
 def has_gradient(t: int, first_step: int, sync_steps: int = 0) -> bool:
     """Whether a group whose gradient first comes ``first_step`` steps into the ring has one at
     step t: always during the synchronous steps, then not until the ring delivers it."""
-    return t < sync_steps or t >= sync_steps + first_step
+    # the gradient comes from the replay of the group's freshest module, delay ``first_step``
+    return replays_batch(t - first_step, t < sync_steps, sync_steps)
 
 
 def used_parameters(layer, tied_attrs: dict) -> list:
