@@ -1,8 +1,10 @@
 """Helpers shared by the tests (no test file imports another).
 
-- Spawned gloo ranks on the CPU, one torch thread each: :func:`run_ranks`.
+- Spawned gloo ranks on the CPU, one torch thread each: :func:`run_ranks`; a run several tests
+  read, launched once: :func:`run_once`.
 - The tiny ring most multi-rank tests train: :func:`model_plan`, :func:`ds_config`,
-  :func:`batches`, :func:`ring_engine`, :func:`stage_parameters` (named like the Reference's).
+  :func:`batches`, :func:`ring_engine`, :func:`stage_parameters` (named like the Reference's), and
+  the single-process Reference on the same data: :func:`reference_run`.
 - Recorders of what a run sends: :class:`ApiRecorder` (torch.distributed collectives),
   :class:`C10dRecorder` (every ``c10d`` op dispatched).
 - ``train.py`` as a user launches it: :func:`train_env`, :func:`launch_train`, :func:`run_train`.
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import traceback
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -22,9 +25,10 @@ from ouroboros_ds.utils import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
 
-__all__ = ["ROOT", "TRAIN", "free_port", "run_ranks", "close_pools", "SEED", "INIT_SEED", "VOCAB", "SEQ", "MICRO", "CLIP",
-           "steps_for", "ds_config", "batches", "model_plan", "ring_engine", "feed", "stage_parameters", "pipeline_logits",
-           "ApiRecorder", "C10dRecorder", "P2P_OPS", "train_env", "launch_train", "run_train", "run_train_single"]
+__all__ = ["ROOT", "TRAIN", "free_port", "run_ranks", "run_once", "close_pools", "SEED", "INIT_SEED", "VOCAB",
+           "SEQ", "MICRO", "CLIP", "steps_for", "ds_config", "batches", "model_plan", "ring_engine", "feed",
+           "stage_parameters", "reference_run", "pipeline_logits", "ApiRecorder", "C10dRecorder", "P2P_OPS",
+           "train_env", "launch_train", "run_train", "run_train_single"]
 
 
 # ------------------------------------------------------------------ spawned ranks
@@ -153,6 +157,26 @@ def run_ranks(fn, world: int, *args, tmpdir: str, timeout: float = 600, fresh: b
         raise RuntimeError("\n".join(errors))
 
 
+_RUNS: dict = {}  # name -> (out, per-rank results); None: that run failed
+
+
+def run_once(tmp_path_factory, name: str, worker, G: int, timeout: float = 300, prepare=None) -> tuple:
+    """``(out, results)``: ``worker(rank, G, out)`` on G ranks, in a new folder ``out`` (``prepare(out)``
+    first, in this process, if given); ``results[rank]`` is what that rank saved to ``out/rank{rank}.pt``.
+    The run is launched once per ``name`` for the whole pytest run, since several tests read it and
+    a launch costs more than their checks; a failed run fails every later call without running again."""
+    if name not in _RUNS:
+        out = str(tmp_path_factory.mktemp(name))
+        _RUNS[name] = None
+        if prepare is not None:
+            prepare(out)
+        run_ranks(worker, G, G, out, tmpdir=out, timeout=timeout)
+        _RUNS[name] = (out, [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(G)])
+    if _RUNS[name] is None:
+        pytest.fail(f"the {name} run failed (see the first test that used it)")
+    return _RUNS[name]
+
+
 # ------------------------------------------------------------------ the tiny ring
 SEED, INIT_SEED = 3, 7
 VOCAB, SEQ, MICRO = 64, 8, 2
@@ -230,6 +254,23 @@ def stage_parameters(mod) -> dict:
     # nothing the engine trains is left out of the comparison
     assert seen == {id(p) for p in mod.parameters()}, "some engine parameter is not named by its layer"
     return state
+
+
+def reference_run(G: int, M: int, steps: int, plan=None, **options) -> tuple:
+    """``(parameters by name, losses)`` of the single-process Reference over ``batches(steps, M)``,
+    on ``plan`` (default :func:`model_plan`) with ``ds_config(M, steps)``; ``options``: the
+    Reference's own (replay, weight_prediction, lookahead, sync_steps, ...)."""
+    from ouroboros_ds.models import lm_loss
+    from ouroboros_ds.reference import Reference
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run: float sums in the same order, for bitwise checks
+    try:
+        ref = Reference(plan or model_plan(), G, ds_config(M, steps), lm_loss, seed=SEED, **options)
+        losses = [ref.step(b) for b in batches(steps, M)]
+    finally:
+        torch.set_num_threads(threads)
+    return dict(ref.named_parameters()), losses
 
 
 @torch.no_grad()

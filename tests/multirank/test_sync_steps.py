@@ -25,7 +25,8 @@ import os
 import pytest
 import torch
 
-from helpers import SEED, batches, ds_config, model_plan, ring_engine, run_ranks, stage_parameters
+from helpers import (SEED, batches, ds_config, model_plan, reference_run, ring_engine, run_once, run_ranks,
+                     stage_parameters)
 
 # Three synchronous steps: step 0's LR is 0 (WarmupCosineLR), so step 2 is the first with a last
 # update to look ahead along (a look-ahead wrongly taken in a synchronous step shows).
@@ -113,17 +114,18 @@ def _initialize_reads_sync_steps():
     return out
 
 
-def worker(rank, G, out, ckpt):
+def worker(rank, G, out):
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
+    ckpt = os.path.join(out, "ckpt") if G == RESUME_G else ""
     res = {(replay, M): _train(G, M, replay, os.path.join(ckpt, replay) if ckpt and M == RESUME_M else None)
            for replay, M in _cases(G)}
     if G == RESUME_G:
         res["zero1"] = _train(G, RESUME_M, "recompute", zero=1)
     if G == 1:
         res["initialize"] = _initialize_reads_sync_steps()
-    torch.save(res, os.path.join(out, f"full{rank}.pt"))
+    torch.save(res, os.path.join(out, f"rank{rank}.pt"))
 
 
 def resume_worker(rank, out, ckpt):
@@ -151,37 +153,13 @@ def resume_worker(rank, out, ckpt):
 
 
 # ------------------------------------------------------------------ the runs, once per G
-_RUNS: dict = {}
-
-
 @pytest.fixture(scope="module")
 def ring_run(tmp_path_factory):
-    def get(G: int) -> list:
-        if G not in _RUNS:
-            out = str(tmp_path_factory.mktemp(f"sync_g{G}"))
-            _RUNS[G] = None  # a failed run fails every test of this G without re-running
-            ckpt = os.path.join(out, "ckpt") if G == RESUME_G else ""
-            run_ranks(worker, G, G, out, ckpt, tmpdir=out, timeout=300)
-            _RUNS[G] = (out, [torch.load(os.path.join(out, f"full{r}.pt")) for r in range(G)])
-        if _RUNS[G] is None:
-            pytest.fail(f"the G={G} run failed (see the first test of G={G})")
-        return _RUNS[G]
-    return get
+    return lambda G: run_once(tmp_path_factory, f"sync_g{G}", worker, G)
 
 
 def _reference(G, M, replay, sync_steps):
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.reference import Reference
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks run
-    try:
-        ref = Reference(model_plan(), G, ds_config(M, steps_of(G)), lm_loss, seed=SEED, replay=replay,
-                        weight_prediction=H, lookahead=L, sync_steps=sync_steps)
-        losses = [ref.step(b) for b in batches(steps_of(G), M)]
-    finally:
-        torch.set_num_threads(threads)
-    return dict(ref.named_parameters()), losses
+    return reference_run(G, M, steps_of(G), replay=replay, weight_prediction=H, lookahead=L, sync_steps=sync_steps)
 
 
 @pytest.mark.parametrize("G", G_VALUES, ids=lambda g: f"G{g}")
