@@ -17,7 +17,8 @@ import warnings
 import pytest
 import torch
 
-from helpers import SEED, VOCAB, batches, ds_config, pipeline_logits, run_ranks, stage_parameters, steps_for
+from helpers import (SEED, VOCAB, batches, ds_config, pipeline_logits, reference_run, run_once, run_ranks,
+                     stage_parameters, steps_for)
 
 SEQ = 8  # the length of helpers.batches
 INIT_SEED = 7
@@ -57,7 +58,12 @@ RESUME = (2, False, 4, "recompute")
 SAVE_AT = 3
 
 
-def ring_worker(rank, G, out, srcs):
+def _src(out, tied):
+    """Where the G = 2 run's saved Llama (tied head or not) lies."""
+    return os.path.join(out, f"src_{tied}")
+
+
+def ring_worker(rank, G, out):
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
@@ -76,8 +82,8 @@ def ring_worker(rank, G, out, srcs):
                                       "warnings": [str(w.message)[:200] for w in caught]}
     if G == 2:
         results["1f1b"] = _stock_1f1b_first_loss(G, 4)
-        for tied, src in srcs.items():
-            results[("round_trip", tied)] = _round_trip(G, src, os.path.join(out, f"export_{tied}"))
+        for tied in (True, False):
+            results[("round_trip", tied)] = _round_trip(G, _src(out, tied), os.path.join(out, f"export_{tied}"))
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 
@@ -136,59 +142,34 @@ def _round_trip(G, src, out):
     return {"before": before, "after": after, "written": written}
 
 
-_RUNS: dict = {}
+def _save_llamas(out):
+    """A saved Llama with a tied head and one without, for the round trip through the ring."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    for tied in (True, False):
+        fields = {k: v for k, v in LLAMA.items() if k != "model_type"}
+        cfg = LlamaConfig(**fields, vocab_size=VOCAB, tie_word_embeddings=tied, head_dim=4,
+                          rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})
+        LlamaForCausalLM(cfg).save_pretrained(_src(out, tied))
 
 
 @pytest.fixture(scope="module")
 def ring_run(tmp_path_factory):
-    """``ring_run(G)``: (per-rank results, output folder), computed once per G."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    def get(G):
-        if G not in _RUNS:
-            out = str(tmp_path_factory.mktemp(f"families_g{G}"))
-            srcs = {}
-            if G == 2:
-                torch.manual_seed(0)
-                for tied in (True, False):
-                    fields = {k: v for k, v in LLAMA.items() if k != "model_type"}
-                    cfg = LlamaConfig(**fields, vocab_size=VOCAB, tie_word_embeddings=tied, head_dim=4,
-                                      rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})
-                    srcs[tied] = os.path.join(out, f"src_{tied}")
-                    LlamaForCausalLM(cfg).save_pretrained(srcs[tied])
-            _RUNS[G] = None
-            run_ranks(ring_worker, G, G, out, srcs, tmpdir=out, timeout=600)
-            _RUNS[G] = ([torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(G)], out, srcs)
-        if _RUNS[G] is None:
-            pytest.fail(f"the G={G} ring run failed (see the first test of G={G})")
-        return _RUNS[G]
-    return get
-
-
-def _reference(G, tied, M, replay):
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.reference import Reference
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks run
-    try:
-        ref = Reference(llama_plan(tied), G, ds_config(M, steps_for(G)), lm_loss, seed=SEED, replay=replay)
-        losses = [ref.step(b) for b in batches(steps_for(G), M)]
-    finally:
-        torch.set_num_threads(threads)
-    return ref, losses
+    """``ring_run(G)``: (output folder, per-rank results), computed once per G."""
+    return lambda G: run_once(tmp_path_factory, f"families_g{G}", ring_worker, G, timeout=600,
+                              prepare=_save_llamas if G == 2 else None)
 
 
 @pytest.mark.parametrize("case", [(G, *c) for G in (2, 3) for c in CASES[G]],
                          ids=lambda c: f"G{c[0]}-{'tied' if c[1] else 'untied'}-M{c[2]}-{c[3]}")
 def test_llama_engine_equals_reference_bitwise(ring_run, case):
     G, tied, M, replay = case
-    ranks = [r[(tied, M, replay)] for r in ring_run(G)[0]]
-    ref, ref_losses = _reference(G, tied, M, replay)
+    ranks = [r[(tied, M, replay)] for r in ring_run(G)[1]]
+    ref_params, ref_losses = reference_run(G, M, steps_for(G), plan=llama_plan(tied), replay=replay)
     assert [r["stage"] for r in ranks] == list(range(G))
     assert ranks[0]["losses"] == ref_losses  # floats from .item(): exact
     assert all(x is None for r in ranks[1:] for x in r["losses"])
-    ref_params = dict(ref.named_parameters())
     names = [n for r in ranks for n in r["params"]]
     assert sorted(names) == sorted(ref_params)
     assert any(".lm_head." in n for n in names) != tied  # the untied head is a layer of its own
@@ -213,7 +194,7 @@ def _reference_init(tied):
 
 
 def test_llama_resume_is_bitwise(ring_run, tmp_path):
-    ranks, out, _ = ring_run(2)
+    out, ranks = ring_run(2)
     run_ranks(resume_worker, 2, out, tmpdir=str(tmp_path), timeout=300, fresh=True)
     G, tied, M, replay = RESUME
     for r in range(G):
@@ -226,7 +207,7 @@ def test_llama_resume_is_bitwise(ring_run, tmp_path):
 
 
 def test_stock_1f1b_runs_the_same_llama(ring_run):
-    ranks, _, _ = ring_run(2)
+    _, ranks = ring_run(2)
     got = [r["1f1b"] for r in ranks]
     assert [g["blocks"] for g in got] == [[2], [2]]  # "type:Block" finds the decoder blocks
     ours = ranks[0][(True, 4, "recompute")]["losses"][0]
@@ -237,10 +218,10 @@ def test_stock_1f1b_runs_the_same_llama(ring_run):
 def test_llama_load_train_export_through_the_ring(ring_run, tied):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    ranks, out, srcs = ring_run(2)
+    out, ranks = ring_run(2)
     got = ranks[0][("round_trip", tied)]
     assert got["written"] == os.path.join(out, f"export_{tied}") and ranks[1][("round_trip", tied)]["written"] is None
-    original = AutoModelForCausalLM.from_pretrained(srcs[tied]).eval()
+    original = AutoModelForCausalLM.from_pretrained(_src(out, tied)).eval()
     with torch.no_grad():
         torch.testing.assert_close(got["before"], original(_probe()).logits, rtol=0, atol=1e-5)
     exported = AutoModelForCausalLM.from_pretrained(got["written"]).eval()
@@ -291,19 +272,9 @@ def dp_worker(rank, out):
 
 
 def test_llama_zero1_and_bf16_on_two_replicas(tmp_path):
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.reference import Reference
-
     run_ranks(dp_worker, 4, str(tmp_path), tmpdir=str(tmp_path), timeout=600)
     ranks = [torch.load(tmp_path / f"dp{r}.pt") for r in range(4)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks run
-    try:
-        ref = Reference(llama_plan(False), 2, ds_config(GLOBAL_MB, DP_STEPS), lm_loss, seed=SEED)
-        ref_losses = [ref.step(b) for b in batches(DP_STEPS, GLOBAL_MB)]
-    finally:
-        torch.set_num_threads(threads)
-    ref_params = dict(ref.named_parameters())
+    ref_params, ref_losses = reference_run(2, GLOBAL_MB, DP_STEPS, plan=llama_plan(False))
     fp32 = [r["zero1"] for r in ranks]
     assert {r["optimizer"] for r in fp32} == {"DeepSpeedZeroOptimizer"}
     got = {n: p for r in fp32 if r["dp_rank"] == 0 for n, p in r["params"].items()}
