@@ -51,8 +51,9 @@ class ModelConfig:
 
 # The default staleness mitigation (the best measured combination: docs/parity.md) and the paper's
 # update, as RingConfig options (a DeepSpeed JSON's "ouroboros" object may set them too).
-DEFAULT_MITIGATION = {"weight_prediction": 1.0, "lookahead": 1.0, "partition": "fresh", "sync_steps": 50}
-PAPER = {"weight_prediction": 0.0, "lookahead": 0.0, "partition": "balanced", "sync_steps": 0}
+DEFAULT_MITIGATION = {"weight_prediction": 1.0, "lookahead": 1.0, "partition": "fresh", "sync_steps": 50,
+                      "stage_clip": "split"}
+PAPER = {"weight_prediction": 0.0, "lookahead": 0.0, "partition": "balanced", "sync_steps": 0, "stage_clip": "whole"}
 MITIGATIONS = tuple(DEFAULT_MITIGATION)  # the options a "ouroboros" object may set besides paper
 
 
@@ -95,6 +96,11 @@ class RingConfig:
     module backprops its own step's batch, delay 0, as ordinary training; each such step fills and
     drains the pipeline as 1F1B does), then the ring starts with its usual delays. Delayed gradients
     slow the escape from the loss's early plateau; see docs/ring.md"""
+    stage_clip: Literal["split", "whole"] | None = None
+    """ouroboros: the norm each stage clips its own gradient at, with no collective across stages:
+    'split' (default) the config's gradient_clipping / sqrt(G), so the whole model's norm never
+    exceeds gradient_clipping, as with DeepSpeed's clip; 'whole' (--paper) gradient_clipping on
+    every stage, the paper's rule; see ouroboros_ds/optim.py stage_clip_threshold"""
     paper: bool = False
     """the paper's exact update (no weight prediction, no look-ahead, no synchronous steps, the balanced
     partition); the defaults
@@ -111,9 +117,7 @@ class RingConfig:
 
     def resolve(self, section: dict) -> None:
         """Fill the unset mitigation options from ``section`` (the DeepSpeed JSON's ``"ouroboros"``
-        object: ``paper``, ``weight_prediction``, ``lookahead``, ``partition``, ``sync_steps``), then from the
-        defaults;
-        check them."""
+        object: ``paper`` and the keys of :data:`DEFAULT_MITIGATION`), then from the defaults; check them."""
         unknown = set(section) - {"paper", *MITIGATIONS}
         if unknown:
             raise ValueError(f"--deepspeed_config: unknown ouroboros option(s) {sorted(unknown)}; expected paper, "
@@ -128,14 +132,19 @@ class RingConfig:
             if self.sync_steps:
                 raise ValueError(f"--sync-steps: only the ouroboros schedule has delays to start without ({self.schedule} "
                                  "is synchronous throughout); drop it")
+            if self.stage_clip is not None:
+                raise ValueError(f"--stage-clip: only the ouroboros schedule clips each stage on its own ({self.schedule} "
+                                 "clips the whole model's norm, as DeepSpeed does); drop it")
             if self.replay != "recompute" or self.partition not in (None, "balanced"):
                 raise ValueError("--replay/--partition apply to --schedule ouroboros only")
             self.weight_prediction, self.lookahead, self.partition, self.sync_steps = 0.0, 0.0, "balanced", 0
+            self.stage_clip = "whole"
         else:
             if self.paper and (self.weight_prediction or self.lookahead or self.partition == "fresh"
-                               or self.stale_lr_scale or self.sync_steps):
+                               or self.stale_lr_scale or self.sync_steps or self.stage_clip == "split"):
                 raise ValueError("--paper: the paper's update has no staleness mitigation; drop --weight-prediction, "
-                                 "--lookahead, --sync-steps, --partition fresh and --stale-lr-scale (or --paper)")
+                                 "--lookahead, --sync-steps, --partition fresh, --stage-clip split and --stale-lr-scale "
+                                 "(or --paper)")
             defaults = PAPER if self.paper else DEFAULT_MITIGATION
             for key in MITIGATIONS:
                 if getattr(self, key) is None:
@@ -147,6 +156,8 @@ class RingConfig:
         if isinstance(self.sync_steps, bool) or not isinstance(self.sync_steps, int) or self.sync_steps < 0:
             raise ValueError(f"--sync-steps: must be an integer >= 0 (0: off, N: the first N steps synchronous), "
                              f"got {self.sync_steps!r}")
+        if self.stage_clip not in ("split", "whole"):
+            raise ValueError(f"--stage-clip: must be 'split' or 'whole', got {self.stage_clip!r}")
         if self.activation_budget is not None:
             if self.schedule != "ouroboros" or self.replay != "stash":
                 raise ValueError("--activation-budget: bounds --schedule ouroboros --replay stash (features replay keeps "

@@ -17,6 +17,8 @@ What changes against the stock engine, and why (the algorithm: docs/ring.md):
   within an activation budget, :mod:`ouroboros_ds.memory`). ``weight_prediction`` takes the
   snapshot ahead along the last update; features replay then recomputes through it too.
   ``lookahead`` runs module K's losses and backwards one last update ahead (stage 0 only).
+- ``stage_clip``: each stage clips its own gradient norm, at ``gradient_clipping`` ("whole") or
+  at that over sqrt(G) ("split": the whole model's norm stays within it, as DeepSpeed's clip).
 - ``sync_steps``: the first steps run synchronously (every delay 0, the schedule's synchronous
   list); the step's delays are decided once, at its start (``step_synchronous``).
 - A non-finite loss or gradient is dropped batch by batch around the ring, with no collective.
@@ -52,8 +54,12 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
     """
 
     def __init__(self, *args, seed: int = 0, replay: str = "recompute", weight_prediction: float = 0.0,
-                 replay_plan=None, lookahead: float = 0.0, sync_steps: int = 0, **kwargs):
+                 replay_plan=None, lookahead: float = 0.0, sync_steps: int = 0, stage_clip: str = "whole",
+                 **kwargs):
         self.replay = W.check_replay(replay)
+        # before DeepSpeed builds the optimizer wrappers: they read the threshold at construction
+        self.stage_clip = O.check_stage_clip(stage_clip)
+        self._stages = kwargs["model"].num_stages
         # before DeepSpeed builds the optimizer: its warm-up hook counts from the end of these steps
         self.sync_steps = check_sync_steps(sync_steps)
         self.step_synchronous = False  # whether the step being run is one of the sync_steps
@@ -140,6 +146,11 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         finally:
             self.mpu = mpu
         self.basic_optimizer.register_step_pre_hook(O.warmup_hook(lambda: self.batch_id, self.sync_steps))
+
+    # Overridden: every clip (the fp32 path below, ZeRO's and BF16_Optimizer's, which read it when
+    # they are built) takes its threshold from here, and the ring's is per stage (stage_clip).
+    def gradient_clipping(self):
+        return O.stage_clip_threshold(super().gradient_clipping(), self._stages, self.stage_clip)
 
     # Overridden: the stock clip all-reduces the norm over all stages (a cross-stage collective);
     # Ouroboros clips each stage's gradient by its own norm. After the data-parallel reduction the

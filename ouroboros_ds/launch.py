@@ -82,7 +82,7 @@ def _ring_section(config):
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
                lr_scheduler=None, config=None, seed: int = 0, replay: str = "recompute",
                weight_prediction: float | None = None, replay_plan=None, lookahead: float | None = None,
-               sync_steps: int | None = None):
+               sync_steps: int | None = None, stage_clip: str | None = None):
     """``deepspeed.initialize`` for pipelines: an :class:`OuroborosPipelineModule` gets the
     :class:`OuroborosEngine` (``replay``: "recompute" or "stash"; ``weight_prediction``: see
     :class:`ouroboros_ds.stash.LastUpdate`; None: the config's ``"ouroboros"`` object decides, as
@@ -90,7 +90,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     one, 0; ``replay_plan``: a :class:`ouroboros_ds.memory.ReplayPlan`, needs "stash"; ``lookahead``:
     module K's look-ahead, see :func:`ouroboros_ds.stash.look_ahead`, None read from the config like
     ``weight_prediction``; ``sync_steps``: how many first steps run synchronously, every delay 0,
-    None read from the config like ``lookahead``), a ``DualPipeVModule`` DeepSpeed's ``DualPipeVEngine`` with keyed
+    None read from the config like ``lookahead``; ``stage_clip``: the norm each stage clips at,
+    "split" or "whole", see :func:`ouroboros_ds.optim.stage_clip_threshold`, None read from the
+    config like ``lookahead``, "whole" without one), a ``DualPipeVModule`` DeepSpeed's ``DualPipeVEngine`` with keyed
     dropout, any other ``PipelineModule`` DeepSpeed's stock engine.
 
     Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed.
@@ -107,16 +109,17 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if config is None:
         raise ValueError("no DeepSpeed config: pass config= or --deepspeed_config")
     config, section = _ring_section(config)
+    # the config's "ouroboros" object sets the ring's options (a None argument), not 1F1B's or
+    # DualPipeV's, and none with "paper"; without one: the paper's update
+    ring = isinstance(model, OuroborosPipelineModule) and not section.get("paper")
     if weight_prediction is None:
-        weight_prediction = 0.0 if section.get("paper") else float(section.get("weight_prediction", 0.0))
-    if not isinstance(model, OuroborosPipelineModule) and section.get("weight_prediction") and not section.get("paper"):
-        weight_prediction = 0.0  # the config's ring default does not apply to the 1F1B baseline
-    if lookahead is None:  # the config's ring default applies to the ring only, as weight_prediction's
-        ring = isinstance(model, OuroborosPipelineModule) and not section.get("paper")
+        weight_prediction = float(section.get("weight_prediction", 0.0)) if ring else 0.0
+    if lookahead is None:
         lookahead = float(section.get("lookahead", 0.0)) if ring else 0.0
-    if sync_steps is None:  # likewise
-        ring = isinstance(model, OuroborosPipelineModule) and not section.get("paper")
+    if sync_steps is None:
         sync_steps = section.get("sync_steps", 0) if ring else 0
+    if stage_clip is None:  # 1F1B and DualPipeV clip the whole model, as DeepSpeed does
+        stage_clip = section.get("stage_clip", "whole") if ring else "whole"
     config_class = DeepSpeedConfig(config, model.mpu())  # a dict or a JSON path, as DeepSpeed takes
     deepspeed.set_optimizer_flags(config_class, model)
     kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
@@ -131,12 +134,16 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if not isinstance(model, OuroborosPipelineModule) and sync_steps:
         raise ValueError("sync_steps: only the Ouroboros ring has delays to start without; 1f1b and dualpipev are "
                          "synchronous throughout; drop it for them")
+    if not isinstance(model, OuroborosPipelineModule) and stage_clip != "whole":
+        raise ValueError("stage_clip: only the Ouroboros ring clips each stage on its own; 1f1b and dualpipev clip "
+                         "the whole model's norm, as DeepSpeed does; drop it for them")
     if isinstance(model, DualPipeVModule):
         check_dualpipev(config_class.gradient_accumulation_steps, model.num_stages // 2)
     with _without_scheduler_start_warning():
         if isinstance(model, OuroborosPipelineModule):
             engine = OuroborosEngine(seed=seed, replay=replay, weight_prediction=weight_prediction,
                                      replay_plan=replay_plan, lookahead=lookahead, sync_steps=sync_steps,
+                                     stage_clip=stage_clip,
                                      **kwargs)
         elif isinstance(model, DualPipeVModule):
             engine = KeyedDualPipeVEngine(seed=seed, **kwargs)

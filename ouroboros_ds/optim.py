@@ -10,9 +10,12 @@ and changes only what they are given:
   the torch optimizer skips it, as it skips a parameter without gradient in the plain fp32 path
   and in the Reference;
 - a grid whose model-parallel group is this stage (:class:`StageGrid`), so the gradient norm a
-  wrapper clips by is the stage's, with no cross-stage collective.
+  wrapper clips by is the stage's, with no cross-stage collective;
+- the threshold it clips at (:func:`stage_clip_threshold`).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -47,6 +50,29 @@ def warmup_hook(current_step, sync_steps: int = 0):
                 for p in group["params"]:
                     p.grad = None
     return hook
+
+
+STAGE_CLIPS = ("split", "whole")
+
+
+def check_stage_clip(mode: str) -> str:
+    if mode not in STAGE_CLIPS:
+        raise ValueError(f"stage_clip: must be 'split' (each stage at gradient_clipping / sqrt(G)) or 'whole' (each "
+                         f"stage at gradient_clipping, the paper's rule), got {mode!r}")
+    return mode
+
+
+def stage_clip_threshold(gradient_clipping: float, stages: int, mode: str) -> float:
+    """The norm each of the G stages clips its own gradient at.
+
+    DeepSpeed's ``gradient_clipping`` c bounds the whole model's gradient norm (one collective over
+    all stages). The ring clips each stage by its own norm, with no collective. 'whole' clips each
+    at c (the paper's rule): the model's norm may then reach c sqrt(G), and a stage whose norm is
+    small is never scaled down with the others. 'split' clips each at c / sqrt(G): the model's norm
+    never exceeds c, as with DeepSpeed's clip, and while every stage is clipped the update is the
+    global clip's up to how the norm is shared between stages (docs/parity.md measures both)."""
+    check_stage_clip(mode)
+    return gradient_clipping / math.sqrt(stages) if mode == "split" else gradient_clipping
 
 
 class StageGrid:

@@ -15,7 +15,9 @@ gradient at the forward's weights, :mod:`ouroboros_ds.stash`), as the engine's s
 predicted snapshot without a graph and the replay recomputes through it (the same update as stash
 mode). ``lookahead`` runs module K's losses and backwards one last update ahead
 (:func:`ouroboros_ds.stash.look_ahead`), as the engine does. ``global_clip`` clips one norm over the whole model, as DeepSpeed's 1F1B engine does (the
-baseline, with ``synchronous=True``). ``sync_steps`` = S makes steps 0..S-1 synchronous (the
+baseline, with ``synchronous=True``); otherwise each stage clips its own norm, at the config's
+``gradient_clipping`` (``stage_clip="whole"``, the paper's rule) or at that over sqrt(G)
+(``"split"``: :func:`ouroboros_ds.optim.stage_clip_threshold`). ``sync_steps`` = S makes steps 0..S-1 synchronous (the
 synchronous warm-up, as the engine runs it): from step S on module k replays batch
 ``t - delay(k)`` again, and while that batch is one of the first S, already applied in its own
 step, the module has no gradient and keeps its weights, as at the start of a run.
@@ -31,6 +33,7 @@ from . import stash as W
 from .context import dropout_key, recurrent_memory
 from .models import LayerPlan
 from .module import ring_partition
+from .optim import stage_clip_threshold
 from .staleness import scaled_by_delay, stale_momentum
 from .utils import layer_modules, unique_parameters
 from .warmup import FIRST_STEP, check_sync_steps, replays_batch, stage_param_groups
@@ -83,7 +86,8 @@ class Reference:
     def __init__(self, plan: LayerPlan, stages: int, ds_config: dict, loss_fn, seed: int = 0,
                  blocks_per_module=None, synchronous: bool = False, replay: str = "recompute",
                  stale_lr_scale: float = 0.0, weight_prediction: float = 0.0, global_clip: bool = False,
-                 stale_beta1: float = 0.0, lookahead: float = 0.0, sync_steps: int = 0):
+                 stale_beta1: float = 0.0, lookahead: float = 0.0, sync_steps: int = 0,
+                 stage_clip: str = "whole"):
         self.replay = W.check_replay(replay)
         self.weight_prediction = W.check_prediction(weight_prediction)
         self.sync_steps = check_sync_steps(sync_steps)
@@ -96,6 +100,8 @@ class Reference:
         # global_clip: one norm over the whole model, as DeepSpeed's stock pipeline engine clips
         # (the 1F1B baseline); the Ouroboros rule clips each stage on its own
         self.global_clip = global_clip
+        # the norm each stage clips at without global_clip (optim.stage_clip_threshold)
+        self.stage_clip = stage_clip_threshold(self.clip, stages, stage_clip)
         self.stage_params, self.optimizers, self.schedulers = [], [], []
         tied_attrs = {id(f.args[0]): f.tied_weight_attr for f in self.layers if isinstance(f, functools.partial)}
         for s in range(stages):
@@ -232,7 +238,7 @@ class Reference:
         for params, opt, sch in zip(self.stage_params, self.optimizers, self.schedulers):
             with_grad = [p for p in params if p.grad is not None]
             if self.clip > 0 and with_grad and not self.global_clip:
-                torch.nn.utils.clip_grad_norm_(with_grad, self.clip)
+                torch.nn.utils.clip_grad_norm_(with_grad, self.stage_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if sch is not None:

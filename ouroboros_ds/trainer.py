@@ -86,6 +86,7 @@ class Trainer:
         self.engine, *_ = initialize(model=model, model_parameters=params, config=ds, seed=c.training.seed,
                                      replay=c.ring.replay, weight_prediction=c.ring.weight_prediction,
                                      lookahead=c.ring.lookahead, sync_steps=c.ring.sync_steps,
+                                     stage_clip=c.ring.stage_clip,
                                      replay_plan=getattr(model, "replay_plan", None))
         engine = self.engine
 
@@ -107,7 +108,7 @@ class Trainer:
             print(f"ouroboros-ds: schedule={c.ring.schedule} "
                   f"replay={c.ring.replay if c.ring.schedule == 'ouroboros' else '-'} "
                   f"weight_prediction={c.ring.weight_prediction} lookahead={c.ring.lookahead} "
-                  f"sync_steps={c.ring.sync_steps} "
+                  f"sync_steps={c.ring.sync_steps} stage_clip={c.ring.stage_clip} "
                   f"activation_checkpointing={c.ring.activation_checkpointing} G={self.G} dp={dp} M={M} "
                   f"micro-batch={mb} seq={seq_len} vocab={tok.vocab_size} layers={dims['n_layer']} d={dims['n_embd']} "
                   f"train_tokens={len(tok.train):,} unigram_entropy={tok.unigram_entropy_bits:.3f} bits/token",

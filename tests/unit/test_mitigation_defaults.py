@@ -1,9 +1,10 @@
 """The staleness mitigation is the default; the paper's exact update is one switch away.
 
 - train.py's defaults (and ``ds_configs/ouroboros.json``'s ``"ouroboros"`` object): weight
-  prediction H = 1, module K's look-ahead L = 1, the fresh partition, 50 synchronous first steps;
-  ``--paper`` or ``ds_configs/paper.json``: no prediction, no look-ahead, no synchronous steps, the
-  balanced partition (the update the paper's rule is tested against: docs/ring.md); the 1F1B
+  prediction H = 1, module K's look-ahead L = 1, the fresh partition, 50 synchronous first steps,
+  each stage clipped at gradient_clipping / sqrt(G); ``--paper`` or ``ds_configs/paper.json``: no
+  prediction, no look-ahead, no synchronous steps, the balanced partition, each stage clipped at
+  gradient_clipping (the update the paper's rule is tested against: docs/ring.md); the 1F1B
   baseline gets neither; a flag on the command line beats the config's object.
 - ``initialize`` reads the same object (and DeepSpeed never sees it).
 - Contradictions fail with one line naming the flags.
@@ -172,3 +173,37 @@ def test_a_config_object_sets_sync_steps_and_a_flag_beats_it(tmp_path):
     assert sync_steps(["--deepspeed_config", str(path)]) == 3
     assert sync_steps(["--deepspeed_config", str(path), "--sync-steps", "9"]) == 9
     assert "--sync-steps SYNC_STEPS" in __import__("ouroboros_ds.config", fromlist=["x"]).build_parser().format_help()
+
+
+def stage_clip(argv):
+    c = parse_config(argv)
+    load_deepspeed_config(c)
+    return c.ring.stage_clip
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], "split"), (["--paper"], "whole"), (["--deepspeed_config", "ds_configs/paper.json"], "whole"),
+    (["--schedule", "1f1b"], "whole"), (["--stage-clip", "whole"], "whole"),
+    (["--deepspeed_config", "ds_configs/ouroboros_bf16_zero1.json"], "split"),
+], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_stage_clip_default_and_the_paper(argv, expected):
+    assert DEFAULT_MITIGATION["stage_clip"] == "split" and PAPER["stage_clip"] == "whole"
+    assert stage_clip(argv) == expected
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--paper", "--stage-clip", "split"], "--paper: the paper's update has no staleness mitigation"),
+    (["--schedule", "1f1b", "--stage-clip", "split"], "--stage-clip: only the ouroboros schedule clips each stage"),
+])
+def test_stage_clip_refusals_name_the_flag(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(argv)
+
+
+def test_a_config_object_with_a_bad_stage_clip(tmp_path):
+    cfg = json.load(open(os.path.join(ROOT, "ds_configs", "ouroboros.json")))
+    cfg["ouroboros"] = {"stage_clip": "global"}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="--stage-clip: must be 'split' or 'whole', got 'global'"):
+        stage_clip(["--deepspeed_config", str(path)])

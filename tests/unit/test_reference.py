@@ -408,3 +408,40 @@ def test_sync_steps_then_the_ring(G):
 def test_sync_steps_must_be_a_count(bad):
     with pytest.raises(ValueError, match="sync_steps: must be an integer >= 0"):
         Reference(plan(), 2, config(0.5, 4), lm_loss, sync_steps=bad)
+
+
+# ---------------------------------------------------------------- the per-stage clip threshold (stage_clip)
+@pytest.mark.parametrize("G", (2, 3), ids=lambda g: f"G{g}")
+def test_split_clip_bounds_the_whole_models_norm(G):
+    """"split": each stage's gradient norm at its optimizer step is at most clip / sqrt(G), reached
+    where the clip acts, so the whole model's norm is at most clip, as DeepSpeed's clip keeps it;
+    "whole" lets each stage reach clip. A tight clip acts on every stage from its first gradient."""
+    clip, steps = 0.05, G + 3
+
+    def norms(mode):
+        ref = Reference(plan(), G, config(clip, steps), lm_loss, seed=SEED, blocks_per_module=BLOCKS[G],
+                        stage_clip=mode)
+        seen = []  # per step: each stage's norm as its optimizer saw it (None: no gradient yet)
+        for s, (opt, params) in enumerate(zip(ref.optimizers, ref.stage_params)):
+            def hook(_opt, _args, _kwargs, s=s, params=params):
+                grads = [p.grad for p in params if p.grad is not None]
+                seen.append((s, torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+                             if grads else None))
+            opt.register_step_pre_hook(hook)
+        for b in batches(steps, 2, seed=4):
+            ref.step(b)
+        return seen
+
+    split = [n for _, n in norms("split") if n is not None]
+    assert split and all(n == pytest.approx(clip / G ** 0.5, rel=1e-5) for n in split)
+    whole = [n for _, n in norms("whole") if n is not None]
+    assert whole and all(n == pytest.approx(clip, rel=1e-5) for n in whole)
+    with pytest.raises(ValueError, match="stage_clip: must be 'split'"):
+        Reference(plan(), G, config(clip, steps), lm_loss, stage_clip="global")
+
+
+def test_stage_clip_threshold():
+    from ouroboros_ds.optim import stage_clip_threshold
+
+    assert stage_clip_threshold(1.0, 4, "split") == 0.5 and stage_clip_threshold(1.0, 4, "whole") == 1.0
+    assert stage_clip_threshold(0.8, 1, "split") == 0.8  # one stage: DeepSpeed's clip
