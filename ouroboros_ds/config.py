@@ -51,7 +51,7 @@ class ModelConfig:
 
 # The default staleness mitigation (the best measured combination: docs/parity.md) and the paper's
 # update, as RingConfig options (a DeepSpeed JSON's "ouroboros" object may set them too).
-DEFAULT_MITIGATION = {"weight_prediction": 1.0, "lookahead": 1.0, "partition": "fresh", "sync_steps": 50,
+DEFAULT_MITIGATION = {"weight_prediction": 1.0, "lookahead": 3.0, "partition": "fresh", "sync_steps": 50,
                       "stage_clip": "split"}
 PAPER = {"weight_prediction": 0.0, "lookahead": 0.0, "partition": "balanced", "sync_steps": 0, "stage_clip": "whole"}
 MITIGATIONS = tuple(DEFAULT_MITIGATION)  # the options a "ouroboros" object may set besides paper
@@ -86,7 +86,7 @@ class RingConfig:
     weights predicted H x delay(k) last updates ahead, in both replay modes; see ouroboros_ds/stash.py
     LastUpdate and docs/parity.md"""
     lookahead: float | None = None
-    """staleness mitigation L (default 1; 0 with --paper): module K, the fresh module, runs each step's
+    """staleness mitigation L (default 3; 0 with --paper): module K, the fresh module, runs each step's
     losses and backwards at its weights moved L last updates ahead, w + L (w - w_before), and steps
     from its current weights: the error gradient it sends upstream is applied delay(k) steps later,
     when module K has moved on. One copy of module K's weights, no extra compute; see

@@ -22,7 +22,7 @@ import torch
 from helpers import SEED, batches, ds_config, feed, model_plan, reference_run, ring_engine, run_once, stage_parameters
 
 G, M, STEPS = 2, 4, 7
-DEFAULT_RUN = dict(weight_prediction=1.0, lookahead=1.0, sync_steps=2)  # the default run's other mitigations
+DEFAULT_RUN = dict(weight_prediction=1.0, lookahead=3.0, sync_steps=2)  # the default run's other mitigations
 
 
 def _train(cfg, **options):

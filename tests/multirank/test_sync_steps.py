@@ -2,7 +2,7 @@
 on by default, 50 steps; the rule is pinned on the Reference in tests/unit/test_reference.py).
 
 - The engine with sync_steps = 3 and the default run's mitigations (weight prediction 1, module K's
-  look-ahead 1) equals the single-process Reference with the same settings **bit for bit**: G in
+  look-ahead 3) equals the single-process Reference with the same settings **bit for bit**: G in
   {1, 2, 3} (G = 1: modules 1 and K on one stage, local hand-offs), M in {1, 4}, features replay,
   and stash replay in some cases; dropout, clip, LR schedule. Each run lasts until every module has
   paused after the synchronous steps (delay(k) steps, as at the start of a run) and stepped again.
@@ -30,7 +30,8 @@ from helpers import (SEED, batches, ds_config, model_plan, reference_run, ring_e
 
 # Three synchronous steps: step 0's LR is 0 (WarmupCosineLR), so step 2 is the first with a last
 # update to look ahead along (a look-ahead wrongly taken in a synchronous step shows).
-SYNC, L, H = 3, 1.0, 1.0  # synchronous steps; look-ahead and weight-prediction horizons (the default run's)
+SYNC, L, H = 3, 3.0, 1.0  # synchronous steps; look-ahead and weight-prediction horizons (the default run's)
+CLIP = "split"  # the default run's per-stage clip
 G_VALUES, M_VALUES = (1, 2, 3), (1, 4)
 STASH = {2: (4,), 3: (1,)}  # stash replay as well for these (G: Ms)
 RESUME_G, RESUME_M, SAVES = 2, 4, (1, SYNC)  # saved inside the synchronous steps and right after them
@@ -49,7 +50,8 @@ def _engine(G, M, replay, sync_steps=SYNC, zero=0):
     cfg = ds_config(M, steps_of(G))
     if zero:
         cfg["zero_optimization"] = {"stage": zero}
-    return ring_engine(G, cfg, replay=replay, weight_prediction=H, lookahead=L, sync_steps=sync_steps)
+    return ring_engine(G, cfg, replay=replay, weight_prediction=H, lookahead=L, sync_steps=sync_steps,
+                       stage_clip=CLIP)
 
 
 def _feed(engine, G, M, start):
@@ -159,7 +161,8 @@ def ring_run(tmp_path_factory):
 
 
 def _reference(G, M, replay, sync_steps):
-    return reference_run(G, M, steps_of(G), replay=replay, weight_prediction=H, lookahead=L, sync_steps=sync_steps)
+    return reference_run(G, M, steps_of(G), replay=replay, weight_prediction=H, lookahead=L, sync_steps=sync_steps,
+                         stage_clip=CLIP)
 
 
 @pytest.mark.parametrize("G", G_VALUES, ids=lambda g: f"G{g}")

@@ -1,7 +1,7 @@
 """The staleness mitigation is the default; the paper's exact update is one switch away.
 
 - train.py's defaults (and ``ds_configs/ouroboros.json``'s ``"ouroboros"`` object): weight
-  prediction H = 1, module K's look-ahead L = 1, the fresh partition, 50 synchronous first steps,
+  prediction H = 1, module K's look-ahead L = 3, the fresh partition, 50 synchronous first steps,
   each stage clipped at gradient_clipping / sqrt(G); ``--paper`` or ``ds_configs/paper.json``: no
   prediction, no look-ahead, no synchronous steps, the balanced partition, each stage clipped at
   gradient_clipping (the update the paper's rule is tested against: docs/ring.md); the 1F1B
@@ -35,9 +35,9 @@ def ring(argv):
     (["--deepspeed_config", "ds_configs/paper.json"], (0.0, 0.0, "balanced", True)),
     (["--schedule", "1f1b"], (0.0, 0.0, "balanced", False)),
     (["--deepspeed_config", "ds_configs/paper.json", "--schedule", "1f1b"], (0.0, 0.0, "balanced", True)),
-    (["--weight-prediction", "2"], (2.0, 1.0, "fresh", False)),
+    (["--weight-prediction", "2"], (2.0, DEFAULT_MITIGATION["lookahead"], "fresh", False)),
     (["--lookahead", "0.5"], (1.0, 0.5, "fresh", False)),
-    (["--partition", "balanced"], (1.0, 1.0, "balanced", False)),
+    (["--partition", "balanced"], (1.0, DEFAULT_MITIGATION["lookahead"], "balanced", False)),
     (["--weight-prediction", "0", "--lookahead", "0", "--partition", "balanced"],
      (0.0, 0.0, "balanced", False)),  # = --paper's update
 ], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
@@ -46,8 +46,8 @@ def test_defaults_and_the_paper_switch(argv, expected):
 
 
 def test_the_default_looks_ahead_and_the_paper_does_not():
-    assert DEFAULT_MITIGATION["lookahead"] == 1.0 and PAPER["lookahead"] == 0.0
-    assert ring([])[1] == 1.0 and ring(["--paper"])[1] == 0.0
+    assert DEFAULT_MITIGATION["lookahead"] == 3.0 and PAPER["lookahead"] == 0.0
+    assert ring([])[1] == 3.0 and ring(["--paper"])[1] == 0.0
 
 
 def test_the_shipped_configs_say_it():

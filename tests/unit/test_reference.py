@@ -334,7 +334,7 @@ def test_warm_up(G, M):
 
 
 # ---------------------------------------------------------------- the synchronous warm-up (sync_steps)
-MITIGATED = dict(weight_prediction=1.0, lookahead=1.0)  # the default run's
+MITIGATED = dict(weight_prediction=1.0, lookahead=3.0, stage_clip="split")  # the default run's
 
 
 def _run(G, M, steps, **options):
