@@ -42,6 +42,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name -> Reference options. "partition": the block split of the engine's --partition flag.
 VARIANTS = {
     "1f1b": dict(synchronous=True, global_clip=True),
+    # 1F1B with the default's look-ahead on module K (screening only: the look-ahead without delays)
+    "1f1b-look": dict(synchronous=True, global_clip=True, lookahead=3.0, lookahead_synchronous=True),
     "paper": dict(),  # the paper's update: features replay, balanced partition, no mitigation
     "stash-pred-fresh": dict(replay="stash", weight_prediction=1.0, partition="fresh"),
     "pred": dict(weight_prediction=1.0),

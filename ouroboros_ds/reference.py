@@ -87,7 +87,7 @@ class Reference:
                  blocks_per_module=None, synchronous: bool = False, replay: str = "recompute",
                  stale_lr_scale: float = 0.0, weight_prediction: float = 0.0, global_clip: bool = False,
                  stale_beta1: float = 0.0, lookahead: float = 0.0, sync_steps: int = 0,
-                 stage_clip: str = "whole"):
+                 stage_clip: str = "whole", lookahead_synchronous: bool = False):
         self.replay = W.check_replay(replay)
         self.weight_prediction = W.check_prediction(weight_prediction)
         self.sync_steps = check_sync_steps(sync_steps)
@@ -125,8 +125,11 @@ class Reference:
             self.module_layers[k] for k in range(1, self.K))) if self.weight_prediction else None
         # lookahead: module K's own weights before the last step, for its look-ahead (stash.look_ahead)
         self.lookahead = W.check_lookahead(lookahead)
+        # lookahead_synchronous (screening only; the engine never does it): look ahead in
+        # synchronous steps too, to measure what the look-ahead does without any delay
+        self.lookahead_synchronous = lookahead_synchronous
         self.k_update = W.LastUpdate(W.own_parameters(self.module_layers[self.K])) \
-            if self.lookahead and not synchronous else None
+            if self.lookahead and (not synchronous or lookahead_synchronous) else None
         self.t = 0
         self.stash: dict = {}    # (module, batch, mb) -> input
         self.pending: dict = {}  # (module, batch, mb) -> dL/d(output of module)
@@ -213,7 +216,7 @@ class Reference:
         # 3. module K: forward, loss and backward of batch t
         losses = []
         # no look-ahead in a synchronous step: module K's error gradients are applied in this step
-        look = self.k_update is not None and not self.synchronous
+        look = self.k_update is not None and (not self.synchronous or self.lookahead_synchronous)
         saved = W.look_ahead(self.k_update, self.lookahead) if look else None
         for j, (_, labels) in enumerate(micro_batches):
             x = acts[j].detach().requires_grad_()

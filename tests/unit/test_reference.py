@@ -445,3 +445,12 @@ def test_stage_clip_threshold():
 
     assert stage_clip_threshold(1.0, 4, "split") == 0.5 and stage_clip_threshold(1.0, 4, "whole") == 1.0
     assert stage_clip_threshold(0.8, 1, "split") == 0.8  # one stage: DeepSpeed's clip
+
+
+def test_lookahead_in_synchronous_steps_only_when_asked():
+    """The engine looks ahead in ring steps only; ``lookahead_synchronous`` (screening) adds it to
+    synchronous ones, to measure the look-ahead without any delay."""
+    G, M, steps = 2, 2, 5
+    plain = _run(G, M, steps, synchronous=True)
+    assert _equal(_run(G, M, steps, synchronous=True, lookahead=3.0), plain)
+    assert not _equal(_run(G, M, steps, synchronous=True, lookahead=3.0, lookahead_synchronous=True), plain)
