@@ -160,9 +160,11 @@ def run_ranks(fn, world: int, *args, tmpdir: str, timeout: float = 600, fresh: b
 _RUNS: dict = {}  # name -> (out, per-rank results); None: that run failed
 
 
-def run_once(tmp_path_factory, name: str, worker, G: int, timeout: float = 300, prepare=None) -> tuple:
-    """``(out, results)``: ``worker(rank, G, out)`` on G ranks, in a new folder ``out`` (``prepare(out)``
-    first, in this process, if given); ``results[rank]`` is what that rank saved to ``out/rank{rank}.pt``.
+def run_once(tmp_path_factory, name: str, worker, G: int, timeout: float = 300, prepare=None, args: tuple = (),
+             fresh: bool = False) -> tuple:
+    """``(out, results)``: ``worker(rank, G, *args, out)`` on G ranks, in a new folder ``out``
+    (``prepare(out)`` first, in this process, if given; ``fresh``: as for :func:`run_ranks`);
+    ``results[rank]`` is what that rank saved to ``out/rank{rank}.pt``.
     The run is launched once per ``name`` for the whole pytest run, since several tests read it and
     a launch costs more than their checks; a failed run fails every later call without running again."""
     if name not in _RUNS:
@@ -170,7 +172,7 @@ def run_once(tmp_path_factory, name: str, worker, G: int, timeout: float = 300, 
         _RUNS[name] = None
         if prepare is not None:
             prepare(out)
-        run_ranks(worker, G, G, out, tmpdir=out, timeout=timeout)
+        run_ranks(worker, G, G, *args, out, tmpdir=out, timeout=timeout, fresh=fresh)
         _RUNS[name] = (out, [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(G)])
     if _RUNS[name] is None:
         pytest.fail(f"the {name} run failed (see the first test that used it)")
@@ -256,10 +258,11 @@ def stage_parameters(mod) -> dict:
     return state
 
 
-def reference_run(G: int, M: int, steps: int, plan=None, **options) -> tuple:
+def reference_run(G: int, M: int, steps: int, plan=None, before_step=None, **options) -> tuple:
     """``(parameters by name, losses)`` of the single-process Reference over ``batches(steps, M)``,
-    on ``plan`` (default :func:`model_plan`) with ``ds_config(M, steps)``; ``options``: the
-    Reference's own (replay, weight_prediction, lookahead, sync_steps, ...)."""
+    on ``plan`` (default :func:`model_plan`) with ``ds_config(M, steps)``; ``before_step(t, ref)``,
+    if given, runs before step t (an evaluation mid-run); ``options``: the Reference's own (replay,
+    weight_prediction, lookahead, sync_steps, ...)."""
     from ouroboros_ds.models import lm_loss
     from ouroboros_ds.reference import Reference
 
@@ -267,7 +270,11 @@ def reference_run(G: int, M: int, steps: int, plan=None, **options) -> tuple:
     torch.set_num_threads(1)  # as the ranks run: float sums in the same order, for bitwise checks
     try:
         ref = Reference(plan or model_plan(), G, ds_config(M, steps), lm_loss, seed=SEED, **options)
-        losses = [ref.step(b) for b in batches(steps, M)]
+        losses = []
+        for t, b in enumerate(batches(steps, M)):
+            if before_step is not None:
+                before_step(t, ref)
+            losses.append(ref.step(b))
     finally:
         torch.set_num_threads(threads)
     return dict(ref.named_parameters()), losses

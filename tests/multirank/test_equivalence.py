@@ -17,8 +17,8 @@ import warnings
 import pytest
 import torch
 
-from helpers import (CLIP, P2P_OPS, SEED, ApiRecorder, C10dRecorder, batches, ds_config, feed, model_plan,
-                     ring_engine, run_ranks, stage_parameters, steps_for)
+from helpers import (CLIP, P2P_OPS, ApiRecorder, C10dRecorder, batches, ds_config, feed, reference_run, ring_engine,
+                     run_once, stage_parameters, steps_for)
 
 G_VALUES = (1, 2, 3)
 M_VALUES = (1, 4)
@@ -73,45 +73,17 @@ def worker(rank: int, G: int, Ms: tuple, out: str) -> None:
 
 
 # ------------------------------------------------------------------ the runs, once per G
-_RUNS: dict = {}
-
-
 @pytest.fixture(scope="module")
 def ring_run(tmp_path_factory):
-    """``ring_run(G)``: per-rank results of the G-rank run (both M), computed once per module."""
-
-    def get(G: int) -> list:
-        if G not in _RUNS:
-            out = str(tmp_path_factory.mktemp(f"ring_g{G}"))
-            _RUNS[G] = None  # a failed run fails every test of this G without re-running
-            run_ranks(worker, G, G, M_VALUES, out, tmpdir=out, timeout=300)
-            _RUNS[G] = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(G)]
-        if _RUNS[G] is None:
-            pytest.fail(f"the G={G} ring run failed (see the first test of G={G})")
-        return _RUNS[G]
-    return get
-
-
-def _reference(G: int, M: int):
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.reference import Reference
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks run
-    try:
-        ref = Reference(model_plan(), G, ds_config(M, steps_for(G)), lm_loss, seed=SEED)
-        losses = [ref.step(b) for b in batches(steps_for(G), M)]
-    finally:
-        torch.set_num_threads(threads)
-    return ref, losses
+    """``ring_run(G)``: per-rank results of the G-rank run (both M)."""
+    return lambda G: run_once(tmp_path_factory, f"equivalence_g{G}", worker, G, args=(M_VALUES,))[1]
 
 
 @pytest.mark.parametrize("M", M_VALUES, ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("G", G_VALUES, ids=lambda g: f"G{g}")
 def test_engine_equals_reference(ring_run, G, M):
     ranks = [r[M] for r in ring_run(G)]
-    ref, ref_losses = _reference(G, M)
-    ref_params = dict(ref.named_parameters())
+    ref_params, ref_losses = reference_run(G, M, steps_for(G))
 
     # every per-step loss, on stage 0 (other stages return None: the loss is not broadcast)
     assert [r["stage"] for r in ranks] == list(range(G))

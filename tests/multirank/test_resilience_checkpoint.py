@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from helpers import batches, ds_config, model_plan, ring_engine, run_ranks, stage_parameters
+from helpers import batches, ds_config, model_plan, ring_engine, run_once, stage_parameters
 
 M_VALUES = (1, 4)
 MODEL_META = {"model": {"n_layer": 4, "n_embd": 16}}
@@ -45,11 +45,11 @@ class _Crash(Exception):
     pass
 
 
-def full_worker(rank, G, ckpt, out):
+def full_worker(rank, G, out):
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
-    results = {}
+    ckpt, results = os.path.join(out, "ckpt"), {}
     for M in M_VALUES:
         engine, mod = _engine(G, M)
         it = _feed(engine, G, M, 0)
@@ -74,7 +74,7 @@ def full_worker(rank, G, ckpt, out):
         except _Crash:
             pass
         results[M] = {"losses": losses, "params": stage_parameters(mod), "params_at_save": at_save}
-    torch.save(results, os.path.join(out, f"full{rank}.pt"))
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 
 def _error(fn):
@@ -125,28 +125,22 @@ def resume_worker(rank, G, ckpt, other_ckpt, out):
                 loss = engine.train_batch(it)
                 losses.append(None if loss is None else loss.clone())
             results[(M, tag)] = {"losses": losses, "params": stage_parameters(mod), "start": start, "client": client}
-    torch.save({"results": results, "errors": errors}, os.path.join(out, f"resume{rank}.pt"))
-
-
-_RUNS: dict = {}
+    torch.save({"results": results, "errors": errors}, os.path.join(out, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    def full(G):
+        """(checkpoint folder, per-rank results) of the uninterrupted G-rank run."""
+        out, results = run_once(tmp_path_factory, f"checkpoint_full_g{G}", full_worker, G)
+        return os.path.join(out, "ckpt"), results
+
     def get(G):
-        if G not in _RUNS:
-            _RUNS[G] = None
-            out = str(tmp_path_factory.mktemp(f"resume_g{G}"))
-            ckpt = os.path.join(out, "ckpt")
-            other = _RUNS.get(2, {}).get("ckpt") if G == 3 and _RUNS.get(2) else None
-            run_ranks(full_worker, G, G, ckpt, out, tmpdir=out, timeout=300)
-            run_ranks(resume_worker, G, G, ckpt, other, out, tmpdir=out, timeout=300, fresh=True)
-            _RUNS[G] = {"ckpt": ckpt, "out": out,
-                        "full": [torch.load(os.path.join(out, f"full{r}.pt")) for r in range(G)],
-                        "resume": [torch.load(os.path.join(out, f"resume{r}.pt")) for r in range(G)]}
-        if _RUNS[G] is None:
-            pytest.fail(f"the G={G} runs failed (see the first test of G={G})")
-        return _RUNS[G]
+        ckpt, results = full(G)
+        other = full(2)[0] if G == 3 else None  # a checkpoint of another G, which G = 3 must refuse
+        _, resume = run_once(tmp_path_factory, f"checkpoint_resume_g{G}", resume_worker, G, args=(ckpt, other),
+                             fresh=True)
+        return {"ckpt": ckpt, "full": results, "resume": resume}
     return get
 
 

@@ -1,8 +1,8 @@
 """G stages x D data-parallel replicas, ZeRO-1, bf16 and evaluation on the Ouroboros ring.
 
-Two spawned runs (gloo, CPU, one thread per rank), each computed once per module and training
-several engines in the same processes (the tiny model of test_equivalence, dropout 0.1, AdamW with
-weight decay, a clip that acts on some steps):
+Two spawned runs (gloo, CPU, one thread per rank), each launched once and training several
+engines in the same processes (the tiny model of test_equivalence, dropout 0.1, AdamW with weight
+decay, a clip that acts on some steps):
 
 - ``2x2``: 4 ranks, G = 2 stages x D = 2 replicas, M = 2 micro-batches per replica: ZeRO-1 fp32,
   the same with an ``eval_batch`` before step EVAL_AT, ZeRO-0 fp32, ZeRO-1 bf16.
@@ -19,8 +19,8 @@ import os
 import pytest
 import torch
 
-from helpers import (MICRO, SEED, SEQ, VOCAB, ApiRecorder, batches, ds_config, model_plan, ring_engine, run_ranks,
-                     stage_parameters)
+from helpers import (MICRO, SEED, SEQ, VOCAB, ApiRecorder, batches, ds_config, model_plan, reference_run, ring_engine,
+                     run_once, stage_parameters)
 
 G, GLOBAL_MB, STEPS, EVAL_AT = 2, 4, 7, 3  # GLOBAL_MB micro-batches of 2 sequences per global batch
 
@@ -93,12 +93,13 @@ def _init_error(cfg: dict, groups: bool = False) -> str:
     return "no error"
 
 
-def worker(rank: int, D: int, runs: list, out: str) -> None:
+def worker(rank: int, world: int, runs: list, out: str) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
+    D = world // G
     dp_rank = PipeDataParallelTopology(num_pp=G, num_dp=D).get_coord(rank).data  # as the module's grid
     results = {name: _train(M, zero, bf16, D, dp_rank, eval_at) for name, (M, zero, bf16, eval_at) in runs}
     if D == 1:
@@ -113,47 +114,39 @@ RUNS = {  # name -> (world, [(engine run, (M, ZeRO stage, bf16, eval before step
                     ("zero0", (M2, 0, False, None)), ("bf16_zero1", (M2, 1, True, None))]),
     "2x1": (G, [("zero1", (M1, 1, False, None)), ("bf16", (M1, 0, True, None)), ("bf16_zero1", (M1, 1, True, None))]),
 }
-_DONE: dict = {}
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     def get(name: str) -> list:
-        if name not in _DONE:
-            world, runs = RUNS[name]
-            out = str(tmp_path_factory.mktemp(f"scale_{name}"))
-            _DONE[name] = None
-            run_ranks(worker, world, world // G, runs, out, tmpdir=out, timeout=600)
-            _DONE[name] = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
-        if _DONE[name] is None:
-            pytest.fail(f"the {name} run failed (see the first test that ran it)")
-        return _DONE[name]
+        world, runs = RUNS[name]
+        return run_once(tmp_path_factory, f"scale_{name}", worker, world, timeout=600, args=(runs,))[1]
     return get
 
 
-def _reference():
+@torch.no_grad()
+def _validation_loss(ref) -> float:
     from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.reference import Reference
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks run
-    try:
-        ref = Reference(model_plan(), G, config(GLOBAL_MB, 0), lm_loss, seed=SEED)
-        losses = []
-        for t, b in enumerate(global_batches()):
-            if t == EVAL_AT:
-                ref.train(False)
-                with torch.no_grad():
-                     ev = []
-                     for x, y in validation():
-                        for k in range(1, ref.K + 1):
-                            x = ref.forward_module(k, x)
-                        ev.append(lm_loss(x, y))
-                     eval_loss = torch.stack(ev).mean().item()
-            losses.append(ref.step(b))
-    finally:
-        torch.set_num_threads(threads)
-    return dict(ref.named_parameters()), losses, eval_loss
+    ref.train(False)
+    losses = []
+    for x, y in validation():
+        for k in range(1, ref.K + 1):
+            x = ref.forward_module(k, x)
+        losses.append(lm_loss(x, y))
+    return torch.stack(losses).mean().item()
+
+
+def _reference():
+    """The Reference on the global batches: parameters, losses, and the validation loss before step EVAL_AT."""
+    evals = []
+
+    def evaluate(t, ref):
+        if t == EVAL_AT:
+            evals.append(_validation_loss(ref))
+    # config(GLOBAL_MB, 0) but for the ZeRO stage, which the Reference does not read
+    params, losses = reference_run(G, GLOBAL_MB, STEPS, before_step=evaluate)
+    return params, losses, evals[0]
 
 
 def _by_stage(ranks):
