@@ -66,7 +66,7 @@ def engine_vs_reference(steps: int = 4, M: int = 4) -> list[str]:
              for _ in range(M)] for _ in range(steps)]
     lines = []
     # the default (weight prediction through features replay, look-ahead), the paper's, stash, a mixed plan
-    for replay, plan, pred, look in (("recompute", None, 1.0, 1.0), ("recompute", None, 0.0, 0.0),
+    for replay, plan, pred, look in (("recompute", None, 1.0, 3.0), ("recompute", None, 0.0, 0.0),
                                      ("stash", None, 0.0, 0.0), ("stash", ReplayPlan({1: 1}), 0.0, 0.0)):
         spec = gpt2_layer_specs(cfg, seed=7)
         mod = OuroborosPipelineModule(spec.specs, num_stages=1, loss_fn=lm_loss, block_indices=spec.block_indices)

@@ -19,7 +19,7 @@ def test_gpu_check_runs_on_cpu_and_feeds_the_map(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     checks = [line for line in r.stdout.splitlines() if line.startswith("engine vs Reference")]
     assert len(checks) == 4 and all(line.endswith("OK") and "bitwise True" in line for line in checks), checks
-    assert any("prediction=1.0 lookahead=1.0" in line for line in checks), checks
+    assert any("prediction=1.0 lookahead=3.0" in line for line in checks), checks
     costs = json.loads(out.read_text())
     from ouroboros_ds.speed_map import BlockCosts, build_map
 
