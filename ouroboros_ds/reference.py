@@ -13,14 +13,15 @@ gradient at the forward's weights, :mod:`ouroboros_ds.stash`), as the engine's s
 ``weight_prediction`` takes that snapshot ahead along the last update, as the engine does
 (:class:`ouroboros_ds.stash.LastUpdate`); with ``replay="recompute"`` the forward runs through the
 predicted snapshot without a graph and the replay recomputes through it (the same update as stash
-mode). ``lookahead`` runs module K's losses and backwards one last update ahead
-(:func:`ouroboros_ds.stash.look_ahead`), as the engine does. ``global_clip`` clips one norm over the whole model, as DeepSpeed's 1F1B engine does (the
-baseline, with ``synchronous=True``); otherwise each stage clips its own norm, at the config's
-``gradient_clipping`` (``stage_clip="whole"``, the paper's rule) or at that over sqrt(G)
-(``"split"``: :func:`ouroboros_ds.optim.stage_clip_threshold`). ``sync_steps`` = S makes steps 0..S-1 synchronous (the
-synchronous warm-up, as the engine runs it): from step S on module k replays batch
-``t - delay(k)`` again, and while that batch is one of the first S, already applied in its own
-step, the module has no gradient and keeps its weights, as at the start of a run.
+mode). ``lookahead`` = L runs module K's losses and backwards L last updates ahead
+(:func:`ouroboros_ds.stash.look_ahead`), as the engine does. ``global_clip`` clips one norm over
+the whole model, as DeepSpeed's 1F1B engine does (the baseline, with ``synchronous=True``);
+otherwise each stage clips its own norm, at the config's ``gradient_clipping``
+(``stage_clip="whole"``, the paper's rule) or at that over sqrt(G) (``"split"``:
+:func:`ouroboros_ds.optim.stage_clip_threshold`). ``sync_steps`` = S makes steps 0..S-1
+synchronous (the synchronous warm-up, as the engine runs it): from step S on module k replays
+batch ``t - delay(k)`` again, and while that batch is one of the first S, already applied in its
+own step, the module has no gradient and keeps its weights, as at the start of a run.
 """
 from __future__ import annotations
 
