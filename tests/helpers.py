@@ -235,6 +235,40 @@ def ring_engine(G: int, config: dict, plan=None, loss_fn=None, model_parameters=
     return engine, mod
 
 
+def initialize_reads(G: int, option: str, value, other, read, read_baseline, bad=None) -> dict:
+    """What ``ouroboros_ds.initialize`` makes of the ring option ``option`` on G ranks:
+    ``read(engine)`` of the ring engine when the config's ``"ouroboros"`` object sets ``value`` and
+    the argument is None ("object") or ``other`` ("argument"), with the paper's switch in the object
+    ("paper"), and without an object ("none"); ``read_baseline(engine)`` of DeepSpeed's stock
+    engine with ``value`` in the object ("baseline, object"); the error message of the stock engine
+    given the option as an argument ("baseline, argument") and of the ring given ``bad`` ("bad")."""
+    from deepspeed.pipe import PipelineModule
+
+    from ouroboros_ds import initialize
+    from ouroboros_ds.models import lm_loss
+
+    def error(build):
+        try:
+            build()
+        except ValueError as e:
+            return str(e)
+        return None
+
+    cfg, out = ds_config(1, 4), {}
+    for name, section, arg in (("object", {option: value}, None), ("argument", {option: value}, other),
+                               ("paper", {"paper": True, option: value}, None), ("none", None, None)):
+        engine, _ = ring_engine(G, cfg if section is None else {**cfg, "ouroboros": section}, **{option: arg})
+        out[name] = read(engine)
+    if bad is not None:
+        out["bad"] = error(lambda: ring_engine(G, cfg, **{option: bad}))
+    plan = model_plan()
+    base = PipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block")
+    engine, *_ = initialize(model=base, config={**cfg, "ouroboros": {option: value}}, seed=SEED)
+    out["baseline, object"] = read_baseline(engine)
+    out["baseline, argument"] = error(lambda: initialize(model=base, config=cfg, seed=SEED, **{option: value}))
+    return out
+
+
 def feed(engine, step_batches: list):
     """The data iterator of stage 0 over ``step_batches`` (lists of micro-batches); None elsewhere."""
     if engine.stage_id != 0:

@@ -22,7 +22,7 @@ import os
 import pytest
 import torch
 
-from helpers import (SEED, batches, ds_config, model_plan, reference_run, ring_engine, run_once, run_ranks,
+from helpers import (batches, ds_config, initialize_reads, reference_run, ring_engine, run_once, run_ranks,
                      stage_parameters, steps_for)
 
 L, H = 1.0, 1.0  # look-ahead and weight-prediction horizons: the default run's
@@ -89,32 +89,6 @@ def _nonfinite(M, mode):
     return {"params": stage_parameters(mod), "snaps": snaps, "events": list(engine.nonfinite_events)}
 
 
-def _initialize_reads_lookahead():
-    """What ``initialize`` makes of ``lookahead`` (G = 1): the argument, the config's "ouroboros"
-    object when it is None, the paper's switch, and the 1F1B baseline."""
-    from deepspeed.pipe import PipelineModule
-
-    from ouroboros_ds import initialize
-    from ouroboros_ds.models import lm_loss
-
-    cfg, out = ds_config(1, 4), {}
-    for name, section, arg in (("object", {"lookahead": 0.5}, None), ("argument", {"lookahead": 0.5}, 2.0),
-                               ("paper", {"paper": True, "lookahead": 0.5}, None), ("none", None, None)):
-        config = cfg if section is None else {**cfg, "ouroboros": section}
-        engine, _ = ring_engine(1, config, lookahead=arg)
-        out[name] = (engine.lookahead, engine.k_update is not None)
-    plan = model_plan()
-    base = PipelineModule(plan.specs, num_stages=1, loss_fn=lm_loss, partition_method="type:Block")
-    engine, *_ = initialize(model=base, config={**cfg, "ouroboros": {"lookahead": 1.0}}, seed=SEED)
-    out["baseline, object"] = getattr(engine, "lookahead", None)
-    try:
-        initialize(model=base, config=cfg, seed=SEED, lookahead=1.0)
-        out["baseline, argument"] = None
-    except ValueError as e:
-        out["baseline, argument"] = str(e)
-    return out
-
-
 def worker(rank, G, out):
     import deepspeed
 
@@ -126,7 +100,8 @@ def worker(rank, G, out):
         res["nonfinite"] = {("nan", 4): _nonfinite(4, "nan"), ("zero", 4): _nonfinite(4, "zero"),
                             ("nan", 1): _nonfinite(1, "nan")}
     if G == 1:
-        res["initialize"] = _initialize_reads_lookahead()
+        res["initialize"] = initialize_reads(1, "lookahead", 0.5, 2.0, lambda e: (e.lookahead, e.k_update is not None),
+                                             lambda e: getattr(e, "lookahead", None))
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
 
 

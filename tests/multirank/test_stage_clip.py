@@ -19,7 +19,8 @@ import os
 import pytest
 import torch
 
-from helpers import SEED, batches, ds_config, feed, model_plan, reference_run, ring_engine, run_once, stage_parameters
+from helpers import (batches, ds_config, feed, initialize_reads, reference_run, ring_engine, run_once,
+                     stage_parameters)
 
 G, M, STEPS = 2, 4, 7
 DEFAULT_RUN = dict(weight_prediction=1.0, lookahead=3.0, sync_steps=2)  # the default run's other mitigations
@@ -36,34 +37,6 @@ def _train(cfg, **options):
             "optimizer": type(engine.optimizer).__name__}
 
 
-def _initialize_reads_stage_clip():
-    from deepspeed.pipe import PipelineModule
-
-    from ouroboros_ds import initialize
-    from ouroboros_ds.models import lm_loss
-
-    cfg, out = ds_config(M, STEPS), {}
-    for name, section, arg in (("object", {"stage_clip": "split"}, None), ("argument", {"stage_clip": "split"}, "whole"),
-                               ("paper", {"paper": True, "stage_clip": "split"}, None), ("none", None, None)):
-        engine, _ = ring_engine(G, cfg if section is None else {**cfg, "ouroboros": section}, stage_clip=arg)
-        out[name] = (engine.stage_clip, engine.gradient_clipping())
-    try:
-        ring_engine(G, cfg, stage_clip="half")
-        out["bad"] = None
-    except ValueError as e:
-        out["bad"] = str(e)
-    plan = model_plan()
-    base = PipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block")
-    engine, *_ = initialize(model=base, config={**cfg, "ouroboros": {"stage_clip": "split"}}, seed=SEED)
-    out["baseline, object"] = engine.gradient_clipping()
-    try:
-        initialize(model=base, config=cfg, seed=SEED, stage_clip="split")
-        out["baseline, argument"] = None
-    except ValueError as e:
-        out["baseline, argument"] = str(e)
-    return out
-
-
 def worker(rank, G, out):
     import deepspeed
 
@@ -72,7 +45,9 @@ def worker(rank, G, out):
     res = {"fp32": _train(cfg, stage_clip="split"),
            "zero1": _train({**cfg, "zero_optimization": {"stage": 1}}, stage_clip="split"),
            "bf16": _train({**cfg, "bf16": {"enabled": True}}, stage_clip="split"),
-           "initialize": _initialize_reads_stage_clip()}
+           "initialize": initialize_reads(G, "stage_clip", "split", "whole",
+                                          lambda e: (e.stage_clip, e.gradient_clipping()),
+                                          lambda e: e.gradient_clipping(), bad="half")}
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
 
 
@@ -115,7 +90,7 @@ def test_every_clip_reads_the_split_threshold(ranks, name, wrapper):
 
 
 def test_initialize_reads_stage_clip(ranks):
-    c = ds_config(M, STEPS)["gradient_clipping"]
+    c = ds_config(1, 4)["gradient_clipping"]  # initialize_reads' config
     got = ranks[0]["initialize"]
     assert got["object"] == ("split", c / math.sqrt(G))
     assert got["argument"] == ("whole", c)

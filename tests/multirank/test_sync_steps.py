@@ -25,7 +25,7 @@ import os
 import pytest
 import torch
 
-from helpers import (SEED, batches, ds_config, model_plan, reference_run, ring_engine, run_once, run_ranks,
+from helpers import (batches, ds_config, initialize_reads, reference_run, ring_engine, run_once, run_ranks,
                      stage_parameters)
 
 # Three synchronous steps: step 0's LR is 0 (WarmupCosineLR), so step 2 is the first with a last
@@ -85,37 +85,6 @@ def _train(G, M, replay, ckpt=None, zero=0):
             "synchronous": synchronous, "module1_moved": moved, "optimizer": type(engine.optimizer).__name__}
 
 
-def _initialize_reads_sync_steps():
-    """What ``initialize`` makes of ``sync_steps`` (G = 1): the argument, the config's "ouroboros"
-    object when it is None, the paper's switch, and the 1F1B baseline."""
-    from deepspeed.pipe import PipelineModule
-
-    from ouroboros_ds import initialize
-    from ouroboros_ds.models import lm_loss
-
-    cfg, out = ds_config(1, 4), {}
-    for name, section, arg in (("object", {"sync_steps": 5}, None), ("argument", {"sync_steps": 5}, 3),
-                               ("paper", {"paper": True, "sync_steps": 5}, None), ("none", None, None)):
-        config = cfg if section is None else {**cfg, "ouroboros": section}
-        engine, _ = ring_engine(1, config, sync_steps=arg)
-        out[name] = engine.sync_steps
-    try:
-        ring_engine(1, cfg, sync_steps=-1)
-        out["negative"] = None
-    except ValueError as e:
-        out["negative"] = str(e)
-    plan = model_plan()
-    base = PipelineModule(plan.specs, num_stages=1, loss_fn=lm_loss, partition_method="type:Block")
-    engine, *_ = initialize(model=base, config={**cfg, "ouroboros": {"sync_steps": 5}}, seed=SEED)
-    out["baseline, object"] = getattr(engine, "sync_steps", None)
-    try:
-        initialize(model=base, config=cfg, seed=SEED, sync_steps=5)
-        out["baseline, argument"] = None
-    except ValueError as e:
-        out["baseline, argument"] = str(e)
-    return out
-
-
 def worker(rank, G, out):
     import deepspeed
 
@@ -126,7 +95,8 @@ def worker(rank, G, out):
     if G == RESUME_G:
         res["zero1"] = _train(G, RESUME_M, "recompute", zero=1)
     if G == 1:
-        res["initialize"] = _initialize_reads_sync_steps()
+        res["initialize"] = initialize_reads(1, "sync_steps", 5, 3, lambda e: e.sync_steps,
+                                             lambda e: getattr(e, "sync_steps", None), bad=-1)
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
 
 
@@ -247,6 +217,6 @@ def test_initialize_reads_sync_steps_like_lookahead(ring_run):
     assert init["argument"] == 3  # an argument beats the object
     assert init["paper"] == 0  # the paper's update has no synchronous steps
     assert init["none"] == 0  # no object: off
-    assert init["negative"].startswith("sync_steps: must be an integer >= 0"), init["negative"]
+    assert init["bad"].startswith("sync_steps: must be an integer >= 0"), init["bad"]
     assert init["baseline, object"] is None  # the ring's default does not reach the 1F1B engine
     assert init["baseline, argument"].startswith("sync_steps: only the Ouroboros ring"), init["baseline, argument"]
