@@ -152,7 +152,7 @@ class RingConfig:
         if self.weight_prediction < 0:
             raise ValueError(f"--weight-prediction: must be >= 0 (0: off), got {self.weight_prediction}")
         if self.lookahead < 0:
-            raise ValueError(f"--lookahead: must be >= 0 (0: off, 1: one last update ahead), got {self.lookahead}")
+            raise ValueError(f"--lookahead: must be >= 0 (0: off, L: L last updates ahead), got {self.lookahead}")
         if isinstance(self.sync_steps, bool) or not isinstance(self.sync_steps, int) or self.sync_steps < 0:
             raise ValueError(f"--sync-steps: must be an integer >= 0 (0: off, N: the first N steps synchronous), "
                              f"got {self.sync_steps!r}")

@@ -16,7 +16,7 @@ What changes against the stock engine, and why (the algorithm: docs/ring.md):
 - ``replay="stash"`` keeps each forward's graph and weight snapshot (:mod:`ouroboros_ds.stash`;
   within an activation budget, :mod:`ouroboros_ds.memory`). ``weight_prediction`` takes the
   snapshot ahead along the last update; features replay then recomputes through it too.
-  ``lookahead`` runs module K's losses and backwards one last update ahead (stage 0 only).
+  ``lookahead`` = L runs module K's losses and backwards L last updates ahead (stage 0 only).
 - ``stage_clip``: each stage clips its own gradient norm, at ``gradient_clipping`` ("whole") or
   at that over sqrt(G) ("split": the whole model's norm stays within it, as DeepSpeed's clip).
 - ``sync_steps``: the first steps run synchronously (every delay 0, the schedule's synchronous
@@ -384,7 +384,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         x = self.p2p.wait(self.acts_in.pop((k, mb))).detach().requires_grad_()
         if mb == 0 and self.k_update is not None and not self.step_synchronous:
             # lookahead: module K's error gradients reach module k delay(k) steps from now, when module
-            # K has moved on, so all of the step's losses and backwards run one last update ahead (once
+            # K has moved on, so all of the step's losses and backwards run L last updates ahead (once
             # per step, as the Reference does). _exec_ring_optimizer_step puts the weights back, so the
             # step, evaluation and checkpoints (between steps) see the real ones. The tied embedding is
             # module 1's and stays put; module 1's replays ran before the losses. A synchronous step

@@ -171,7 +171,7 @@ def look_ahead(last_update: LastUpdate, horizon: float) -> list:
     Module K computes batch t's loss and backward at step t and sends dL/d(input) upstream, where
     module k applies it ``delay(k)`` steps later: by then module K has moved on. With weight
     prediction, module k's own weights are predicted to where they will be; the look-ahead does
-    the same for module K, one update ahead::
+    the same for module K, ``horizon`` last updates ahead (3 by default: docs/parity.md)::
 
         w_K <- w_K + horizon (w_K - w_K(t - 1))     in place, for the losses and backwards of step t
         ... module K's forwards, losses, backwards ...
