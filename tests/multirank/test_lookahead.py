@@ -1,7 +1,7 @@
 """Module K's look-ahead in the engine (``lookahead``, ``ouroboros_ds/stash.py`` ``look_ahead``; on by
-default, with weight prediction; its closed form is pinned in tests/unit/test_lookahead.py).
+default, with weight prediction; its closed form is pinned in tests/unit/test_lookahead_rule.py).
 
-- The engine with lookahead 1 and weight prediction 1 (the default run's settings) equals the
+- The engine with lookahead 3 and weight prediction 1 (the default run's horizons) equals the
   single-process Reference with both **bit for bit**: G in {1, 2, 3} (G = 1: modules 1 and K on one
   stage), M in {1, 4}, both replay modes, dropout, clip, LR schedule; one launch per G. The
   Reference without the look-ahead differs (the test is not blind).
@@ -25,7 +25,7 @@ import torch
 from helpers import (batches, ds_config, initialize_reads, reference_run, ring_engine, run_once, run_ranks,
                      stage_parameters, steps_for)
 
-L, H = 1.0, 1.0  # look-ahead and weight-prediction horizons: the default run's
+L, H = 3.0, 1.0  # look-ahead and weight-prediction horizons: the default run's
 G_VALUES, M_VALUES, REPLAYS = (1, 2, 3), (1, 4), ("recompute", "stash")
 RESUME_G, RESUME_M, SAVE_AT = 2, 4, 3
 BAD_BATCH, BAD_MB = 3, 2  # after step 0 (lr 0) and step 1: module K has a last update to look along
@@ -169,7 +169,7 @@ def test_resume_with_lookahead_is_bitwise(ring_run, tmp_path):
     run_ranks(resume_worker, RESUME_G, str(tmp_path), ckpt, tmpdir=str(tmp_path), timeout=300, fresh=True)
     for r in range(RESUME_G):
         res = torch.load(tmp_path / f"resume{r}.pt")
-        assert res["refused"] and "lookahead: checkpoint 1.0, this run 0.0" in res["refused"], res["refused"]
+        assert res["refused"] and f"lookahead: checkpoint {L}, this run 0.0" in res["refused"], res["refused"]
         for replay in REPLAYS:
             uninterrupted = full[r][(replay, RESUME_M)]
             assert res[replay]["start"] == SAVE_AT
