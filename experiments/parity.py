@@ -270,6 +270,9 @@ def summarize(args, results: dict):
         for G in args.stages:
             for M in args.micro_batches:
                 sweep = {v: groups.get((data, G, M, v), {}) for v in args.variants}
+                delayed = [v for v in args.variants if not variant_options(v).get("synchronous")]
+                if delayed and not any(sweep[v] for v in delayed):
+                    continue  # a cell no ring variant ran (1F1B's runs are filed under every G)
                 best = {}
                 for v, by_lr in sweep.items():
                     full = {lr: rs for lr, rs in by_lr.items()

@@ -1,0 +1,73 @@
+"""experiments/parity.py: the lr-fair judging on made-up curves, and the protocol end to end on a few steps."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import parity as P  # noqa: E402
+
+PRED = '{"weight_prediction": 1.0}'
+
+
+def _run(variant, lr, seed, bpb, G=2, M=4):
+    job = dict(data="shakespeare", G=G, M=M, variant=variant, lr=lr, seed=seed, steps=4)
+    return (variant, lr, seed, G), dict(job=job, steps=[2, 4], bpb=list(bpb), seconds=[1.0, 2.0], train_loss=[0.0, 0.0])
+
+
+def _rows(table):
+    return {row[4].strip(): [c.strip() for c in row[1:-1]]
+            for row in (line.split("|") for line in table.splitlines() if line.startswith("| shakespeare"))}
+
+
+def test_each_schedule_is_judged_at_its_own_best_lr():
+    args = P.parse_args(["--out", "x", "--data", "shakespeare", "--stages", "2", "3", "--micro-batches", "4",
+                         "--variants", "1f1b", "default", PRED, "--lrs", "1e-3", "2e-3", "--steps", "4"])
+    results = dict([
+        _run("1f1b", 1e-3, 0, [4.0, 3.0]), _run("1f1b", 1e-3, 1, [4.0, 3.2]),   # mean 3.1
+        _run("1f1b", 2e-3, 0, [4.0, 2.8]), _run("1f1b", 2e-3, 1, [4.0, 3.0]),   # mean 2.9: 1F1B's best
+        _run("default", 1e-3, 0, [4.0, 3.045]), _run("default", 1e-3, 1, [4.0, 3.045]),  # its best: +5%
+        _run("default", 2e-3, 0, [4.5, 3.2]), _run("default", 2e-3, 1, [4.5, 3.2]),
+        _run(PRED, 2e-3, 0, [3.4, 2.4]),  # reaches 2.9 at step 2 + 2 x 0.5 / 1.0 = 3
+        _run("1f1b", 2e-3, 0, [4.0, 2.8], G=3),  # filed under G = 3 too, as main() files a synchronous run
+    ])
+    table, rows, _ = P.summarize(args, results)
+    by = _rows(table)
+    assert by["1f1b"][5:8] == ["0.002", "2.9000 (±0.1000)", "+0.00%"]
+    assert by["1f1b"][8] == "4"  # the mean curve reaches its own final at the last evaluation
+    assert by["default"][4] == "0.001: 3.0450, 0.002: 3.2000"
+    assert by["default"][5:9] == ["0.001", "3.0450 (±0.0000)", "+5.00%", "-"]  # never reaches 1F1B's final
+    ratio = P.STEP_TIMES["ouro-recompute"] / P.STEP_TIMES["1f1b"]
+    assert by[PRED][8] == "3" and by[PRED][9] == f"{3 * ratio / 4:.2f}x"  # steps x step-time ratio, over 1F1B's 4
+    assert [r["G"] for r in rows] == [2, 2, 2]  # G = 3: no ring variant ran, so no cell (1F1B alone is no comparison)
+
+
+def test_protocol_runs_tables_and_reuses(tmp_path):
+    out, raw = tmp_path / "out", tmp_path / "raw"
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "parity.py"), "--out", str(out), "--raw", str(raw),
+           "--data", "shakespeare", "--micro-batches", "4", "--seeds", "0", "--lrs", "2e-3", "--steps", "4",
+           "--eval-every", "2", "--eval-sequences", "32", "--jobs", "1", "--variants", "1f1b", "default", "paper"]
+    r = subprocess.run(cmd + ["--stages", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = (out / "results.md").read_text()
+    by = _rows(table)
+    assert set(by) == {"1f1b", "default", "paper"} and by["1f1b"][7] == "+0.00%"
+    # the paper's ring is not the synchronous run (the default's first 50 steps are synchronous)
+    assert float(by["paper"][6].split()[0]) != float(by["1f1b"][6].split()[0])
+    assert (out / "parity.png").stat().st_size > 0 and len(list(raw.glob("*.json"))) == 3
+    again = subprocess.run(cmd + ["--stages", "2", "3", "--table-only"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0 and "3 runs reused, 0 to run" in again.stdout, again.stdout[-2000:]
+    assert (out / "results.md").read_text().splitlines()[2:] == table.splitlines()[2:]  # no G = 3 cell: not run
+
+
+def test_bad_arguments_name_the_flag(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "parity.py"), "--out", str(tmp_path)]
+    r = subprocess.run(cmd + ["--variants", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--variants: 'nope'" in r.stderr
+    r = subprocess.run(cmd + ["--eval-sequences", "33"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--eval-sequences" in r.stderr
