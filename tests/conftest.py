@@ -23,11 +23,11 @@ def _ds_shm_files() -> set:
         return set()
 
 
-def pytest_sessionstart():  # pluggy passes only the arguments a hook names
+def pytest_configure():  # before collection; pluggy passes only the arguments a hook names
     _shm_before.update(_ds_shm_files())
 
 
-def pytest_sessionfinish():
+def pytest_unconfigure():
     """End the pooled ranks (tests/helpers.py), then a safety net for
     ouroboros_ds.launch.release_shm_buffers: a rank that died before it could unlink its DeepSpeed
     shm buffer leaves ~66 MB of RAM in /dev/shm; those of this test run go now."""
