@@ -10,8 +10,9 @@ then judged at the lr whose final val bpb (mean over seeds) is lowest:
 - the steps to reach the best 1F1B run's final val bpb (mean curve over seeds, linear between
   evaluations; "-" if never reached), and the time to reach it relative to 1F1B's: steps x the
   step-time ratio (variant / 1F1B) measured by one benchmark run (``python -m ouroboros_ds.bench``,
-  its JSON given with ``--bench``), against stock 1F1B and against 1F1B with activation
-  checkpointing (the rival at the activation memory of features replay).
+  its JSON given with ``--bench``), with the variant's synchronous first steps at the step time of
+  1F1B with activation checkpointing (:func:`run_time`), against stock 1F1B and against 1F1B with
+  activation checkpointing (the rival at the activation memory of features replay).
 
 The runs use the single-process :class:`ouroboros_ds.reference.Reference`: exactly the update the
 DeepSpeed engine runs (equal bit for bit by test, G = 1..3, M = 1 and 4, dropout on), without the
@@ -230,6 +231,20 @@ def bench_config(opts: dict, times: dict) -> str:
     return "ouro-recompute"
 
 
+def run_time(n: float, opts: dict, times: dict) -> float:
+    """Seconds a run of the variant needs for its first n steps, from benchmark step times.
+
+    A ring step costs the variant's own step time. Its first ``sync_steps`` steps are synchronous:
+    each fills and drains the pipeline and, with features replay, recomputes every forward, as 1F1B
+    with activation checkpointing does, so they are counted at that schedule's step time (stash
+    mode keeps its graphs: stock 1F1B's)."""
+    if opts.get("synchronous"):
+        return n * times["1f1b"]
+    sync = min(n, opts.get("sync_steps", 0))
+    sync_cfg = "1f1b" if opts.get("replay") == "stash" else "1f1b+ckpt"
+    return sync * times[sync_cfg] + (n - sync) * times[bench_config(opts, times)]
+
+
 # ------------------------------------------------------------------ summary
 def mean_curve(runs: list[dict]):
     n = min(len(r["bpb"]) for r in runs)
@@ -300,10 +315,9 @@ def summarize(args, results: dict):
                     gap = (curve[-1] / target - 1) * 100
                     n = steps_to(steps, curve, target)
                     opts = variant_options(v)
-                    cfg = "1f1b" if opts.get("synchronous") else bench_config(opts, times)
-                    ratio = {b: times[cfg] / times[b] for b in ("1f1b", "1f1b+ckpt") if cfg in times and b in times}
                     base_n = steps_to(base_steps, base_curve, target)
-                    t = {b: (n * q / base_n if n is not None else None) for b, q in ratio.items()}
+                    t = {b: (run_time(n, opts, times) / (base_n * times[b]) if n is not None else None)
+                         for b in ("1f1b", "1f1b+ckpt") if b in times and bench_config(opts, times) in times}
                     fmt = lambda x: "-" if x is None else f"{x:.2f}x"
                     lines.append(
                         f"| {data} | {G} | {M} | {v} | {sweep_txt} | {lr:g} | {curve[-1]:.4f} (±{(max(finals) - min(finals)) / 2:.4f}) "

@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import parity as P  # noqa: E402
 
 PRED = '{"weight_prediction": 1.0}'
+SYNC = '{"weight_prediction": 1.0, "sync_steps": 2}'
 
 
 def _run(variant, lr, seed, bpb, G=2, M=4):
@@ -26,13 +27,14 @@ def _rows(table):
 
 def test_each_schedule_is_judged_at_its_own_best_lr():
     args = P.parse_args(["--out", "x", "--data", "shakespeare", "--stages", "2", "3", "--micro-batches", "4",
-                         "--variants", "1f1b", "default", PRED, "--lrs", "1e-3", "2e-3", "--steps", "4"])
+                         "--variants", "1f1b", "default", PRED, SYNC, "--lrs", "1e-3", "2e-3", "--steps", "4"])
     results = dict([
         _run("1f1b", 1e-3, 0, [4.0, 3.0]), _run("1f1b", 1e-3, 1, [4.0, 3.2]),   # mean 3.1
         _run("1f1b", 2e-3, 0, [4.0, 2.8]), _run("1f1b", 2e-3, 1, [4.0, 3.0]),   # mean 2.9: 1F1B's best
         _run("default", 1e-3, 0, [4.0, 3.045]), _run("default", 1e-3, 1, [4.0, 3.045]),  # its best: +5%
         _run("default", 2e-3, 0, [4.5, 3.2]), _run("default", 2e-3, 1, [4.5, 3.2]),
         _run(PRED, 2e-3, 0, [3.4, 2.4]),  # reaches 2.9 at step 2 + 2 x 0.5 / 1.0 = 3
+        _run(SYNC, 2e-3, 0, [3.4, 2.4]),  # the same curve, its first two steps synchronous
         _run("1f1b", 2e-3, 0, [4.0, 2.8], G=3),  # filed under G = 3 too, as main() files a synchronous run
     ])
     table, rows, _ = P.summarize(args, results)
@@ -43,7 +45,10 @@ def test_each_schedule_is_judged_at_its_own_best_lr():
     assert by["default"][5:9] == ["0.001", "3.0450 (±0.0000)", "+5.00%", "-"]  # never reaches 1F1B's final
     ratio = P.STEP_TIMES["ouro-recompute"] / P.STEP_TIMES["1f1b"]
     assert by[PRED][8] == "3" and by[PRED][9] == f"{3 * ratio / 4:.2f}x"  # steps x step-time ratio, over 1F1B's 4
-    assert [r["G"] for r in rows] == [2, 2, 2]  # G = 3: no ring variant ran, so no cell (1F1B alone is no comparison)
+    # synchronous steps fill and drain and recompute, as 1F1B with checkpointing: counted at its step time
+    sync_time = (2 * P.STEP_TIMES["1f1b+ckpt"] + 1 * P.STEP_TIMES["ouro-recompute"]) / (4 * P.STEP_TIMES["1f1b"])
+    assert by[SYNC][8] == "3" and by[SYNC][9] == f"{sync_time:.2f}x" and by[SYNC][9] != by[PRED][9]
+    assert [r["G"] for r in rows] == [2, 2, 2, 2]  # G = 3: no ring variant ran, so no cell (1F1B alone is no comparison)
 
 
 def test_protocol_runs_tables_and_reuses(tmp_path):
