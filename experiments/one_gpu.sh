@@ -7,7 +7,7 @@
 # 2. Learning at a larger scale: the single-process Reference with a GPT-2-small-sized model
 #    (12 blocks, d_model 768, 12 heads, byte vocabulary) on Shakespeare, G = 2, M = 4, the same lr
 #    for every schedule: synchronous 1F1B, the default (weight prediction through the replay,
-#    module K's look-ahead, fresh partition, 50 synchronous first steps) and the paper's update, run side by side on the one GPU, each stopped
+#    module K's look-ahead, fresh partition, 100 synchronous first steps) and the paper's update, run side by side on the one GPU, each stopped
 #    at the first evaluation after --max-seconds; compared at the steps all of them reached
 #    ($OUT/parity/results.md and parity.png).
 #

@@ -51,8 +51,18 @@ class ModelConfig:
 
 # The default staleness mitigation (the best measured combination: docs/parity.md) and the paper's
 # update, as RingConfig options (a DeepSpeed JSON's "ouroboros" object may set them too).
-DEFAULT_MITIGATION = {"weight_prediction": 1.0, "lookahead": 3.0, "partition": "fresh", "sync_steps": 50,
+DEFAULT_MITIGATION = {"weight_prediction": 1.0, "lookahead": "auto", "partition": "fresh", "sync_steps": 100,
                       "stage_clip": "split"}
+def lookahead_value(text: str):
+    """--lookahead's argument: "auto" or a number."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
+
+
 PAPER = {"weight_prediction": 0.0, "lookahead": 0.0, "partition": "balanced", "sync_steps": 0, "stage_clip": "whole"}
 MITIGATIONS = tuple(DEFAULT_MITIGATION)  # the options a "ouroboros" object may set besides paper
 
@@ -85,14 +95,14 @@ class RingConfig:
     """staleness mitigation H (default 1; 0 with --paper): module k's forward and its replay run at its
     weights predicted H x delay(k) last updates ahead, in both replay modes; see ouroboros_ds/stash.py
     LastUpdate and docs/parity.md"""
-    lookahead: float | None = None
-    """staleness mitigation L (default 3; 0 with --paper): module K, the fresh module, runs each step's
-    losses and backwards at its weights moved L last updates ahead, w + L (w - w_before), and steps
-    from its current weights: the error gradient it sends upstream is applied delay(k) steps later,
-    when module K has moved on. One copy of module K's weights, no extra compute; see
-    ouroboros_ds/stash.py look_ahead"""
+    lookahead: float | str | None = field(default=None, metadata={"type": lookahead_value})
+    """staleness mitigation L (default auto = 2G - 1: 3 at G = 2, 5 at G = 3; 0 with --paper): module
+    K, the fresh module, runs each step's losses and backwards at its weights moved L last updates
+    ahead, w + L (w - w_before), and steps from its current weights: the error gradient it sends
+    upstream is applied delay(k) steps later, when module K has moved on. One copy of module K's
+    weights, no extra compute; see ouroboros_ds/stash.py look_ahead"""
     sync_steps: int | None = None
-    """staleness mitigation N (default 50; 0 with --paper): the first N steps are synchronous (every
+    """staleness mitigation N (default 100; 0 with --paper): the first N steps are synchronous (every
     module backprops its own step's batch, delay 0, as ordinary training; each such step fills and
     drains the pipeline as 1F1B does), then the ring starts with its usual delays. Delayed gradients
     slow the escape from the loss's early plateau; see docs/ring.md"""
@@ -151,8 +161,10 @@ class RingConfig:
                     setattr(self, key, section.get(key, defaults[key]) if not self.paper else defaults[key])
         if self.weight_prediction < 0:
             raise ValueError(f"--weight-prediction: must be >= 0 (0: off), got {self.weight_prediction}")
-        if self.lookahead < 0:
-            raise ValueError(f"--lookahead: must be >= 0 (0: off, L: L last updates ahead), got {self.lookahead}")
+        if self.lookahead != "auto" and (isinstance(self.lookahead, bool) or not isinstance(self.lookahead, (int, float))
+                                         or self.lookahead < 0):
+            raise ValueError(f"--lookahead: must be 'auto' (2G - 1 updates) or a number >= 0 (0: off, L: L last updates "
+                             f"ahead), got {self.lookahead!r}")
         if isinstance(self.sync_steps, bool) or not isinstance(self.sync_steps, int) or self.sync_steps < 0:
             raise ValueError(f"--sync-steps: must be an integer >= 0 (0: off, N: the first N steps synchronous), "
                              f"got {self.sync_steps!r}")
@@ -296,7 +308,7 @@ def _add_fields(parser, cls, prefix: str = "") -> None:
         if typing.get_origin(kind) is Literal:
             kw["choices"] = args
         else:
-            kw["type"] = args[0] if args else kind
+            kw["type"] = f.metadata.get("type", args[0] if args else kind)
             kw["metavar"] = f.metadata.get("metavar", flag.lstrip("-").replace("-", "_").upper())
         parser.add_argument(flag, **kw)
 

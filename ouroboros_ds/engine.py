@@ -54,7 +54,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
     """
 
     def __init__(self, *args, seed: int = 0, replay: str = "recompute", weight_prediction: float = 0.0,
-                 replay_plan=None, lookahead: float = 0.0, sync_steps: int = 0, stage_clip: str = "whole",
+                 replay_plan=None, lookahead: float | str = 0.0, sync_steps: int = 0, stage_clip: str = "whole",
                  **kwargs):
         self.replay = W.check_replay(replay)
         # before DeepSpeed builds the optimizer wrappers: they read the threshold at construction
@@ -69,7 +69,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         # memory.ReplayPlan: which micro-batches keep their graph in stash mode (None: all of them)
         self.replay_plan = replay_plan
         self.weight_prediction = W.check_prediction(weight_prediction)
-        self.lookahead = W.check_lookahead(lookahead)
+        self.lookahead = W.check_lookahead(lookahead, self._stages)
         config = kwargs.get("config_class")
         if config is not None and config.float16_config.enabled:
             # fp16's dynamic loss scale skips a step on overflow; on the ring every stage would have to

@@ -81,7 +81,7 @@ def _ring_section(config):
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
                lr_scheduler=None, config=None, seed: int = 0, replay: str = "recompute",
-               weight_prediction: float | None = None, replay_plan=None, lookahead: float | None = None,
+               weight_prediction: float | None = None, replay_plan=None, lookahead: float | str | None = None,
                sync_steps: int | None = None, stage_clip: str | None = None):
     """``deepspeed.initialize`` for pipelines: an :class:`OuroborosPipelineModule` gets the
     :class:`OuroborosEngine` (``replay``: "recompute" or "stash"; ``weight_prediction``: see
@@ -115,7 +115,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if weight_prediction is None:
         weight_prediction = float(section.get("weight_prediction", 0.0)) if ring else 0.0
     if lookahead is None:
-        lookahead = float(section.get("lookahead", 0.0)) if ring else 0.0
+        lookahead = section.get("lookahead", 0.0) if ring else 0.0  # a number or "auto": the engine checks it
     if sync_steps is None:
         sync_steps = section.get("sync_steps", 0) if ring else 0
     if stage_clip is None:  # 1F1B and DualPipeV clip the whole model, as DeepSpeed does

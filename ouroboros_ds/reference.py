@@ -87,7 +87,7 @@ class Reference:
     def __init__(self, plan: LayerPlan, stages: int, ds_config: dict, loss_fn, seed: int = 0,
                  blocks_per_module=None, synchronous: bool = False, replay: str = "recompute",
                  stale_lr_scale: float = 0.0, weight_prediction: float = 0.0, global_clip: bool = False,
-                 stale_beta1: float = 0.0, lookahead: float = 0.0, sync_steps: int = 0,
+                 stale_beta1: float = 0.0, lookahead: float | str = 0.0, sync_steps: int = 0,
                  stage_clip: str = "whole", lookahead_synchronous: bool = False):
         self.replay = W.check_replay(replay)
         self.weight_prediction = W.check_prediction(weight_prediction)
@@ -125,7 +125,7 @@ class Reference:
         self.last_update = W.LastUpdate(W.delayed_parameters(
             self.module_layers[k] for k in range(1, self.K))) if self.weight_prediction else None
         # lookahead: module K's own weights before the last step, for its look-ahead (stash.look_ahead)
-        self.lookahead = W.check_lookahead(lookahead)
+        self.lookahead = W.check_lookahead(lookahead, stages)
         # lookahead_synchronous (screening only; the engine never does it): look ahead in
         # synchronous steps too, to measure what the look-ahead does without any delay
         self.lookahead_synchronous = lookahead_synchronous

@@ -157,12 +157,21 @@ def own_parameters(layers) -> list:
     return unique_parameters(layer for layer in layers if isinstance(layer, torch.nn.Module))
 
 
-def check_lookahead(lookahead: float) -> float:
-    lookahead = float(lookahead)
-    if lookahead < 0:
-        raise ValueError(f"lookahead: must be >= 0 (0 turns it off, 1 runs the fresh module one last update "
-                         f"ahead), got {lookahead}")
-    return lookahead
+LOOKAHEAD_AUTO = "auto"
+
+
+def check_lookahead(lookahead, stages: int) -> float:
+    """The look-ahead horizon L for a ring of ``stages`` stages: a number >= 0 as given, or
+    ``"auto"``: one update per module of the ring, K = 2G - 1 (3 at G = 2, 5 at G = 3). Module K's
+    error gradients reach modules stale by up to K - 1 steps, so the longer the ring, the further
+    module K has moved by the time they are applied (docs/parity.md measures 3 at G = 2 on the
+    plateau of 3-6, and 5 against 3 at G = 3)."""
+    if lookahead == LOOKAHEAD_AUTO:
+        return float(2 * stages - 1)
+    if isinstance(lookahead, bool) or not isinstance(lookahead, (int, float)) or lookahead < 0:
+        raise ValueError(f"lookahead: must be 'auto' (2G - 1 updates) or a number >= 0 (0 turns it off, 1 runs the "
+                         f"fresh module one last update ahead), got {lookahead!r}")
+    return float(lookahead)
 
 
 def look_ahead(last_update: LastUpdate, horizon: float) -> list:
@@ -171,7 +180,7 @@ def look_ahead(last_update: LastUpdate, horizon: float) -> list:
     Module K computes batch t's loss and backward at step t and sends dL/d(input) upstream, where
     module k applies it ``delay(k)`` steps later: by then module K has moved on. With weight
     prediction, module k's own weights are predicted to where they will be; the look-ahead does
-    the same for module K, ``horizon`` last updates ahead (3 by default: docs/parity.md)::
+    the same for module K, ``horizon`` last updates ahead (2G - 1 by default, :func:`check_lookahead`)::
 
         w_K <- w_K + horizon (w_K - w_K(t - 1))     in place, for the losses and backwards of step t
         ... module K's forwards, losses, backwards ...

@@ -107,7 +107,7 @@ class Trainer:
         if self.log:
             print(f"ouroboros-ds: schedule={c.ring.schedule} "
                   f"replay={c.ring.replay if c.ring.schedule == 'ouroboros' else '-'} "
-                  f"weight_prediction={c.ring.weight_prediction} lookahead={c.ring.lookahead} "
+                  f"weight_prediction={c.ring.weight_prediction} lookahead={getattr(engine, 'lookahead', c.ring.lookahead)} "
                   f"sync_steps={c.ring.sync_steps} stage_clip={c.ring.stage_clip} "
                   f"activation_checkpointing={c.ring.activation_checkpointing} G={self.G} dp={dp} M={M} "
                   f"micro-batch={mb} seq={seq_len} vocab={tok.vocab_size} layers={dims['n_layer']} d={dims['n_embd']} "

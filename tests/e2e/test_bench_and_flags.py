@@ -47,7 +47,7 @@ def test_train_flags_replay_stash_and_activation_checkpointing(tmp_path):
         firsts.append(next(x for x in map(json.loads, m.read_text().splitlines()) if "loss" in x)["loss"])
         if extra[0] == "--replay":
             assert "replay=stash" in r.stdout and "partition fresh: blocks of modules 1..K" in r.stdout
-            assert "weight_prediction=1.0 lookahead=3.0 sync_steps=50 stage_clip=split" in r.stdout  # the default
+            assert "weight_prediction=1.0 lookahead=3.0 sync_steps=100 stage_clip=split" in r.stdout  # the default
         else:
             assert "activation_checkpointing=True" in r.stdout
     assert firsts[0] == pytest.approx(firsts[1], rel=1e-5)  # same weights, data and dropout masks

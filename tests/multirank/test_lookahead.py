@@ -100,8 +100,8 @@ def worker(rank, G, out):
         res["nonfinite"] = {("nan", 4): _nonfinite(4, "nan"), ("zero", 4): _nonfinite(4, "zero"),
                             ("nan", 1): _nonfinite(1, "nan")}
     if G == 1:
-        res["initialize"] = initialize_reads(1, "lookahead", 0.5, 2.0, lambda e: (e.lookahead, e.k_update is not None),
-                                             lambda e: getattr(e, "lookahead", None))
+        res["initialize"] = initialize_reads(1, "lookahead", "auto", 2.0, lambda e: (e.lookahead, e.k_update is not None),
+                                             lambda e: getattr(e, "lookahead", None), bad="far")
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
 
 
@@ -197,9 +197,10 @@ def test_nan_loss_with_lookahead(ring_run):
 def test_initialize_reads_lookahead_like_weight_prediction(ring_run):
     _, ranks = ring_run(1)
     init = ranks[0]["initialize"]
-    assert init["object"] == (0.5, True)  # None: the config's "ouroboros" object decides
+    assert init["object"] == (1.0, True)  # None: the config's "ouroboros" object decides; "auto" at G = 1: 2G - 1
     assert init["argument"] == (2.0, True)  # an argument beats the object
     assert init["paper"] == (0.0, False)  # the paper's update never looks ahead
     assert init["none"] == (0.0, False)  # no object: off
     assert init["baseline, object"] is None  # the ring's default does not reach the 1F1B engine
     assert init["baseline, argument"].startswith("lookahead: only the Ouroboros ring"), init["baseline, argument"]
+    assert init["bad"].startswith("lookahead: must be 'auto' (2G - 1 updates) or a number >= 0"), init["bad"]

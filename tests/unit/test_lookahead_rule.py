@@ -156,5 +156,23 @@ def test_look_back_restores_the_weights_bitwise():
 def test_synchronous_limit_and_bad_horizon():
     ref = Reference(model_plan(), 2, ds_config(1, 4), lm_loss, seed=SEED, synchronous=True, lookahead=1.0)
     assert ref.k_update is None
-    with pytest.raises(ValueError, match="lookahead: must be >= 0"):
-        Reference(model_plan(), 2, ds_config(1, 4), lm_loss, lookahead=-1)
+    for bad in (-1, "far", True, None):
+        with pytest.raises(ValueError, match="lookahead: must be 'auto' \\(2G - 1 updates\\) or a number >= 0"):
+            Reference(model_plan(), 2, ds_config(1, 4), lm_loss, lookahead=bad)
+
+
+@pytest.mark.parametrize("G", [1, 2, 3, 4])
+def test_auto_horizon_is_one_update_per_module_of_the_ring(G):
+    assert W.check_lookahead("auto", G) == 2 * G - 1 == len(range(1, 2 * G))
+    assert W.check_lookahead(2, G) == 2.0 and isinstance(W.check_lookahead(2, G), float)
+
+
+def test_auto_is_the_same_update_as_its_number():
+    steps, G, M = 4, 3, 4
+    runs = []
+    for L in ("auto", 5.0):
+        ref = Reference(model_plan(), G, _no_clip(M, steps), lm_loss, seed=SEED, weight_prediction=1.0, lookahead=L)
+        losses = [ref.step(mbs) for mbs in batches(steps, M)]
+        runs.append((ref.lookahead, losses, [p.detach().clone() for p in _own(ref)]))
+    assert runs[0][0] == 5.0
+    assert runs[0][1] == runs[1][1] and all(torch.equal(a, b) for a, b in zip(runs[0][2], runs[1][2]))

@@ -1,7 +1,7 @@
 """The staleness mitigation is the default; the paper's exact update is one switch away.
 
 - train.py's defaults (and ``ds_configs/ouroboros.json``'s ``"ouroboros"`` object): weight
-  prediction H = 1, module K's look-ahead L = 3, the fresh partition, 50 synchronous first steps,
+  prediction H = 1, module K's look-ahead L = 3, the fresh partition, 100 synchronous first steps,
   each stage clipped at gradient_clipping / sqrt(G); ``--paper`` or ``ds_configs/paper.json``: no
   prediction, no look-ahead, no synchronous steps, the balanced partition, each stage clipped at
   gradient_clipping (the update the paper's rule is tested against: docs/ring.md); the 1F1B
@@ -46,8 +46,8 @@ def test_defaults_and_the_paper_switch(argv, expected):
 
 
 def test_the_default_looks_ahead_and_the_paper_does_not():
-    assert DEFAULT_MITIGATION["lookahead"] == 3.0 and PAPER["lookahead"] == 0.0
-    assert ring([])[1] == 3.0 and ring(["--paper"])[1] == 0.0
+    assert DEFAULT_MITIGATION["lookahead"] == "auto" and PAPER["lookahead"] == 0.0
+    assert ring([])[1] == "auto" and ring(["--paper"])[1] == 0.0  # 2G - 1 once the engine knows G
 
 
 def test_the_shipped_configs_say_it():
@@ -63,7 +63,7 @@ def test_the_shipped_configs_say_it():
     (["--paper", "--lookahead", "1"], "--paper: the paper's update has no staleness mitigation; drop "
                                       "--weight-prediction, --lookahead"),
     (["--schedule", "1f1b", "--lookahead", "1"], "--lookahead: only the ouroboros schedule"),
-    (["--lookahead", "-1"], "--lookahead: must be >= 0"),
+    (["--lookahead", "-1"], "--lookahead: must be .auto. \\(2G - 1 updates\\) or a number >= 0"),
     (["--schedule", "1f1b", "--weight-prediction", "1"], "--weight-prediction: only the ouroboros schedule"),
     (["--schedule", "1f1b", "--partition", "fresh"], "--replay/--partition apply to --schedule ouroboros only"),
     (["--weight-prediction", "-1"], "--weight-prediction: must be >= 0"),
@@ -82,8 +82,13 @@ def test_a_config_object_sets_lookahead_and_a_flag_beats_it(tmp_path):
     assert ring(["--deepspeed_config", str(path), "--lookahead", "2"]) == (1.0, 2.0, "fresh", False)
     cfg["ouroboros"] = {"lookahead": -1}
     path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="--lookahead: must be >= 0"):
+    with pytest.raises(ValueError, match="--lookahead: must be 'auto' \\(2G - 1 updates\\) or a number >= 0"):
         ring(["--deepspeed_config", str(path)])
+    cfg["ouroboros"] = {"lookahead": "far"}
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="--lookahead: must be 'auto'"):
+        ring(["--deepspeed_config", str(path)])
+    assert ring(["--lookahead", "auto"])[1] == "auto"  # resolved to 2G - 1 by the engine, which knows G
 
 
 def test_the_lookahead_flag_is_built_like_the_others():
@@ -134,12 +139,12 @@ def sync_steps(argv):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], 50), (["--paper"], 0), (["--deepspeed_config", "ds_configs/paper.json"], 0), (["--schedule", "1f1b"], 0),
+    ([], 100), (["--paper"], 0), (["--deepspeed_config", "ds_configs/paper.json"], 0), (["--schedule", "1f1b"], 0),
     (["--schedule", "dualpipev"], 0), (["--sync-steps", "7"], 7), (["--sync-steps", "0"], 0),
-    (["--paper", "--sync-steps", "0"], 0), (["--deepspeed_config", "ds_configs/ouroboros_bf16_zero1.json"], 50),
+    (["--paper", "--sync-steps", "0"], 0), (["--deepspeed_config", "ds_configs/ouroboros_bf16_zero1.json"], 100),
 ], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
 def test_sync_steps_default_and_the_paper(argv, expected):
-    assert DEFAULT_MITIGATION["sync_steps"] == 50 and PAPER["sync_steps"] == 0
+    assert DEFAULT_MITIGATION["sync_steps"] == 100 and PAPER["sync_steps"] == 0
     assert sync_steps(argv) == expected
 
 
