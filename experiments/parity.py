@@ -106,6 +106,31 @@ def run_key(data, G, M, variant, lr, seed, steps):
     return f"{data}_g{G}_m{M}_{safe}_lr{lr:g}_s{seed}_n{steps}"
 
 
+def blocks_per_module(job: dict, opts: dict, replay: str):
+    """The block split the engine's --partition flag gives this job's model (None: the authors')."""
+    from ouroboros_ds import data as D
+    from ouroboros_ds.models import gpt2_config
+    from ouroboros_ds.module import balanced_blocks_per_module, layer_costs
+
+    partition = opts.get("partition", "balanced")
+    if partition == "authors":
+        return None
+    vocab = D.load_token_data(job["data"]).vocab_size
+    mcfg = gpt2_config(job["model"], vocab, dropout=0.1)
+    return balanced_blocks_per_module(mcfg.n_layer, job["G"], layer_costs(mcfg.n_embd, vocab, job["seq_len"]),
+                                      replay, fresh=partition == "fresh")
+
+
+def stash_is_same_update(job: dict, opts: dict) -> bool:
+    """Whether ``--replay stash`` runs this ring variant's update bit for bit: with weight prediction
+    features replay recomputes at the weights stash keeps, with the same dropout masks (tested in
+    tests/unit/test_reference.py), provided both modes get the same block split (the balanced
+    split weighs the replay's extra forward, so it may differ)."""
+    if opts.get("synchronous") or opts.get("replay", "recompute") != "recompute" or not opts.get("weight_prediction"):
+        return False
+    return blocks_per_module(job, opts, "recompute") == blocks_per_module(job, opts, "stash")
+
+
 def train_one(job: dict) -> dict:
     """One run on the Reference: returns {"steps", "bpb", "seconds"} at every evaluation."""
     import torch
@@ -117,19 +142,15 @@ def train_one(job: dict) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     from ouroboros_ds import data as D
     from ouroboros_ds.models import gpt2_config, gpt2_layer_specs, lm_loss
-    from ouroboros_ds.module import balanced_blocks_per_module, layer_costs
     from ouroboros_ds.reference import Reference
 
     a = job
     opts = variant_options(a["variant"])
-    partition = opts.pop("partition", "balanced")
+    bpm = blocks_per_module(a, opts, opts.get("replay", "recompute"))
+    opts.pop("partition", None)
     tok = D.load_token_data(a["data"])
     mcfg = gpt2_config(a["model"], tok.vocab_size, dropout=0.1)
     plan = gpt2_layer_specs(mcfg, seed=a["seed"])
-    replay = opts.get("replay", "recompute")
-    bpm = None if partition == "authors" else balanced_blocks_per_module(
-        mcfg.n_layer, a["G"], layer_costs(mcfg.n_embd, tok.vocab_size, a["seq_len"]), replay,
-        fresh=partition == "fresh")
     with open(os.path.join(ROOT, "ds_configs", "ouroboros.json")) as f:
         cfg = json.load(f)
     cfg["optimizer"]["params"]["lr"] = a["lr"]
@@ -224,11 +245,10 @@ def bench_step_times(paths) -> dict:
 
 
 def bench_config(opts: dict, times: dict) -> str:
-    if opts.get("replay") == "stash":
-        return "ouro-stash"
-    if opts.get("weight_prediction") and "ouro-recompute-pred" in times:
-        return "ouro-recompute-pred"
-    return "ouro-recompute"
+    """The benchmark configuration whose step time a variant's ring steps take: with weight
+    prediction the `-pred` one (fresh partition, prediction's weight copies) where measured."""
+    base = "ouro-stash" if opts.get("replay") == "stash" else "ouro-recompute"
+    return base + "-pred" if opts.get("weight_prediction") and base + "-pred" in times else base
 
 
 def run_time(n: float, opts: dict, times: dict) -> float:
@@ -279,8 +299,8 @@ def summarize(args, results: dict):
     rows, curves = [], {}
     lines = [f"`python experiments/parity.py {' '.join(sys.argv[1:])}`", "",
              "| data | G | M | schedule | lr sweep: final val bpb (mean of seeds) | best lr | final val bpb (spread) "
-             "| vs 1F1B best | steps to 1F1B's final | time vs 1F1B | time vs 1F1B+ckpt |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| vs 1F1B best | steps to 1F1B's final | time vs 1F1B | time vs 1F1B+ckpt | time vs 1F1B, stash replay |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for data in args.data:
         for G in args.stages:
             for M in args.micro_batches:
@@ -307,7 +327,7 @@ def summarize(args, results: dict):
                                        else f"{statistics.fmean(r['bpb'][-1] for r in rs):.4f}")
                         for lr, rs in sorted(by_lr.items()))
                     if v not in best:
-                        lines.append(f"| {data} | {G} | {M} | {v} | {sweep_txt} | - | - | - | - | - | - |")
+                        lines.append(f"| {data} | {G} | {M} | {v} | {sweep_txt} | - | - | - | - | - | - | - |")
                         continue
                     lr, rs = best[v]
                     steps, curve = mean_curve(rs)
@@ -318,12 +338,17 @@ def summarize(args, results: dict):
                     base_n = steps_to(base_steps, base_curve, target)
                     t = {b: (run_time(n, opts, times) / (base_n * times[b]) if n is not None else None)
                          for b in ("1f1b", "1f1b+ckpt") if b in times and bench_config(opts, times) in times}
+                    # The same update with stash replay (equal bit for bit by test): same steps, its step time.
+                    stash = None
+                    if n is not None and "ouro-stash" in times and stash_is_same_update(rs[0]["job"], opts):
+                        stash = run_time(n, {**opts, "replay": "stash"}, times) / (base_n * times["1f1b"])
                     fmt = lambda x: "-" if x is None else f"{x:.2f}x"
                     lines.append(
                         f"| {data} | {G} | {M} | {v} | {sweep_txt} | {lr:g} | {curve[-1]:.4f} (±{(max(finals) - min(finals)) / 2:.4f}) "
-                        f"| {gap:+.2f}% | {'-' if n is None else f'{n:.0f}'} | {fmt(t.get('1f1b'))} | {fmt(t.get('1f1b+ckpt'))} |")
+                        f"| {gap:+.2f}% | {'-' if n is None else f'{n:.0f}'} | {fmt(t.get('1f1b'))} | {fmt(t.get('1f1b+ckpt'))} "
+                        f"| {fmt(stash)} |")
                     rows.append(dict(data=data, G=G, M=M, variant=v, lr=lr, final=curve[-1], gap=gap, steps_to=n,
-                                     time_vs_1f1b=t.get("1f1b"), time_vs_ckpt=t.get("1f1b+ckpt"),
+                                     time_vs_1f1b=t.get("1f1b"), time_vs_ckpt=t.get("1f1b+ckpt"), time_vs_1f1b_stash=stash,
                                      spread=(max(finals) - min(finals)) / 2))
                     curves[(data, G, M, v)] = (lr, steps, curve)
     lines += ["", "Step-time ratios to 1F1B (benchmark): " + "; ".join(

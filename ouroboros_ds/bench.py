@@ -38,8 +38,11 @@ import tempfile
 import time
 import traceback
 
-CONFIGS = ("1f1b", "1f1b+ckpt", "dualpipev", "ouro-recompute", "ouro-stash", "ouro-bounded", "ouro-recompute-pred")
-# ouro-recompute-pred: the default mitigation (weight prediction through features replay, fresh partition)
+CONFIGS = ("1f1b", "1f1b+ckpt", "dualpipev", "ouro-recompute", "ouro-stash", "ouro-bounded", "ouro-recompute-pred",
+           "ouro-stash-pred")
+# ouro-recompute-pred: the default mitigation (weight prediction through features replay, fresh partition);
+# ouro-stash-pred: the same with every graph kept (train.py --replay stash --activation-budget inf)
+PRED = ("ouro-recompute-pred", "ouro-stash-pred")
 SINGLE = ("1proc-1thread", "1proc-all")
 VOCAB = 256
 
@@ -56,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="steps of each configuration per round")
     p.add_argument("--partition", choices=["balanced", "authors"], default="balanced")
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default cores // G)")
-    p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "ouro-recompute-pred"] + list(SINGLE),
+    p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c not in PRED] + list(SINGLE),
                    choices=list(CONFIGS) + list(SINGLE),
                    help="dualpipev is left out when M < 2G (DeepSpeed's DualPipeV cannot run there)")
     p.add_argument("--activation-budget", nargs="+", default=["1f1b"],

@@ -16,7 +16,7 @@ SYNC = '{"weight_prediction": 1.0, "sync_steps": 2}'
 
 
 def _run(variant, lr, seed, bpb, G=2, M=4):
-    job = dict(data="shakespeare", G=G, M=M, variant=variant, lr=lr, seed=seed, steps=4)
+    job = dict(data="shakespeare", G=G, M=M, variant=variant, lr=lr, seed=seed, steps=4, model="tiny", seq_len=128)
     return (variant, lr, seed, G), dict(job=job, steps=[2, 4], bpb=list(bpb), seconds=[1.0, 2.0], train_loss=[0.0, 0.0])
 
 
@@ -48,7 +48,23 @@ def test_each_schedule_is_judged_at_its_own_best_lr():
     # synchronous steps fill and drain and recompute, as 1F1B with checkpointing: counted at its step time
     sync_time = (2 * P.STEP_TIMES["1f1b+ckpt"] + 1 * P.STEP_TIMES["ouro-recompute"]) / (4 * P.STEP_TIMES["1f1b"])
     assert by[SYNC][8] == "3" and by[SYNC][9] == f"{sync_time:.2f}x" and by[SYNC][9] != by[PRED][9]
+    # the same update with stash replay (tiny model, G = 2: the same split in both modes): its step times
+    stash_time = (2 * P.STEP_TIMES["1f1b"] + 1 * P.STEP_TIMES["ouro-stash"]) / (4 * P.STEP_TIMES["1f1b"])
+    assert by[SYNC][11] == f"{stash_time:.2f}x" and by[PRED][11] == f"{3 * P.STEP_TIMES['ouro-stash'] / (4 * P.STEP_TIMES['1f1b']):.2f}x"
+    assert by["1f1b"][11] == "-" and by["default"][11] == "-"  # synchronous; never reaches 1F1B's final
     assert [r["G"] for r in rows] == [2, 2, 2, 2]  # G = 3: no ring variant ran, so no cell (1F1B alone is no comparison)
+
+
+def test_stash_column_only_where_stash_is_the_same_update():
+    """Stash replay equals features replay bit for bit only with weight prediction and the same block split."""
+    job = dict(data="shakespeare", model="tiny", seq_len=128, G=2)
+    assert P.stash_is_same_update(job, P.variant_options("default"))
+    assert not P.stash_is_same_update(job, P.variant_options("paper"))  # no prediction: another update
+    assert not P.stash_is_same_update(job, P.variant_options("1f1b"))
+    assert not P.stash_is_same_update(job, P.variant_options("stash-pred-fresh"))  # already stash
+    g3 = {**job, "G": 3}  # the balanced split moves blocks out of the replayed modules in recompute mode
+    assert P.blocks_per_module(g3, {"partition": "fresh"}, "recompute") != P.blocks_per_module(g3, {"partition": "fresh"}, "stash")
+    assert not P.stash_is_same_update(g3, P.variant_options("default"))
 
 
 def test_protocol_runs_tables_and_reuses(tmp_path):

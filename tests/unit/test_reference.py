@@ -263,6 +263,27 @@ def test_prediction_is_the_same_update_in_both_replay_modes(G, M):
     assert all(torch.equal(ps[n], pr[n]) for n in ps), f"G={G} M={M}: recompute != stash with prediction"
 
 
+@pytest.mark.parametrize("M", (1, 4), ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("G", (2, 3), ids=lambda g: f"G{g}")
+def test_the_default_is_the_same_update_in_both_replay_modes(G, M):
+    """The whole default (prediction, look-ahead, synchronous first steps, split clip) on one block
+    split: stash replay runs it bit for bit, so it reaches any loss in the same steps."""
+    from ouroboros_ds.config import DEFAULT_MITIGATION
+
+    opts = {k: v for k, v in DEFAULT_MITIGATION.items() if k != "partition"}
+    opts["sync_steps"] = 2  # the switch to the ring inside the run
+    steps = G + 5
+    data = batches(steps, M, seed=4)
+    runs = {}
+    for replay in ("stash", "recompute"):
+        ref = Reference(plan(), G, config(0.5, steps), lm_loss, seed=SEED, blocks_per_module=BLOCKS[G],
+                        replay=replay, **opts)
+        runs[replay] = ([ref.step(b) for b in data], dict(ref.named_parameters()))
+    (ls, ps), (lr_, pr) = runs["stash"], runs["recompute"]
+    assert ls == lr_
+    assert all(torch.equal(ps[n], pr[n]) for n in ps), f"G={G} M={M}: the default differs between replay modes"
+
+
 @pytest.mark.parametrize("clip", (0.0, 0.5), ids=lambda c: f"clip{c}")
 @pytest.mark.parametrize("M", (1, 3), ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("G", (2, 3), ids=lambda g: f"G{g}")
