@@ -90,13 +90,19 @@ class KeyedPipelineEngine(PipelineEngine):
     }
 
 
-def check_dualpipev(micro_batches: int, stages: int) -> None:
-    """DualPipeV's own condition, as a user-facing error instead of DeepSpeed's assert."""
+def check_dualpipev(micro_batches: int, stages: int, eval_batches: int | None = None) -> None:
+    """DualPipeV's own condition, as a user-facing error instead of DeepSpeed's assert. An
+    evaluation is one DualPipeV schedule too, so the validation batches must number 2G as well."""
     if micro_batches < 2 * stages:
         raise ValueError(f"gradient_accumulation_steps={micro_batches}: DualPipeV needs at least 2 x "
                          f"pipeline-parallel size = {2 * stages} micro-batches per step; raise "
                          f"gradient_accumulation_steps to {2 * stages} or more, or use --schedule ouroboros "
                          "(any M >= 1) or 1f1b")
+    if eval_batches is not None and eval_batches < 2 * stages:
+        raise ValueError(f"--eval-batches: the validation split gives {eval_batches} micro-batches and DualPipeV "
+                         f"evaluates at least 2 x pipeline-parallel size = {2 * stages} at once; raise "
+                         f"--eval-batches to {2 * stages} (with enough validation text), or use --schedule "
+                         "ouroboros or 1f1b")
 
 
 class KeyedDualPipeVEngine(DualPipeVEngine):
@@ -113,6 +119,19 @@ class KeyedDualPipeVEngine(DualPipeVEngine):
             return DualPipeVEngine._exec_forward_pass(self, buffer_id, phase)
         with dropout_key(self.seed, self.global_steps, buffer_id % self.micro_batches):
             return DualPipeVEngine._exec_forward_pass(self, buffer_id, phase)
+
+    def eval_batch(self, data_iter, *args, num_micro_batches=None, **kwargs):
+        """Why this override: DeepSpeed's DualPipeVEngine finds the phase-1 slot of a micro-batch
+        with the training M (``_phase1_buffer``: ``buffer_id + self.micro_batches``), while an
+        evaluation over another number of micro-batches numbers its slots with that number, so the
+        turn-around rank reads an empty slot. The evaluation runs with M set to its own count."""
+        train_m = self.micro_batches
+        if num_micro_batches is not None:
+            self.micro_batches = num_micro_batches
+        try:
+            return super().eval_batch(data_iter, *args, num_micro_batches=num_micro_batches, **kwargs)
+        finally:
+            self.micro_batches = train_m
 
     # The stock map binds the base class's function; point this entry at ours.
     _INSTRUCTION_MAP = {**DualPipeVEngine._INSTRUCTION_MAP, ds_schedule.ForwardPass: _exec_forward_pass}

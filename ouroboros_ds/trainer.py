@@ -49,6 +49,11 @@ class Trainer:
         self.mcfg, pretrained = model_config(c, tok.vocab_size)
         mcfg = self.mcfg
         check_model(c, mcfg, tok, ds["train_micro_batch_size_per_gpu"], world)
+        if c.ring.schedule == "dualpipev":
+            recurrent = getattr(mcfg, "arch", "gpt2") == "transfo-xl"
+            val = D.eval_batches(tok.val, c.training.seq_len, ds["train_micro_batch_size_per_gpu"],
+                                 max_batches=c.training.eval_batches, ordered=recurrent)
+            check_dualpipev(ds["gradient_accumulation_steps"], c.ring.stages(world), len(val))
 
         import datetime
 

@@ -77,3 +77,20 @@ def test_train_dualpipev_same_first_loss_and_peak_memory(tmp_path):
         if extra[1] == "stash":
             assert "replay plan (kept graphs per module)" in r.stdout, r.stdout
     assert firsts[0] == pytest.approx(firsts[1], rel=1e-5)
+
+
+def test_train_dualpipev_evaluates_any_count_of_validation_batches(tmp_path):
+    """DualPipeV evaluates over --eval-batches micro-batches, not the training M (here 6 against
+    M = 4): after one synchronous step its val loss is 1F1B's. Fewer than 2G is one clear line."""
+    common = ["--steps", "1", "--seq-len", "32", "--model", "tiny", "--eval-batches", "6", "--max-bytes", "200000",
+              "--no-progress"]
+    vals = {}
+    for schedule in ("dualpipev", "1f1b"):
+        m = tmp_path / f"{schedule}.jsonl"
+        r = run_train(common + ["--schedule", schedule, "--metrics", str(m)], nproc=2)
+        assert r.returncode == 0, r.stderr[-3000:]
+        vals[schedule] = [json.loads(x)["val_loss"] for x in m.read_text().splitlines() if "val_loss" in x][-1]
+    assert vals["dualpipev"] == pytest.approx(vals["1f1b"], rel=1e-5)
+    r = run_train_single(["--schedule", "dualpipev", "--eval-batches", "1", "--steps", "1", "--model", "tiny"])
+    assert r.returncode == 2 and "--eval-batches" in r.stderr and "2 x pipeline-parallel size = 2" in r.stderr
+    assert "Traceback" not in r.stderr
