@@ -190,13 +190,13 @@ def monitor_events(engine, rec: dict) -> None:
     x = engine.global_samples
     names = {"tokens_per_s": "Train/Samples/tokens_per_s", "val_loss": "Eval/Samples/val_loss",
              "val_bpb": "Eval/Samples/val_bpb"}
-    events = [(names[k], float(v), x) for k, v in rec.items() if k in names]
-    if "stage" in rec:
+    events = [(names[k], float(v), x) for k, v in rec.items() if k in names and "stage" not in rec]
+    if "stage" in rec:  # a stage's window: its tokens/s is not the run's
         s = rec["stage"]
         events += [(f"Stage/{s}/in_flight_bytes", float(rec["in_flight_bytes"]), x),
                    (f"Stage/{s}/step_seconds", float(rec["step_seconds"]), x)]
-        events += [(f"Stage/{s}/{k}", float(rec[k]), x) for k in ("peak_activation_bytes", "peak_rss_bytes")
-                   if rec.get(k) is not None]
+        events += [(f"Stage/{s}/{k}", float(rec[k]), x)
+                   for k in ("peak_activation_bytes", "peak_rss_bytes", "tokens_per_s") if rec.get(k) is not None]
         if rec.get("utilization") is not None:
             events.append((f"Stage/{s}/utilization", float(rec["utilization"]), x))
     if "delays" in rec:

@@ -239,7 +239,7 @@ class Trainer:
 
             for step:
                 train_batch (the data on stage 0; every stage for 1F1B)   # the watchdog bounds it
-                rank 0: a metrics line {step, loss, tokens, seconds, train_seconds, lr}, the bar
+                rank 0: a metrics line {step, loss, tokens, seconds, train_seconds, tokens_per_s, lr}, the bar
                 every --stage-stats-every steps: per-stage stats gathered to rank 0
                 the ranks agree to stop (SIGTERM/SIGUSR1): save, return False
                 every --save-every steps: save; every --eval-every steps: evaluate
@@ -282,11 +282,11 @@ class Trainer:
                 if log:
                     secs = time.perf_counter() - start
                     last = float(loss)
+                    tok_s = (step + 1 - first) * tokens_per_step / secs
                     self.write({"step": step, "loss": last, "tokens": (step + 1) * tokens_per_step, "seconds": secs,
-                                "train_seconds": train_clock, "lr": engine.get_lr()[0]})
+                                "train_seconds": train_clock, "tokens_per_s": tok_s, "lr": engine.get_lr()[0]})
                     if events:  # this rank's part; other stages print theirs as warnings
                         self.write({"step": step, "nonfinite": events})
-                    tok_s = (step + 1 - first) * tokens_per_step / secs
                     runlog.monitor_events(engine, {"tokens_per_s": tok_s})
                     if self.bar:
                         self.bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{tok_s:,.0f}")
@@ -295,8 +295,9 @@ class Trainer:
                     stats = runlog.stage_stats(engine, train_clock - stats_clock, step + 1 - stats_from,  # collective
                                                peak=self.peak)
                     stats_clock, stats_from = train_clock, step + 1
-                    for rec in stats or []:
-                        self.emit({"step": step + 1, **rec})
+                    for rec in stats or []:  # the window's throughput next to each stage's peak memory
+                        tps = tokens_per_step / rec["step_seconds"] if rec["step_seconds"] > 0 else None
+                        self.emit({"step": step + 1, **rec, "tokens_per_s": tps})
                 if stopper.after_step():
                     stopper.close()
                     if c.checkpoint.save:

@@ -108,6 +108,11 @@ def test_hf_model_wandb_offline_export_end_to_end(tmp_path):
     assert [row["Stage/0/utilization"] for row in rows if "Stage/0/utilization" in row] == \
         [s["utilization"] for s in stats if s["stage"] == 0]
     assert sum("Train/Samples/tokens_per_s" in row for row in rows) == steps
+    assert [row["Train/Samples/tokens_per_s"] for row in rows if "Train/Samples/tokens_per_s" in row] == \
+        [x["tokens_per_s"] for x in recs if "loss" in x]
+    assert [row["Stage/0/tokens_per_s"] for row in rows if "Stage/0/tokens_per_s" in row] == \
+        [s["tokens_per_s"] for s in stats if s["stage"] == 0]
+    assert all(s["tokens_per_s"] > 0 and s["peak_activation_bytes"] > 0 for s in stats), stats
     assert [row.get(f"Delay/module_{k}") for k in (1, 2, 3) for row in rows[:1]] == [2, 1, 0]
 
     # The trained model comes back with from_pretrained, tied, and differs from the start.
