@@ -12,7 +12,9 @@ then judged at the lr whose final val bpb (mean over seeds) is lowest:
   step-time ratio (variant / 1F1B) measured by one benchmark run (``python -m ouroboros_ds.bench``,
   its JSON given with ``--bench``), with the variant's synchronous first steps at the step time of
   1F1B with activation checkpointing (:func:`run_time`), against stock 1F1B and against 1F1B with
-  activation checkpointing (the rival at the activation memory of features replay).
+  activation checkpointing (the rival at the activation memory of features replay); and the same
+  at stash replay's step time where stash runs the variant's update bit for bit
+  (:func:`stash_is_same_update`: the same steps, more activation memory, faster steps).
 
 The runs use the single-process :class:`ouroboros_ds.reference.Reference`: exactly the update the
 DeepSpeed engine runs (equal bit for bit by test, G = 1..3, M = 1 and 4, dropout on), without the
