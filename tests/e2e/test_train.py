@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers import run_train, run_train_single
 
 
@@ -18,8 +20,9 @@ def test_short_run_learns_well_below_unigram_entropy(tmp_path):
     steps = [x for x in recs if "loss" in x]
     evals = [x for x in recs if "val_bpb" in x]
     assert [x["step"] for x in steps] == list(range(300))
-    assert all(set(x) == {"step", "loss", "tokens", "seconds", "train_seconds", "lr"} for x in steps)
+    assert all(set(x) == {"step", "loss", "tokens", "seconds", "train_seconds", "tokens_per_s", "lr"} for x in steps)
     assert all(0 < x["train_seconds"] <= x["seconds"] for x in steps)  # training time only, no evaluations
+    assert all(x["tokens_per_s"] == pytest.approx(x["tokens"] / x["seconds"]) for x in steps)  # since the start
     assert steps[-1]["tokens"] == 300 * 8 * 4 * 64
     assert [x["step"] for x in evals] == [150, 300]
     # Shakespeare's byte unigram entropy is 4.77 bits/byte (printed at start-up): a model that
