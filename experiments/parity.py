@@ -108,16 +108,14 @@ def run_key(data, G, M, variant, lr, seed, steps):
     return f"{data}_g{G}_m{M}_{safe}_lr{lr:g}_s{seed}_n{steps}"
 
 
-def blocks_per_module(job: dict, opts: dict, replay: str):
+def blocks_per_module(job: dict, opts: dict, replay: str, vocab: int):
     """The block split the engine's --partition flag gives this job's model (None: the authors')."""
-    from ouroboros_ds import data as D
     from ouroboros_ds.models import gpt2_config
     from ouroboros_ds.module import balanced_blocks_per_module, layer_costs
 
     partition = opts.get("partition", "balanced")
     if partition == "authors":
         return None
-    vocab = D.load_token_data(job["data"]).vocab_size
     mcfg = gpt2_config(job["model"], vocab, dropout=0.1)
     return balanced_blocks_per_module(mcfg.n_layer, job["G"], layer_costs(mcfg.n_embd, vocab, job["seq_len"]),
                                       replay, fresh=partition == "fresh")
@@ -130,7 +128,10 @@ def stash_is_same_update(job: dict, opts: dict) -> bool:
     split weighs the replay's extra forward, so it may differ)."""
     if opts.get("synchronous") or opts.get("replay", "recompute") != "recompute" or not opts.get("weight_prediction"):
         return False
-    return blocks_per_module(job, opts, "recompute") == blocks_per_module(job, opts, "stash")
+    from ouroboros_ds import data as D
+
+    vocab = D.load_token_data(job["data"]).vocab_size
+    return blocks_per_module(job, opts, "recompute", vocab) == blocks_per_module(job, opts, "stash", vocab)
 
 
 def train_one(job: dict) -> dict:
@@ -148,9 +149,9 @@ def train_one(job: dict) -> dict:
 
     a = job
     opts = variant_options(a["variant"])
-    bpm = blocks_per_module(a, opts, opts.get("replay", "recompute"))
-    opts.pop("partition", None)
     tok = D.load_token_data(a["data"])
+    bpm = blocks_per_module(a, opts, opts.get("replay", "recompute"), tok.vocab_size)
+    opts.pop("partition", None)
     mcfg = gpt2_config(a["model"], tok.vocab_size, dropout=0.1)
     plan = gpt2_layer_specs(mcfg, seed=a["seed"])
     with open(os.path.join(ROOT, "ds_configs", "ouroboros.json")) as f:

@@ -42,18 +42,17 @@ class Trainer:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         ds = load_deepspeed_config(c)
         c.ring.stages(world)
-        if c.ring.schedule == "dualpipev":  # before the process group: the same line on every rank
-            from ouroboros_ds.baseline import check_dualpipev
-            check_dualpipev(ds["gradient_accumulation_steps"], c.ring.stages(world))
         self.tok = tok = D.load_token_data(c.data.name, c.data.tokenizer, max_bytes=c.data.max_bytes)
         self.mcfg, pretrained = model_config(c, tok.vocab_size)
         mcfg = self.mcfg
-        check_model(c, mcfg, tok, ds["train_micro_batch_size_per_gpu"], world)
-        if c.ring.schedule == "dualpipev":
-            recurrent = getattr(mcfg, "arch", "gpt2") == "transfo-xl"
-            val = D.eval_batches(tok.val, c.training.seq_len, ds["train_micro_batch_size_per_gpu"],
-                                 max_batches=c.training.eval_batches, ordered=recurrent)
-            check_dualpipev(ds["gradient_accumulation_steps"], c.ring.stages(world), len(val))
+        mb = ds["train_micro_batch_size_per_gpu"]  # the engine's too: the config must name it
+        check_model(c, mcfg, tok, mb, world)
+        recurrent = getattr(mcfg, "arch", "gpt2") == "transfo-xl"  # memory needs each row to continue its text
+        self.val = D.eval_batches(tok.val, c.training.seq_len, mb, max_batches=c.training.eval_batches,
+                                  ordered=recurrent)
+        if c.ring.schedule == "dualpipev":  # before the process group: the same line on every rank
+            from ouroboros_ds.baseline import check_dualpipev
+            check_dualpipev(ds["gradient_accumulation_steps"], c.ring.stages(world), len(self.val))
 
         import datetime
 
@@ -97,11 +96,9 @@ class Trainer:
 
         mb, M = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
         dp, dp_rank = engine.dp_world_size, engine.mpu.get_data_parallel_rank()
-        recurrent = getattr(mcfg, "arch", "gpt2") == "transfo-xl"  # memory needs each row to continue its text
         seq_len = c.training.seq_len
         self.stream = D.BatchStream(tok.train, seq_len, mb, M, dp_rank=dp_rank, dp_size=dp, seed=c.training.seed,
                                     ordered=recurrent)
-        self.val = D.eval_batches(tok.val, seq_len, mb, max_batches=c.training.eval_batches, ordered=recurrent)
         self.tokens_per_step = mb * M * dp * seq_len
         self.out = open(c.logging.metrics, "a") if (self.log and c.logging.metrics) else None
 

@@ -63,7 +63,8 @@ def test_stash_column_only_where_stash_is_the_same_update():
     assert not P.stash_is_same_update(job, P.variant_options("1f1b"))
     assert not P.stash_is_same_update(job, P.variant_options("stash-pred-fresh"))  # already stash
     g3 = {**job, "G": 3}  # the balanced split moves blocks out of the replayed modules in recompute mode
-    assert P.blocks_per_module(g3, {"partition": "fresh"}, "recompute") != P.blocks_per_module(g3, {"partition": "fresh"}, "stash")
+    fresh = {"partition": "fresh"}
+    assert P.blocks_per_module(g3, fresh, "recompute", 256) != P.blocks_per_module(g3, fresh, "stash", 256)
     assert not P.stash_is_same_update(g3, P.variant_options("default"))
 
 

@@ -246,34 +246,24 @@ def test_m1_with_weight_prediction_in_recompute_mode(G):
     print(f"G={G}: Reference with prediction vs transcription, max |diff| = {worst:.3g}")
 
 
-@pytest.mark.parametrize("M", (1, 4), ids=lambda m: f"M{m}")
-@pytest.mark.parametrize("G", (1, 2, 3), ids=lambda g: f"G{g}")
-def test_prediction_is_the_same_update_in_both_replay_modes(G, M):
-    """With weight prediction, features replay recomputes at the weights the stash mode keeps, with
-    the same dropout masks: the same update, bit for bit, without keeping activations."""
-    steps = G + 4
-    data = batches(steps, M, seed=3)
-    runs = {}
-    for replay in ("stash", "recompute"):
-        ref = Reference(plan(), G, config(0.5, steps), lm_loss, seed=SEED, blocks_per_module=BLOCKS[G],
-                        replay=replay, weight_prediction=1.0)
-        runs[replay] = ([ref.step(b) for b in data], dict(ref.named_parameters()))
-    (ls, ps), (lr_, pr) = runs["stash"], runs["recompute"]
-    assert ls == lr_
-    assert all(torch.equal(ps[n], pr[n]) for n in ps), f"G={G} M={M}: recompute != stash with prediction"
-
-
-@pytest.mark.parametrize("M", (1, 4), ids=lambda m: f"M{m}")
-@pytest.mark.parametrize("G", (2, 3), ids=lambda g: f"G{g}")
-def test_the_default_is_the_same_update_in_both_replay_modes(G, M):
-    """The whole default (prediction, look-ahead, synchronous first steps, split clip) on one block
-    split: stash replay runs it bit for bit, so it reaches any loss in the same steps."""
+def _the_default() -> dict:
+    """The whole default (prediction, look-ahead, split clip) on the test's block split, with the
+    switch from synchronous steps to the ring inside the run."""
     from ouroboros_ds.config import DEFAULT_MITIGATION
 
-    opts = {k: v for k, v in DEFAULT_MITIGATION.items() if k != "partition"}
-    opts["sync_steps"] = 2  # the switch to the ring inside the run
+    return {**{k: v for k, v in DEFAULT_MITIGATION.items() if k != "partition"}, "sync_steps": 2}
+
+
+@pytest.mark.parametrize("options", ("prediction", "default"))
+@pytest.mark.parametrize("M", (1, 4), ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("G", (1, 2, 3), ids=lambda g: f"G{g}")
+def test_prediction_is_the_same_update_in_both_replay_modes(G, M, options):
+    """With weight prediction, features replay recomputes at the weights the stash mode keeps, with
+    the same dropout masks: the same update, bit for bit, without keeping activations. With the
+    whole default too, so stash replay reaches any loss in the default's steps."""
+    opts = {"weight_prediction": 1.0} if options == "prediction" else _the_default()
     steps = G + 5
-    data = batches(steps, M, seed=4)
+    data = batches(steps, M, seed=3)
     runs = {}
     for replay in ("stash", "recompute"):
         ref = Reference(plan(), G, config(0.5, steps), lm_loss, seed=SEED, blocks_per_module=BLOCKS[G],
@@ -281,7 +271,7 @@ def test_the_default_is_the_same_update_in_both_replay_modes(G, M):
         runs[replay] = ([ref.step(b) for b in data], dict(ref.named_parameters()))
     (ls, ps), (lr_, pr) = runs["stash"], runs["recompute"]
     assert ls == lr_
-    assert all(torch.equal(ps[n], pr[n]) for n in ps), f"G={G} M={M}: the default differs between replay modes"
+    assert all(torch.equal(ps[n], pr[n]) for n in ps), f"G={G} M={M} {options}: recompute != stash"
 
 
 @pytest.mark.parametrize("clip", (0.0, 0.5), ids=lambda c: f"clip{c}")
