@@ -10,7 +10,9 @@ What changes against the stock engine, and why (the algorithm: docs/ring.md):
   stashed inputs and the received error gradients live in dicts keyed by ``(k, batch, mb)`` that
   stay across ``train_batch()`` calls. Those dicts *are* the in-flight state a checkpoint holds
   (:mod:`ouroboros_ds.checkpoint`).
-- Point-to-point goes through a tagged non-blocking channel (:mod:`ouroboros_ds.p2p`).
+- Point-to-point goes through an untagged non-blocking channel (:mod:`ouroboros_ds.p2p`) whose
+  messages match by posting order alone, as on NCCL; the schedule's order is what keeps them
+  matched and deadlock-free (:mod:`ouroboros_ds.nccl` proves it).
 - No collective crosses stages in the steady state: the loss stays on stage 0, gradients are
   clipped per stage (:mod:`ouroboros_ds.optim`), tied weights live on one stage.
 - ``replay="stash"`` keeps each forward's graph and weight snapshot (:mod:`ouroboros_ds.stash`;
@@ -99,6 +101,8 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         self.stash_mems: dict = {}  # (k, batch, mb) -> {layer: memory}
         self.step_losses: list = []
         self.p2p = P.RingChannel(self.device, lambda stage: self.grid.stage_to_global(stage_id=stage))
+        self._out_like: dict = {}  # k -> (shape, dtype) of module k's output: its error gradient's
+        self._evals = 0  # evaluations run: each numbers its messages apart
         self.nonfinite_events: list = []  # non-finite losses/gradients met, and what was dropped
         # replay="stash", or weight_prediction in either mode. weight_stash is state (a checkpoint holds it); graphs is a cache that
         # _stash_graph() rebuilds from stash + weight_stash + the dropout key when it is missing.
@@ -237,7 +241,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
     def _exec_ring_recv_activation(self, k, mb):
         """``kRECV_Fj``: post the receive of module k's input (pairs with (k-1)SEND_Fj)."""
         src = S.stage_of(k - 1, self.num_stages)
-        self.acts_in[(k, mb)] = self.p2p.irecv(src, P.tag(P.ACT, k, mb), P.ACT)
+        self.acts_in[(k, mb)] = self.p2p.irecv(src, P.Msg(P.ACT, k, self.batch_id, mb))
 
     def _exec_ring_forward(self, k, mb):
         """``kFj``: forward batch t through module k without a graph; stash the input for the replay.
@@ -263,6 +267,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
                 with torch.no_grad(), dropout_key(self.seed, t, self._global_mb(mb)):
                     y = self.module.forward_module(k, x)
         self._keep_memory(k, mb, new_mem)
+        self._out_like[k] = (tuple(y.shape), y.dtype)
         if S.stage_of(k + 1, self.num_stages) == self.stage_id:
             self.acts_in[(k + 1, mb)] = y  # G = 1: module K is local
         else:
@@ -275,7 +280,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
     def _exec_ring_send_activation(self, k, mb):
         """``kSEND_Fj``: send module k's output downstream (pairs with (k+1)RECV_Fj)."""
         y = self.outbox.pop((S.SEND_F, k, mb))
-        self.p2p.isend(y, S.stage_of(k + 1, self.num_stages), P.tag(P.ACT, k + 1, mb), P.ACT)
+        self.p2p.isend(y, S.stage_of(k + 1, self.num_stages), P.Msg(P.ACT, k + 1, self.batch_id, mb))
 
     def _exec_ring_recv_grad(self, k, mb):
         """``kRECV_Bj``: post the receive of dL/d(output of k) for the batch module k replays next
@@ -288,7 +293,8 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         # the step that replays b is this one, or the next, a ring step like this one
         if replays_batch(b, self.step_synchronous, self.sync_steps):
             src = S.stage_of(k + 1, self.num_stages)
-            self.grads_in[(k, b, mb)] = self.p2p.irecv(src, P.tag(P.GRAD, k, mb), P.GRAD)
+            # shaped like module k's output, which this step's forward made
+            self.grads_in[(k, b, mb)] = self.p2p.irecv(src, P.Msg(P.GRAD, k, b, mb), like=self._out_like[k])
 
     def _exec_ring_replay(self, k, mb):
         """``kBj``: features replay of batch b = t - delay(k): recompute module k from the stashed
@@ -376,7 +382,8 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         """``kSEND_Bj``: send dL/d(input of k) upstream (pairs with (k-1)RECV_Bj)."""
         g = self.outbox.pop((S.SEND_B, k, mb), None)
         if g is not None:  # None: the replay was a warm-up no-op, and the peer expects nothing
-            self.p2p.isend(g, S.stage_of(k - 1, self.num_stages), P.tag(P.GRAD, k - 1, mb), P.GRAD)
+            b = self.batch_id - (0 if k == self.K else self._delay(k))
+            self.p2p.isend(g, S.stage_of(k - 1, self.num_stages), P.Msg(P.GRAD, k - 1, b, mb))
 
     def _exec_ring_loss(self, k, mb):
         """``KLj``: module K's forward, loss and backward of batch t, at once (no delay)."""
@@ -455,26 +462,32 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
         """Forward ``num_micro_batches`` micro-batches around the ring with dropout off.
 
         Every rank calls it with the same ``num_micro_batches``; stage 0 reads them from
-        ``data_iter`` and returns the mean loss (other stages return ``None``). Messages use
-        their own tags, so in-flight training messages are untouched; no barrier. Recurrent
-        modules carry an evaluation memory from micro-batch to micro-batch (each module runs them
-        in order), starting empty and apart from the training memories, so ``data_iter`` should
-        give consecutive segments (``data.eval_batches(ordered=True)``).
+        ``data_iter`` and returns the mean loss (other stages return ``None``). Its messages go in
+        line after the last step's, on the same order-matched channel; each module posts all of
+        its receives first, then forwards and sends micro-batch by micro-batch, so under NCCL's
+        rules no send waits behind a receive of the same pair (docs/ring.md#transport); no barrier.
+        Recurrent modules carry an evaluation memory from micro-batch to micro-batch (each module
+        runs them in order), starting empty and apart from the training memories, so ``data_iter``
+        should give consecutive segments (``data.eval_batches(ordered=True)``).
         """
         was_training = self.module.training
         n_sends = len(self.p2p.sends)
         self.module.eval()
         G, losses, local, labels, mems = self.num_stages, [], {}, {}, {}
+        e, self._evals = self._evals, self._evals + 1
         try:
             for k in self.local_modules:  # stage 0: all of module 1 first, then all of module K
                 src, dst = S.stage_of(max(k - 1, 1), G), S.stage_of(min(k + 1, self.K), G)
+                remote_in = k > 1 and src != self.stage_id
+                if remote_in:
+                    inbox = [self.p2p.irecv(src, P.Msg(P.EVAL, k, e, mb)) for mb in range(num_micro_batches)]
                 for mb in range(num_micro_batches):
                     if k == 1:
                         x, labels[mb] = (t.to(self.device) for t in next(data_iter))
-                    elif src == self.stage_id:
-                        x = local.pop(mb)
+                    elif remote_in:
+                        x = self.p2p.wait(inbox[mb])
                     else:
-                        x = self.p2p.wait(self.p2p.irecv(src, P.tag(P.EVAL, k, mb), P.EVAL))
+                        x = local.pop(mb)
                     with recurrent_memory(mems.get(k)) as mems[k]:
                         y = self.module.forward_module(k, x)
                     if k == self.K:
@@ -482,7 +495,7 @@ class OuroborosEngine(RingCheckpointing, PipelineEngine):
                     elif dst == self.stage_id:
                         local[mb] = y
                     else:
-                        self.p2p.isend(y, dst, P.tag(P.EVAL, k + 1, mb), P.EVAL)
+                        self.p2p.isend(y, dst, P.Msg(P.EVAL, k + 1, e, mb))
         finally:
             self.module.train(was_training)
         # Every evaluation message is received by the peer's same eval_batch call, so waiting for our

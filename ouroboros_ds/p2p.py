@@ -1,14 +1,23 @@
-"""The ring's point-to-point channel: tagged, non-blocking, posted early and waited on at first use.
+"""The ring's point-to-point channel: untagged, matched by posting order, safe under NCCL's rules.
 
-Why not DeepSpeed's ``p2p.py``: it sends with blocking ``send``/``recv`` on one tag, so both sides
-must post messages in the same order. Work on the ring spans steps (a stage posts the receive of
-a gradient it only uses next step) and stage 0 talks to both ends of the ring, so here every
-message has its own tag (kind, module k, micro-batch j) and matches its own receive whatever
-else is in flight, as in DeepSpeed's ``DualPipeVEngine`` (``_queue_p2p``).
+On GPUs the messages go through NCCL, which ignores tags (two ranks' messages match in the
+order they are posted), runs each pair of ranks' sends and receives on one stream in issue order,
+and may hold a send until its receive is reached (docs/ring.md#transport). So this channel uses no
+tags at all, and correctness rests on the order in which each rank issues its ops, which is the
+schedule's: :mod:`ouroboros_ds.nccl` derives every rank's op stream from the schedule and proves
+that every receive gets its own message and that nothing deadlocks; the engine issues exactly
+those streams (``trace`` records them, for the test that compares the two).
 
-Handshake: the first message on an edge (peer stage, kind) is preceded by a small metadata
-message with its shape and dtype; until that arrives, receives on the edge wait in line, and the
-first wait reads the metadata and posts them in order. Later messages on the edge reuse the shape.
+Shapes. An error gradient dL/d(output of k) has the shape and dtype of module k's output, which
+this stage computed itself: its receive is posted with that shape (``like``). An activation edge
+(module k-1 -> module k) learns its shape once: the sender's first message on the edge is a small
+shape message, in line before the data, and the receiver reads it (a blocking receive) when it
+posts the edge's first receive. The schedule posts an edge's receives just before their first use,
+so that read never waits longer than the compute after it would. ``reset_edges`` (after a restore,
+on every rank) starts the handshake over; an evaluation sends its own shape message each time.
+
+Sends are non-blocking; each is kept referenced until it completed (``end_step`` waits for the
+previous step's, whose receives were all posted in that step).
 """
 from __future__ import annotations
 
@@ -16,90 +25,82 @@ import torch
 import torch.distributed as tdist
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
-# Message kinds; each is also the edge key of the shape handshake for its direction.
-ACT, GRAD, EVAL = 1, 2, 4
+from .nccl import ACT, ACT_META, EVAL, EVAL_META, GRAD, Msg
 
+__all__ = ["RingChannel", "PendingRecv", "ACT", "GRAD", "EVAL", "Msg"]
 
-def tag(kind: int, k: int, mb: int) -> int:
-    """The message tag of (kind, ring module k, micro-batch mb): unique while in flight."""
-    return (kind * 128 + k) * 4096 + mb
-
-
-# Each channel (each engine) of a process gets its own tag space, so engines built side by side
-# (in the same order on every rank, as a benchmark does) never take each other's messages: a
-# receive queued behind an edge's handshake is posted late, after another engine's sends may have
-# arrived with the same tag.
-_TAG_SPACE = 1 << 22  # above every tag()
-_channels = 0
+_META_LEN = 8  # dtype id, ndim, up to 6 dimensions
 
 
 class PendingRecv:
-    """A posted receive, or one queued while its edge's shape is still unknown."""
+    """A posted receive: its buffer and request."""
 
-    def __init__(self, stage, tag, kind):
-        self.stage, self.tag, self.kind = stage, tag, kind
-        self.buf = self.req = None
+    def __init__(self, buf, req, msg):
+        self.buf, self.req, self.msg = buf, req, msg
 
 
 class RingChannel:
-    """Non-blocking tagged sends and receives between this rank and its ring neighbours.
+    """Non-blocking, untagged sends and receives between this rank and its ring neighbours.
 
     ``peer(stage)`` maps a pipeline stage to the global rank of the same data-parallel replica.
-    Sends stay referenced until they complete (``end_step`` keeps the current step's alive until
-    the next step, when their receives have long been posted).
+    ``trace``: a list to record every op as (peer stage, "send"/"recv", :class:`~ouroboros_ds.nccl.Msg`),
+    or None.
     """
 
     def __init__(self, device, peer):
-        global _channels
         self.device, self.peer = device, peer
-        self.offset = _channels * _TAG_SPACE
-        _channels += 1
         self.sends: list = []       # (request, tensor) of the current step
         self.prev_sends: list = []  # ... and of the previous step
-        self.queued: dict = {}      # (peer stage, kind) -> receives waiting for the edge's shape
-        self.edge_meta: dict = {}   # ("in"|"out", peer stage, kind) -> (shape, dtype) on that edge
+        self.edges: dict = {}       # ("in"|"out", peer stage, module k, ACT|EVAL) -> (shape, dtype)
+        self.trace: list | None = None
 
-    def isend(self, tensor, stage: int, msg_tag: int, kind: int) -> None:
-        key = ("out", stage, kind)
-        if key not in self.edge_meta:  # first message on this edge: tell the peer shape and dtype
-            self.edge_meta[key] = (tuple(tensor.shape), tensor.dtype)
-            meta = torch.zeros(8, dtype=torch.long)
-            meta[:2 + tensor.dim()] = torch.tensor([PipelineEngine.DTYPE_TO_ID[tensor.dtype], tensor.dim(),
-                                                    *tensor.shape])
-            meta = meta.to(self.device)
-            # Non-blocking like the data: a blocking send would wait for the peer to reach the
-            # receive, which it may only do after work that waits on this stage (a deadlock).
-            self.sends.append((tdist.isend(meta, self.peer(stage), tag=self.offset + tag(kind, 0, 0)), meta))
+    def _record(self, stage, op, msg):
+        if self.trace is not None:
+            self.trace.append((stage, op, msg))
+
+    def isend(self, tensor, stage: int, msg: Msg) -> None:
+        """Send ``tensor`` to ``stage``. The first activation on an edge (and an evaluation's first
+        message on its edge: ``msg.mb == 0``) is preceded by its shape message."""
+        if msg.kind in (ACT, EVAL):
+            key = ("out", stage, msg.k, msg.kind)
+            if msg.kind == EVAL and msg.mb == 0 or msg.kind == ACT and key not in self.edges:
+                if msg.kind == ACT:
+                    self.edges[key] = (tuple(tensor.shape), tensor.dtype)
+                meta = torch.zeros(_META_LEN, dtype=torch.long)
+                meta[:2 + tensor.dim()] = torch.tensor([PipelineEngine.DTYPE_TO_ID[tensor.dtype], tensor.dim(),
+                                                        *tensor.shape])
+                meta = meta.to(self.device)
+                meta_msg = Msg(ACT_META if msg.kind == ACT else EVAL_META, msg.k,
+                               -1 if msg.kind == ACT else msg.batch)
+                self._record(stage, "send", meta_msg)
+                self.sends.append((tdist.isend(meta, self.peer(stage)), meta))
         tensor = tensor.contiguous()
-        self.sends.append((tdist.isend(tensor, self.peer(stage), tag=self.offset + msg_tag), tensor))
+        self._record(stage, "send", msg)
+        self.sends.append((tdist.isend(tensor, self.peer(stage)), tensor))
 
-    def irecv(self, stage: int, msg_tag: int, kind: int) -> PendingRecv:
-        """Post a receive. While the edge's shape is unknown the receive waits in line; posting
-        order decides which message a receive gets, so every later receive on the edge first
-        posts the waiting ones in order."""
-        r = PendingRecv(stage, msg_tag, kind)
-        self.queued.setdefault((stage, kind), []).append(r)
-        if ("in", stage, kind) in self.edge_meta:
-            self._post_queued(stage, kind)
-        return r
-
-    def _post_queued(self, stage, kind):
-        shape, dtype = self.edge_meta[("in", stage, kind)]
-        for r in self.queued.pop((stage, kind), []):
-            r.buf = torch.empty(shape, dtype=dtype, device=self.device)
-            r.req = tdist.irecv(r.buf, self.peer(stage), tag=self.offset + r.tag)
+    def irecv(self, stage: int, msg: Msg, like=None) -> PendingRecv:
+        """Post the receive of ``msg`` from ``stage``: shaped ``like`` (a tensor or (shape, dtype)),
+        or by the edge's shape, read first if this is the edge's first receive (an evaluation's:
+        ``msg.mb == 0``)."""
+        if like is None:
+            key = ("in", stage, msg.k, msg.kind)
+            if msg.kind == EVAL and msg.mb == 0 or msg.kind == ACT and key not in self.edges:
+                meta = torch.zeros(_META_LEN, dtype=torch.long, device=self.device)
+                self._record(stage, "recv", Msg(ACT_META if msg.kind == ACT else EVAL_META, msg.k,
+                                                -1 if msg.kind == ACT else msg.batch))
+                tdist.irecv(meta, self.peer(stage)).wait()
+                meta = meta.tolist()
+                self.edges[key] = (tuple(meta[2:2 + meta[1]]), PipelineEngine.ID_TO_DTYPE[meta[0]])
+            like = self.edges[key]
+        shape, dtype = (like.shape, like.dtype) if torch.is_tensor(like) else like
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        self._record(stage, "recv", msg)
+        return PendingRecv(buf, tdist.irecv(buf, self.peer(stage)), msg)
 
     def wait(self, entry):
         """The tensor of a posted receive, or a local tensor as is."""
         if torch.is_tensor(entry):
             return entry
-        if entry.req is None:  # the edge's first message: read its metadata, then post in order
-            meta = torch.zeros(8, dtype=torch.long, device=self.device)
-            tdist.recv(meta, self.peer(entry.stage), tag=self.offset + tag(entry.kind, 0, 0))
-            ndim = int(meta[1])
-            self.edge_meta[("in", entry.stage, entry.kind)] = (tuple(int(d) for d in meta[2:2 + ndim]),
-                                                               PipelineEngine.ID_TO_DTYPE[int(meta[0])])
-            self._post_queued(entry.stage, entry.kind)
         entry.req.wait()
         return entry.buf
 
@@ -122,8 +123,8 @@ class RingChannel:
         self.prev_sends, self.sends = [], []
 
     def reset_edges(self) -> None:
-        """Forget the edges' shapes: after a restore both ends redo the handshake."""
-        self.edge_meta, self.queued = {}, {}
+        """Forget the activation edges' shapes: after a restore both ends redo the handshake."""
+        self.edges = {}
 
     @staticmethod
     def nbytes(entry) -> int:

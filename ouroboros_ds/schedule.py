@@ -37,6 +37,15 @@ The actions, their pseudo-code, and what each pairs with (k < K unless said):
 Between stages only point-to-point messages flow. When both ends of a hand-off live on one
 stage (G = 1: modules 1 and 2 both on stage 0) there is no SEND/RECV: the hand-off is local.
 
+Where the receives sit (docs/ring.md#transport). Messages carry no tags and match by posting
+order, and on NCCL each pair of stages runs its sends and receives on one stream in issue order,
+a send completing only with its receive. So both ends of a pair issue that pair's messages in one
+order, every step: the step's activations downstream, then their error gradients upstream. A
+stage posts its activation receives just before its first forward (stage 0: module K's, right
+after its own activations went out) and the error-gradient receives after its last activation
+send; stage 0 posts module 1's after module K's error gradients went out (at G = 2 both travel
+between the same two stages). :mod:`ouroboros_ds.nccl` runs the result under those rules.
+
 Synchronous steps (``sync_steps``: the first steps of a run, before the ring starts). Every delay
 is 0: module k replays batch t itself, in the same step, so ``kRECV_Bj`` receives this step's
 error gradient and ``kBj`` waits for it. Stage 0 runs module K's losses right after its forwards
@@ -149,14 +158,14 @@ def ouroboros_schedule(stages: int, micro_batches: int, synchronous: bool = Fals
         acts: list[Action] = []
         if s > 0:
             acts += [Action(RECV_F, k, j) for j in range(M)]
-        elif remote_down:
-            acts += [Action(RECV_F, K, j) for j in range(M)]
         for j in range(M):
             if s == 0:
                 acts.append(Action(LOAD, 1, j))
             acts.append(Action(F, k, j))
             if remote_down:
-                acts += [Action(SEND_F, k, j), Action(RECV_B, k, j)]
+                acts.append(Action(SEND_F, k, j))
+        if s > 0 and remote_down:  # after this step's activations: the pair's order (see above)
+            acts += [Action(RECV_B, k, j) for j in range(M)]
         replays = []
         for j in range(M):
             replays.append(Action(B, k, j))
@@ -164,10 +173,19 @@ def ouroboros_schedule(stages: int, micro_batches: int, synchronous: bool = Fals
                 replays.append(Action(SEND_B, k, j))
         losses = []
         if s == 0:
+            if remote_down:
+                losses += [Action(RECV_F, K, j) for j in range(M)]
             for j in range(M):
                 losses.append(Action(L, K, j))
                 if remote_down:
                     losses.append(Action(SEND_B, K, j))
+            if remote_down:
+                losses += [Action(RECV_B, 1, j) for j in range(M)]
+        if s == 0 and remote_down:
+            # module K's inputs are posted right after module 1's activations went out, before
+            # the replays, so they arrive while stage 0 replays
+            recv_k, losses = losses[:M], losses[M:]
+            acts += recv_k
         acts += losses + replays if synchronous else replays + losses
         acts.append(Action(STEP))
         plan.append(acts)

@@ -10,11 +10,14 @@ its stage is free and what it waits for has arrived:
   earlier* (``(k+1)SEND_Bj`` or ``KSEND_Bj``; for G = 1 the local ``2Lj``). In step 0 none
   exists and the replay is free (the engine skips it during warm-up). In a synchronous plan
   (``synchronous=True``, delay 0) it waits for the same step's.
-- sends and receives cost nothing on the stage (they are asynchronous); a message arrives
-  ``latency`` after its send.
+- sends and receives cost nothing on the stage (they are asynchronous), and travel as on NCCL
+  (:mod:`ouroboros_ds.nccl`): matched by posting order, each pair of stages on one stream in
+  issue order, a send complete only together with its receive, ``latency`` after both ends
+  reached it. So a receive posted early can hold up a later send to the same peer.
 
-If no stage can move and some have work left, the schedule deadlocks: :class:`ScheduleError`
-names the stage, the step, the action, what it waits for, and prints the grid.
+If no stage can move and some have work left, the schedule deadlocks (or a receive would get
+another message than its own): :class:`ScheduleError` names the stage, the step, the action,
+what it waits for, and prints the grid.
 
 Also here: :func:`balanced_costs` (1.0 of work per micro-batch on every stage),
 :func:`steady_steps` (the steady-state window, steps 2K..2K+3: warm-up replays are charged in full,
@@ -27,8 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .schedule import (B, F, L, LOAD, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, format_schedule,
-                       num_modules, stage_of)
+from . import nccl as N
+from .schedule import B, F, L, LOAD, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, format_schedule, num_modules, stage_of
 
 
 class ScheduleError(Exception):
@@ -113,61 +116,32 @@ class Timeline:
         return [self.busy(s, steps) / (len(steps) * self.period(s, steps)) for s in range(self.stages)]
 
 
-def _dependency(a: Action, stages: int, step: int, synchronous: bool = False):
-    """(kind, module, mb, step) of the event ``a`` waits for, or None."""
-    K = num_modules(stages)
-    local = stages == 1
-    if a.kind == F and a.k > 1:
-        return (SEND_F, a.k - 1, a.mb, step)
-    if a.kind == L:
-        return (F, 1, a.mb, step) if local else (SEND_F, K - 1, a.mb, step)
-    src = step if synchronous else step - 1  # the step whose error gradient the replay backprops
-    if a.kind == B and src >= 0:
-        if a.k + 1 == K:
-            return (L, K, a.mb, src) if local else (SEND_B, K, a.mb, src)
-        return (SEND_B, a.k + 1, a.mb, src)
-    return None
-
-
 def simulate(plan: list[list[Action]], costs: Costs | None = None, steps: int = 4,
              synchronous: bool = False) -> Timeline:
-    """Run ``plan`` for ``steps`` consecutive steps; raise :class:`ScheduleError` on deadlock.
-    ``synchronous``: every step is a synchronous one (each replay waits for its own step's error
-    gradient), as :func:`~ouroboros_ds.schedule.ouroboros_schedule` ``(..., synchronous=True)`` runs."""
+    """Run ``plan`` for ``steps`` consecutive steps; raise :class:`ScheduleError` on deadlock or on a
+    receive that would get another message than its own. ``synchronous``: every step is a
+    synchronous one (each replay waits for its own step's error gradient), as
+    :func:`~ouroboros_ds.schedule.ouroboros_schedule` ``(..., synchronous=True)`` runs.
+
+    The messages travel as on NCCL (:mod:`ouroboros_ds.nccl`): matched by posting order, each pair
+    of stages on one stream in issue order, a send complete only with its receive, ``latency``
+    after both ends reached it. Sends and receives cost the stage nothing; a compute action waits
+    for the receives it uses."""
     costs = costs or Costs()
     G = len(plan)
-    done: dict[tuple, float] = {}  # (kind, module, mb, step) -> time its result is available
-    pos = [0] * G  # index into the flattened (step, action) sequence of each stage
-    clock = [0.0] * G
+    M = 1 + max((a.mb for acts in plan for a in acts if a.kind != STEP), default=0)
+    progs = N.ring_programs(G, M, steps, sync_steps=steps if synchronous else 0, plan_of=lambda t, sync: plan,
+                            cost_of=lambda a, t, sync: costs.of(a), shape_messages=False)
+    try:
+        run = N.run(progs, latency=costs.latency)
+    except N.TransportError as e:
+        raise ScheduleError(plan, e.rank, e.at[1], e.at[0], f"{e.what}: {e.reason}") from None
     tl = Timeline(G, [[] for _ in range(G)])
-    total = [len(acts) * steps for acts in plan]
-    while True:
-        moved = False
-        for s in range(G):
-            while pos[s] < total[s]:
-                step, i = divmod(pos[s], len(plan[s]))
-                a = plan[s][i]
-                dep = _dependency(a, G, step, synchronous)
-                if dep is not None and dep not in done:
-                    break
-                start = max(clock[s], done[dep] if dep is not None else 0.0)
-                end = start + costs.of(a)
-                avail = end + (costs.latency if a.kind in (SEND_F, SEND_B) else 0.0)
-                done[(a.kind, a.k, a.mb, step)] = avail
-                if a.kind in (F, B, L, STEP):
-                    tl.events[s].append((step, a, start, end))
-                clock[s] = end
-                pos[s] += 1
-                moved = True
-        if all(pos[s] == total[s] for s in range(G)):
-            return tl
-        if not moved:
-            s = next(s for s in range(G) if pos[s] < total[s])
-            step, i = divmod(pos[s], len(plan[s]))
-            dep = _dependency(plan[s][i], G, step, synchronous)
-            what = f"{dep[1]}{dep[0]}{dep[2]}" + (f" of step {dep[3]}" if dep[3] != step else "")
-            raise ScheduleError(plan, s, i, step, f"deadlock: waits for {what}, which never happens "
-                                f"(every stage is blocked)")
+    for s, events in enumerate(run.events):
+        for op, start, end in events:
+            t, i = op.at
+            tl.events[s].append((t, plan[s][i], start, end))
+    return tl
 
 
 def synchronous_cost(stages: int, micro_batches: int, costs: Costs | None = None) -> tuple[float, float]:

@@ -18,11 +18,17 @@ index, reason, and the grid with the bad action bracketed) at the first of these
 5. *pairing*: ``kSEND_Fj`` <-> ``(k+1)RECV_Fj`` on ``stage_of(k+1)``, ``kSEND_Bj`` <->
    ``(k-1)RECV_Bj`` on ``stage_of(k-1)``, in the same step list, both ways;
 6. *channel order*: between two stages, the receiver posts its receives in the order the sender
-   sends (point-to-point messages between two ranks match in posting order: NCCL has no tags,
-   and DeepSpeed's p2p uses none), so no message lands in the wrong buffer;
+   sends (point-to-point messages between two ranks match in posting order: NCCL has no tags),
+   so no message lands in the wrong buffer;
 7. *delays*: the module of every replay has ``schedule.delay(k) == K - k`` as the ring placement
    gives it (:func:`delay_table`), or 0 in a synchronous step, and module K has delay 0;
-8. *no deadlock*: ``simulate(plan, Costs(), steps=K + 2)`` runs to the end.
+8. *no deadlock under NCCL's rules*: ``simulate(plan, Costs(), steps=K + 2)`` runs to the end,
+   its messages travelling as on NCCL (:mod:`ouroboros_ds.nccl`: each pair of stages' ops in
+   issue order on one stream, a send complete only with its receive).
+
+:func:`validate_transport` checks the engine's whole op streams (:func:`ouroboros_ds.nccl.
+ring_programs`: synchronous steps, the switch to the ring, the ring's warm-up and steady state,
+evaluations in between, the shape messages) under the same rules.
 
 ``synchronous=True`` checks the list of a synchronous step (``ouroboros_schedule(G, M,
 synchronous=True)``): each replay backprops its own step's error gradient.
@@ -30,7 +36,8 @@ synchronous=True)``): each replay backprops its own step's error gradient.
 The list is the same in every step, so a static error is reported at step 0 (where it first
 happens). CLI: ``python -m ouroboros_ds.validate --stages G --micro-batches M`` prints the grid
 and ``ok``, or the error and exit status 1; ``--file F`` checks a text schedule instead;
-``--synchronous`` the synchronous step's list.
+``--synchronous`` the synchronous step's list; ``--transport G_MAX M_MAX`` runs
+:func:`validate_transport` for every G <= G_MAX and M <= M_MAX and prints the coverage.
 """
 from __future__ import annotations
 
@@ -42,7 +49,7 @@ from .schedule import (B, F, L, LOAD, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Acti
                        stage_of, stash_depth)
 from .simulate import Costs, ScheduleError, simulate
 
-__all__ = ["validate", "delay_table", "ScheduleError"]
+__all__ = ["validate", "validate_transport", "delay_table", "ScheduleError"]
 
 
 def delay_table(stages: int, synchronous: bool = False) -> list[tuple[int, int, int, int]]:
@@ -248,6 +255,31 @@ def validate(plan: list[list[Action]], stages: int | None = None, micro_batches:
         raise ScheduleError(plan, e.stage, e.index, e.step, e.reason) from None
 
 
+def validate_transport(stages: int, micro_batches: int, sync_steps: int = 2, ring_steps: int | None = None,
+                       eval_micro_batches: tuple = (3, 1)) -> int:
+    """Run the engine's op streams under NCCL's rules (:mod:`ouroboros_ds.nccl`): ``sync_steps``
+    synchronous steps, then ``ring_steps`` ring steps (default K + 2: the ring's warm-up and its
+    steady state), with an evaluation of ``eval_micro_batches[0]`` micro-batches after the first
+    step and one of ``eval_micro_batches[1]`` after the last. Raise :class:`ScheduleError` at the
+    first receive that would get another message than its own, or at a deadlock, with the
+    step's grid and the bad action marked. Returns the number of ops checked."""
+    from . import nccl as N
+
+    G, M = stages, micro_batches
+    steps = sync_steps + (num_modules(G) + 2 if ring_steps is None else ring_steps)
+    evals = {0: eval_micro_batches[0], steps - 1: eval_micro_batches[1]}
+    progs = N.ring_programs(G, M, steps, sync_steps=sync_steps, evals=evals)
+    try:
+        N.run(progs)
+    except N.TransportError as e:
+        t, i = e.at
+        where = t if t >= 0 else (0 if -1 - t == 0 else steps - 1)  # an evaluation: the step before it
+        reason = f"{e.what} (rank {e.rank}): {e.reason}" + ("" if t >= 0 else f" (in evaluation {-1 - t})")
+        raise ScheduleError(ouroboros_schedule(G, M, synchronous=where < sync_steps), e.rank, i if t >= 0 else 0,
+                            where, reason) from None
+    return sum(map(len, progs))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ouroboros_ds.validate", description=__doc__.split("\n")[0])
     p.add_argument("--stages", "-G", type=int, help="pipeline stages G")
@@ -255,7 +287,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--file", help="validate a text schedule (format_schedule's form) instead")
     p.add_argument("--synchronous", action="store_true",
                    help="a synchronous step's list (every delay 0: the sync_steps warm-up)")
+    p.add_argument("--transport", type=int, nargs=2, metavar=("G_MAX", "M_MAX"),
+                   help="check the engine's op streams under NCCL's rules for every G <= G_MAX, M <= M_MAX "
+                        "(synchronous steps, the switch, the ring, evaluations)")
     args = p.parse_args(argv)
+    if args.transport:
+        n = ops = 0
+        for G in range(1, args.transport[0] + 1):
+            for M in range(1, args.transport[1] + 1):
+                for sync in (0, 2):
+                    try:
+                        ops += validate_transport(G, M, sync_steps=sync)
+                    except ScheduleError as e:
+                        print(f"G={G} M={M} sync_steps={sync}: error: {e}")
+                        return 1
+                    n += 1
+        print(f"ok: {n} runs (G 1-{args.transport[0]} x M 1-{args.transport[1]} x sync_steps 0 and 2: synchronous "
+              f"steps, the switch, K + 2 ring steps, two evaluations), {ops} ops, no mismatch, no deadlock")
+        return 0
     if args.file:
         with open(args.file) as fh:
             plan = parse_schedule(fh.read())

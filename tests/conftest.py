@@ -39,3 +39,15 @@ def pytest_unconfigure():
             os.unlink(os.path.join(_SHM, name))
         except OSError:
             pass
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False,
+                     help="run the full grids (e.g. the transport check over G 1-16 x M 1-32) instead of a "
+                          "representative point per case")
+
+
+def pytest_generate_tests(metafunc):
+    if "full_grid" in metafunc.fixturenames:
+        metafunc.parametrize("full_grid", [metafunc.config.getoption("--full")], ids=["full" if
+                             metafunc.config.getoption("--full") else "quick"])

@@ -179,9 +179,12 @@ def duplicated(plan, stage, action):
 
 
 def deadlocked(G, M):
-    """Stage 0 computes micro-batch 0's loss before forwarding anything: its loss waits for stage
-    G-1's forward, which waits (through the ring) for stage 0's 1F0, which waits behind the loss."""
-    return moved(ouroboros_schedule(G, M), 0, f"{num_modules(G)}L0", before="1LOAD0")
+    """The order the ring used before its messages were ordered for NCCL (tests/golden/legacy/):
+    statically fine, and it runs where tags match messages, but it deadlocks when each pair of
+    stages' ops run in issue order and a send waits for its receive. G = 3: stage 2 interleaves
+    "send activation j, receive gradient j" toward stage 0, which receives every activation first;
+    G = 2: stage 0 posts module K's receives before sending stage 1 its inputs."""
+    return parse_schedule((GOLDEN / "legacy" / f"g{G}_m{M}.txt").read_text())
 
 
 def no_step(G, M):
@@ -209,8 +212,8 @@ BROKEN = {
     "loss on a middle stage": (moved(BASE, 0, "4L0", before="END", to_stage=1), 1, "4L0", "belongs on stage 0"),
     "G=1 local hand-off sent": (inserted(ouroboros_schedule(1, 2), 0, "1SEND_F0", before="1LOAD1"),
                                 0, "1SEND_F0", "local"),
-    "deadlock": (deadlocked(3, 2), 0, "4L0", "deadlock"),
-    "deadlock G=2": (deadlocked(2, 3), 0, "3L0", "deadlock"),
+    "deadlock": (deadlocked(3, 2), 0, "4L1", "deadlock"),
+    "deadlock G=2": (deadlocked(2, 4), 0, "3L0", "deadlock"),
 }
 
 
@@ -243,7 +246,8 @@ def test_validator_checks_sizes():
 
 def test_simulator_reports_the_deadlock_step():
     """The simulator, not the static checks, finds this one; it names the step where it blocks."""
-    with pytest.raises(ScheduleError, match=r"^stage 0, step 0, action 2 \(4L0\): deadlock: waits for 3SEND_F0"):
+    with pytest.raises(ScheduleError, match=r"^stage 0, step 0, action 14 \(4L1\): deadlock: 4L1 waits for "
+                                            r"F\(k=4, batch=0, mb=1\)"):
         simulate(deadlocked(3, 2))
 
 
@@ -279,8 +283,9 @@ def test_synchronous_list(G, M):
         assert all(a.kind not in (SEND_F, RECV_F, SEND_B, RECV_B) for a in plan[0])
     else:
         row = plan[0]
-        for j in range(M):  # the replay's gradient is received in this step, posted before it
-            assert row.index(Action(RECV_B, 1, j)) < row.index(Action(SEND_B, K, 0)) < row.index(Action(B, 1, j))
+        for j in range(M):  # the replay's gradient is received in this step, posted before it and
+            # after the losses' gradients went out (one pair's order at G = 2: docs/ring.md#transport)
+            assert row.index(Action(SEND_B, K, M - 1)) < row.index(Action(RECV_B, 1, j)) < row.index(Action(B, 1, j))
 
 
 def test_synchronous_delays():
@@ -299,8 +304,8 @@ BROKEN_SYNC = {
     "RECV_B removed": (moved(SYNC, 2, "3RECV_B0"), 2, "3B0", "never posts 3RECV_B0"),
     "G=1 replay before the loss": (moved(ouroboros_schedule(1, 2, synchronous=True), 0, "1B0", before="2L0"),
                                    0, "1B0", "2L0 comes after it"),
-    "replay before the losses": (moved(SYNC, 0, "1B0", before="4L0"), 0, "1B0", "deadlock: waits for 2SEND_B0"),
-    "the ring step's list": (ouroboros_schedule(3, 2), 0, "1B0", "deadlock: waits for 2SEND_B0"),
+    "replay before the losses": (moved(SYNC, 0, "1B0", before="4L0"), 0, "1B0", "1RECV_B0 comes after it"),
+    "the ring step's list": (ouroboros_schedule(3, 2), 0, "1B0", "1RECV_B0 comes after it"),
 }
 
 
@@ -417,25 +422,32 @@ def test_beats_1f1b_model():
 
 def reordered(G, M, how):
     """Alternative orders of the same actions, for the comparison that schedule.py's docstring cites:
-    'interleaved' runs each forward's replay right after it (1F1B-like inside the step); 'loss first'
-    puts stage 0's losses before its replays."""
+    'interleaved' runs each forward's replay right after it (1F1B-like inside the step), with each
+    pair's messages alternating (activation j, gradient j) on both sides; 'loss first' puts stage
+    0's losses before its replays."""
+    K = num_modules(G)
     plan = []
-    for acts in ouroboros_schedule(G, M):
-        head = [a for a in acts if a.kind == RECV_F and a.k != 1]
-        groups = {j: {"f": [], "b": [], "l": []} for j in range(M)}
-        for a in acts:
-            if a.kind in (LOAD, F, SEND_F, RECV_B):
-                groups[a.mb]["f"].append(a)
-            elif a.kind == B or (a.kind == SEND_B and a.k != num_modules(G)):
-                groups[a.mb]["b"].append(a)
-            elif a.kind in (L, SEND_B):
-                groups[a.mb]["l"].append(a)
-        g = [groups[j] for j in range(M)]
-        if how == "interleaved":
-            body = [a for x in g for a in x["f"] + x["b"]] + [a for x in g for a in x["l"]]
-        else:
-            body = [a for x in g for a in x["f"]] + [a for x in g for a in x["l"]] + [a for x in g for a in x["b"]]
-        plan.append(head + body + [Action(STEP)])
+    for s, acts in enumerate(ouroboros_schedule(G, M)):
+        if how == "loss first":
+            if s == 0:
+                body = [a for a in acts if a.kind != STEP and a.kind not in (B, RECV_B)]
+                body += [a for a in acts if a.kind == B] + [a for a in acts if a.kind == RECV_B]
+                acts = body + [Action(STEP)]
+            plan.append(acts)
+            continue
+        k, row = s + 1, []
+        for j in range(M):
+            if s == 0:
+                row.append(Action(LOAD, 1, j))
+            else:
+                row.append(Action(RECV_F, k, j))
+            row += [Action(F, k, j), Action(SEND_F, k, j), Action(RECV_B, k, j), Action(B, k, j)]
+            if s > 0:
+                row.append(Action(SEND_B, k, j))
+        if s == 0:
+            for j in range(M):
+                row += [Action(RECV_F, K, j), Action(L, K, j), Action(SEND_B, K, j)]
+        plan.append(row + [Action(STEP)])
     return plan
 
 
@@ -463,7 +475,7 @@ def test_validate_cli():
 def test_synchronous_clis():
     ok = run_cli("ouroboros_ds.validate", "--stages", "2", "--micro-batches", "2", "--synchronous")
     assert ok.returncode == 0 and ok.stdout.rstrip().endswith("ok"), ok.stdout
-    assert "3L1 3SEND_B1 1B0 1B1 STEP" in ok.stdout
+    assert "3L1 3SEND_B1 1RECV_B0 1RECV_B1 1B0 1B1 STEP" in ok.stdout
     gold = run_cli("ouroboros_ds.validate", "--file", str(golden_path(2, 2, True)), "--synchronous")
     assert gold.returncode == 0, gold.stdout
     sim = run_cli("ouroboros_ds.simulate", "--stages", "2", "--micro-batches", "4", "--balanced", "--synchronous")
@@ -475,7 +487,7 @@ def test_validate_cli_reports_errors(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_text(format_schedule(deadlocked(3, 2)) + "\n")
     out = run_cli("ouroboros_ds.validate", "--file", str(bad))
-    assert out.returncode == 1 and "deadlock" in out.stdout and "[4L0]" in out.stdout
+    assert out.returncode == 1 and "deadlock" in out.stdout and "[4L1]" in out.stdout
 
 
 def test_simulate_cli_and_draw(tmp_path):
