@@ -25,7 +25,9 @@ stock engine clips. So these runs measure learning per step; speed comes from th
   python experiments/parity.py --out /tmp/p --data shakespeare --stages 2 --micro-batches 4 \\
       --seeds 0 --lrs 1e-3 2e-3 --steps 200 --variants 1f1b paper default   # a quick look
 
-Raw per-run metrics (JSON) go to ``--raw`` (default ``runs/parity``, not part of the repository);
+Raw per-run metrics (JSON) go to ``--raw`` (default ``runs/parity``, not part of the repository),
+one file per run named after its corpus, G, M, variant, lr, seed and steps (a corpus given as a path:
+its base name and a short hash of the full path; a JSON variant: its characters and a hash);
 ``--reuse`` keeps finished runs. The table (``results.md``) and the curves (``parity.png``) go to
 ``--out``. ``--jobs`` runs that many runs at once (one torch thread each).
 """
@@ -104,8 +106,11 @@ def variant_options(name: str) -> dict:
 
 
 def run_key(data, G, M, variant, lr, seed, steps):
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in variant)
-    return f"{data}_g{G}_m{M}_{safe}_lr{lr:g}_s{seed}_n{steps}"
+    """The run's file name in --raw (without ".json"): the corpus and the variant as plain file
+    names (:func:`ouroboros_ds.data.corpus_name`: a path is its base name and a hash of the path)."""
+    from ouroboros_ds.data import corpus_name, safe_name
+
+    return f"{corpus_name(data)}_g{G}_m{M}_{safe_name(variant)}_lr{lr:g}_s{seed}_n{steps}"
 
 
 def blocks_per_module(job: dict, opts: dict, replay: str, vocab: int):
@@ -205,7 +210,9 @@ def run_all(args, jobs: list[dict]) -> dict:
         path = os.path.join(args.raw, run_key(job["data"], job["G"], job["M"], job["variant"], job["lr"], job["seed"],
                                               job["steps"]) + ".json")
         if (args.reuse or args.table_only) and os.path.exists(path):
-            results[path] = json.load(open(path))
+            r = json.load(open(path))
+            r["job"] = {**r["job"], "data": job["data"]}  # the same corpus, perhaps given another way
+            results[path] = r
         elif not args.table_only:
             todo.append((path, job))
     print(f"{len(results)} runs reused, {len(todo)} to run", flush=True)

@@ -11,9 +11,10 @@ Runs train.py (torchrun, G CPU ranks on gloo) with the same model, data, seed, g
   ouro-m4-fresh       ouro-m4 with --partition fresh (stage 0's blocks in module K, none in the stalest module 1)
   ouro-m4-fresh-pred  both (ouro-m1-fresh-pred: both, on the paper's one micro-batch)
 
-for each corpus (--data) and stage count (--stages), then writes runs' metrics (JSON lines), a
-table (results.md) and a PNG of val bits per byte against steps and against training wall-clock
-(time inside train_batch, so evaluations do not bend it) to --out. Ouroboros runs use
+for each corpus (--data) and stage count (--stages), then writes runs' metrics (JSON lines, one
+file per corpus, G and run; a corpus given as a path is named by its base name and a short hash
+of the full path), a table (results.md) and a PNG of val bits per byte against steps and against
+training wall-clock (time inside train_batch, so evaluations do not bend it) to --out. Ouroboros runs use
 --replay stash by default: the same numbers as recompute (tested), and the faster mode on CPU.
 
 The table's columns: final val bpb and its gap to 1F1B at the same step; "last 25%": how much
@@ -79,7 +80,9 @@ def parse_args(argv=None):
 def run_one(args, data: str, G: int, name: str) -> str:
     schedule, single, extra = RUNS[name]
     mb, M = (args.micro_batch * args.micro_batches, 1) if single else (args.micro_batch, args.micro_batches)
-    metrics = os.path.join(args.out, f"{data}_g{G}_{name}.jsonl")
+    from ouroboros_ds.data import corpus_name  # a path: its base name and a hash of the path
+
+    metrics = os.path.join(args.out, f"{corpus_name(data)}_g{G}_{name}.jsonl")
     if os.path.exists(metrics):
         if args.reuse and any(r.get("step") == args.steps and "val_bpb" in r for r in map(json.loads, open(metrics))):
             print(f"== {data} G={G} {name}: reusing {metrics}", flush=True)

@@ -260,6 +260,48 @@ def load_text(data: str) -> bytes:
     return _load_hub_text(data)
 
 
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+_NAME_CHARS = 48  # of the readable part; names stay far below file systems' 255 bytes
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def safe_name(text: str) -> str:
+    """``text`` as one plain file name: itself where it already is one (letters, digits, ``.``,
+    ``_``, ``-``; not starting with a dot; at most 48 characters), else those characters of it
+    (others as ``_``, at most 48) plus ``-`` and a short hash of the whole text, so two different
+    texts never get the same name: ``{"lookahead": 1.0}`` -> ``__lookahead___1.0_-<hash>``."""
+    if text and len(text) <= _NAME_CHARS and not text.startswith(".") and not _UNSAFE_CHARS.search(text):
+        return text
+    readable = _UNSAFE_CHARS.sub("_", text).lstrip(".")[:_NAME_CHARS]
+    return f"{readable}-{_short_hash(text)}" if readable else _short_hash(text)
+
+
+def corpus_name(data: str) -> str:
+    """The name of the corpus ``--data`` names, for the names of files made from it (an
+    experiment's per-run metrics): one plain file name, so joined to a folder it stays there.
+
+    * a builtin corpus keeps its name: ``shakespeare``;
+    * a local file or data set folder (relative, absolute or with ``~``) is its base name plus a
+      short hash of its absolute path: ``/some/dir/corpus.txt`` -> ``corpus.txt-<hash>``, so
+      corpora of the same base name in different folders get different names;
+    * a hub data set name is itself where that is a plain file name (``wikitext-2``), else
+      :func:`safe_name` of it: ``org/name`` -> ``org_name-<hash>``.
+
+    What counts as a path is what :func:`load_text` reads as one.
+    """
+    if data in BUILTIN_CORPORA:
+        return data
+    path = os.path.expanduser(data)
+    if data and (os.path.exists(path) or _looks_like_file(data)):
+        full = os.path.abspath(path)
+        base = _UNSAFE_CHARS.sub("_", os.path.basename(full)).lstrip(".")[:_NAME_CHARS]
+        return f"{base}-{_short_hash(full)}" if base else _short_hash(full)
+    return safe_name(data)
+
+
 # ----------------------------------------------------------------------------- tokenizers
 
 
