@@ -75,7 +75,6 @@ import os
 import queue
 import threading
 import time
-import traceback
 
 import torch
 import torch.distributed as dist

@@ -82,7 +82,8 @@ class RingChannel:
             meta = meta.to(self.device)
             # Non-blocking like the data: a blocking send would wait for the peer to reach the
             # receive, which it may only do after work that waits on this stage (a deadlock).
-            self.sends.append((tdist.isend(meta, self.peer(stage), group=self.group, tag=self.offset + tag(kind, 0, 0)), meta))
+            self.sends.append((tdist.isend(meta, self.peer(stage), group=self.group,
+                                           tag=self.offset + tag(kind, 0, 0)), meta))
         tensor = tensor.contiguous()
         self.sends.append((tdist.isend(tensor, self.peer(stage), group=self.group, tag=self.offset + msg_tag), tensor))
 

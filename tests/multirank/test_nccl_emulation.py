@@ -3,7 +3,7 @@
 On GPUs messages go through NCCL, which ignores tags, runs each communicator's operations in
 issue order and may hold a send until the peer reaches its receive; gloo forgives all three.
 These tests pin that the emulation is on where the suite trains, that it enforces each rule
-(and reports a deadlock instead of hanging), that DeepSpeed's stock pipeline trains under it
+(and reports a deadlock instead of hanging), that DeepSpeed's stock pipelines (1F1B, DualPipeV) train under it
 exactly as without it, and that it breaks what NCCL would break: the ring's old tagged channel.
 """
 from __future__ import annotations
@@ -59,7 +59,8 @@ def job_installed(rank):
             dscomm.recv(x, 0)
     assert c10d.ops and set(c10d.ops) <= P2P_OPS, c10d.ops
     got, back = torch.zeros(4, dtype=torch.int64), torch.full((4,), rank, dtype=torch.int64)
-    for req in dscomm.batch_isend_irecv([dscomm.P2POp(dscomm.irecv, got, peer), dscomm.P2POp(dscomm.isend, back, peer)]):
+    ops = [dscomm.P2POp(dscomm.irecv, got, peer), dscomm.P2POp(dscomm.isend, back, peer)]
+    for req in dscomm.batch_isend_irecv(ops):
         req.wait()
     assert x.eq(7.0).all() and got.eq(peer).all()
     record = nccl_emulation.issued()
