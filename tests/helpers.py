@@ -24,6 +24,7 @@ from ouroboros_ds.utils import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
+NCCL_SITE = os.path.join(ROOT, "tests", "nccl_site")  # its sitecustomize.py: tests/nccl_emulation.py in train.py
 
 __all__ = ["ROOT", "TRAIN", "free_port", "run_ranks", "run_once", "close_pools", "SEED", "INIT_SEED", "VOCAB",
            "SEQ", "MICRO", "CLIP", "steps_for", "ds_config", "batches", "model_plan", "ring_engine", "feed",
@@ -45,8 +46,17 @@ def _set_rank_env(rank, world, port):
     torch.set_num_threads(1)
 
 
+def _nccl_rules():
+    """NCCL's point-to-point rules on gloo (tests/nccl_emulation.py), unless OUROBOROS_NCCL_EMULATION=0."""
+    import nccl_emulation
+
+    if nccl_emulation.enabled():
+        nccl_emulation.install()
+
+
 def _entry(rank, world, port, fn, args, errfile):
     _set_rank_env(rank, world, port)
+    _nccl_rules()
     try:
         fn(rank, *args)
     except BaseException:
@@ -64,6 +74,7 @@ def _pool_rank(rank, world, port, jobs, results):
     import deepspeed
 
     _set_rank_env(rank, world, port)
+    _nccl_rules()
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=300))
     while True:
         job = jobs.get()
@@ -71,6 +82,7 @@ def _pool_rank(rank, world, port, jobs, results):
             break
         fn, args = job
         torch.set_num_threads(1)  # whatever the last job set: float sums in the Reference's order
+        _nccl_rules()  # whatever the last job did with it
         try:
             fn(rank, *args)
             results.put((rank, None))
@@ -396,8 +408,11 @@ class ApiRecorder:
 
 # ------------------------------------------------------------------ train.py
 def train_env(**extra) -> dict:
-    """The environment of a launch: one thread per rank, offline data sets, no inherited rank."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=ROOT)
+    """The environment of a launch: one thread per rank, offline data sets, no inherited rank, and
+    NCCL's point-to-point rules in every rank (tests/nccl_site/sitecustomize.py installs
+    tests/nccl_emulation.py; ``OUROBOROS_NCCL_EMULATION="0"`` turns it off)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=os.pathsep.join([ROOT, NCCL_SITE]))
+    env.setdefault("OUROBOROS_NCCL_EMULATION", "1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     env.update(extra)
