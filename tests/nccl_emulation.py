@@ -161,6 +161,13 @@ def install(timeout: float | None = None) -> None:
                 if current is not fn:
                     _replaced.append((module, name, current))
                     setattr(module, name, fn)
+        # Destroying a group first lets its streams finish what was issued, as NCCL's shutdown
+        # waits for the communicator's outstanding operations (a rank's last sends are still in
+        # flight when it returns from its last step).
+        _originals.setdefault("destroy_process_group", c10d.destroy_process_group)
+        for module in (c10d, dist):
+            _replaced.append((module, "destroy_process_group", getattr(module, "destroy_process_group")))
+            setattr(module, "destroy_process_group", destroy_process_group)
         # P2POp checks its op against distributed_c10d's isend/irecv: accept torch's and ours, so
         # that P2POps made before and after install() both pass.
         _replaced.append((c10d, "_check_op", c10d._check_op))
@@ -184,6 +191,24 @@ def uninstall() -> None:
         _streams.clear()
     for s in streams:
         s.close()
+
+
+def destroy_process_group(group=None) -> None:
+    """torch's ``destroy_process_group``, after this process's streams of the group (all of them
+    for the default group) finished their operations, for up to the emulation's timeout."""
+    deadline = time.monotonic() + _current_timeout()
+    with _lock:
+        everything = group is None or group is c10d.GroupMember.WORLD
+        mine = [k for k, st in _streams.items() if everything or st.group is group]
+    for key in mine:
+        st = _streams.get(key)
+        while st is not None and st.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with _lock:
+            _streams.pop(key, None)
+        if st is not None:
+            st.close()
+    return _originals["destroy_process_group"](group)
 
 
 def _check_op(op) -> None:
