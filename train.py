@@ -15,7 +15,7 @@ Launch:
     deepspeed --num_gpus 2 train.py --deepspeed_config ds_configs/ouroboros.json --schedule 1f1b
   Installed package (pip install .): the same flags through the `ouroboros-train` command or the module:
     deepspeed --num_gpus 2 $(which ouroboros-train) --deepspeed_config ds_configs/ouroboros.json
-    torchrun --nproc_per_node 2 -m ouroboros_ds.trainer --deepspeed_config ds_configs/ouroboros.json
+    torchrun --nproc_per_node 2 -m ouroboros_ds.train.trainer --deepspeed_config ds_configs/ouroboros.json
   Slurm: sbatch launch_scripts/ouroboros.sbatch (requeues itself on preemption, resumes from its save).
 
 The same --seed gives both schedules the same initial weights, the same batches and the same
@@ -27,18 +27,18 @@ Metrics (--metrics PATH, JSON lines, written by global rank 0): one line per ste
 step; train_seconds: time inside train_batch only, without evaluations and saves) and one per
 evaluation {"step", "val_loss", "val_bpb"}; at start {"step": 0, "delays": {module: delay}}, and
 every --stage-stats-every steps one line per stage {"step", "stage", "dp_rank", "in_flight_bytes",
-"step_seconds", "utilization"}. Plot runs with: python -m ouroboros_ds.plot A.jsonl B.jsonl --out loss.png
+"step_seconds", "utilization"}. Plot runs with: python -m ouroboros_ds.tools.plot A.jsonl B.jsonl --out loss.png
 
 Hugging Face: --model DIR (a save_pretrained directory of GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma,
 Phi-3, OLMo-2, ...: config, and weights if saved), --export DIR; named Llama-style sizes such as
 --model llama-tiny (docs/families.md).
 wandb: --wandb PROJECT (DeepSpeed's monitor; offline without an API key).
-All flags: python train.py --help (they and their checks live in ouroboros_ds/config.py; the loop
-in ouroboros_ds/trainer.py).
+All flags: python train.py --help (they and their checks live in ouroboros_ds/train/config.py; the loop
+in ouroboros_ds/train/trainer.py).
 """
 import sys
 
-from ouroboros_ds.trainer import cli
+from ouroboros_ds.train.trainer import cli
 
 if __name__ == "__main__":
     sys.exit(cli())

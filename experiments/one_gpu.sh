@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # What one GPU can show, in one command (about 7 minutes on an H100/H200); results go to $OUT.
 #
-# 1. `python -m ouroboros_ds.gpu_check`: the engine's CUDA path at G = 1 against the Reference,
+# 1. `python -m ouroboros_ds.tools.gpu_check`: the engine's CUDA path at G = 1 against the Reference,
 #    and the per-instruction costs of a GPT-2-medium-sized block in bf16 ($OUT/gpu_costs.json,
-#    input of `python -m ouroboros_ds.speed_map --costs`).
+#    input of `python -m ouroboros_ds.tools.speed_map --costs`).
 # 2. Learning at a larger scale: the single-process Reference with a GPT-2-small-sized model
 #    (12 blocks, d_model 768, 12 heads, byte vocabulary) on Shakespeare, G = 2, M = 4, the same lr
 #    for every schedule: synchronous 1F1B, the default (weight prediction through the replay,
@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
 
 # first and alone: its timings must not share the GPU
-python3 -m ouroboros_ds.gpu_check --out "$OUT/gpu_costs.json" 2>&1 | grep -v "WARNING\]" | tee "$OUT/gpu_check.log"
+python3 -m ouroboros_ds.tools.gpu_check --out "$OUT/gpu_costs.json" 2>&1 | grep -v "WARNING\]" | tee "$OUT/gpu_check.log"
 
 # as many steps as fit: time a few steps of the default alone; three runs share the GPU
 if [ -z "${FIXED_STEPS:-}" ]; then

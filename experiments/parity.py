@@ -9,14 +9,14 @@ then judged at the lr whose final val bpb (mean over seeds) is lowest:
 - the gap to the best 1F1B run at equal steps (the end of the run),
 - the steps to reach the best 1F1B run's final val bpb (mean curve over seeds, linear between
   evaluations; "-" if never reached), and the time to reach it relative to 1F1B's: steps x the
-  step-time ratio (variant / 1F1B) measured by one benchmark run (``python -m ouroboros_ds.bench``,
+  step-time ratio (variant / 1F1B) measured by one benchmark run (``python -m ouroboros_ds.tools.bench``,
   its JSON given with ``--bench``), with the variant's synchronous first steps at the step time of
   1F1B with activation checkpointing (:func:`run_time`), against stock 1F1B and against 1F1B with
   activation checkpointing (the rival at the activation memory of features replay); and the same
   at stash replay's step time where stash runs the variant's update bit for bit
   (:func:`stash_is_same_update`: the same steps, more activation memory, faster steps).
 
-The runs use the single-process :class:`ouroboros_ds.reference.Reference`: exactly the update the
+The runs use the single-process :class:`ouroboros_ds.ring.reference.Reference`: exactly the update the
 DeepSpeed engine runs (equal bit for bit by test, G = 1..3, M = 1 and 4, dropout on), without the
 processes. 1F1B is its synchronous limit with one gradient-norm clip over the whole model, as the
 stock engine clips. So these runs measure learning per step; speed comes from the benchmark.
@@ -81,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--step-times", default=json.dumps(STEP_TIMES),
                    help="JSON {config: step seconds} of one benchmark run (the default: docs/benchmarks.md, G = 2, M = 4)")
     p.add_argument("--bench", nargs="*", default=[],
-                   help="benchmark JSONs (python -m ouroboros_ds.bench --out ...): step times per (G, M), over --step-times")
+                   help="benchmark JSONs (python -m ouroboros_ds.tools.bench --out ...): step times per (G, M), over --step-times")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--device", default="cpu", help="where the Reference runs (cuda: fp32 with TF32 matmuls)")
     p.add_argument("--max-seconds", type=float, default=0,
@@ -97,7 +97,7 @@ def variant_options(name: str) -> dict:
     if name in VARIANTS:
         return dict(VARIANTS[name])
     if name == "default":
-        from ouroboros_ds.config import DEFAULT_MITIGATION
+        from ouroboros_ds.train.config import DEFAULT_MITIGATION
         return dict(DEFAULT_MITIGATION)
     try:
         return json.loads(name)
@@ -107,16 +107,16 @@ def variant_options(name: str) -> dict:
 
 def run_key(data, G, M, variant, lr, seed, steps):
     """The run's file name in --raw (without ".json"): the corpus and the variant as plain file
-    names (:func:`ouroboros_ds.data.corpus_name`: a path is its base name and a hash of the path)."""
-    from ouroboros_ds.data import corpus_name, safe_name
+    names (:func:`ouroboros_ds.train.corpora.corpus_name`: a path is its base name and a hash of the path)."""
+    from ouroboros_ds.train.corpora import corpus_name, safe_name
 
     return f"{corpus_name(data)}_g{G}_m{M}_{safe_name(variant)}_lr{lr:g}_s{seed}_n{steps}"
 
 
 def blocks_per_module(job: dict, opts: dict, replay: str, vocab: int):
     """The block split the engine's --partition flag gives this job's model (None: the authors')."""
-    from ouroboros_ds.models import gpt2_config
-    from ouroboros_ds.module import balanced_blocks_per_module, layer_costs
+    from ouroboros_ds.models.gpt2 import gpt2_config
+    from ouroboros_ds.core.partition import balanced_blocks_per_module, layer_costs
 
     partition = opts.get("partition", "balanced")
     if partition == "authors":
@@ -133,7 +133,7 @@ def stash_is_same_update(job: dict, opts: dict) -> bool:
     split weighs the replay's extra forward, so it may differ)."""
     if opts.get("synchronous") or opts.get("replay", "recompute") != "recompute" or not opts.get("weight_prediction"):
         return False
-    from ouroboros_ds import data as D
+    from ouroboros_ds.train import data as D
 
     vocab = D.load_token_data(job["data"]).vocab_size
     return blocks_per_module(job, opts, "recompute", vocab) == blocks_per_module(job, opts, "stash", vocab)
@@ -148,9 +148,9 @@ def train_one(job: dict) -> dict:
         torch.set_num_threads(1)
     else:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    from ouroboros_ds import data as D
-    from ouroboros_ds.models import gpt2_config, gpt2_layer_specs, lm_loss
-    from ouroboros_ds.reference import Reference
+    from ouroboros_ds.train import data as D
+    from ouroboros_ds.models.gpt2 import gpt2_config, gpt2_layer_specs, lm_loss
+    from ouroboros_ds.ring.reference import Reference
 
     a = job
     opts = variant_options(a["variant"])
@@ -231,7 +231,7 @@ def run_all(args, jobs: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------ step-time ratios (benchmark)
-# Step seconds of `python -m ouroboros_ds.bench --rounds 6` (docs/benchmarks.md: G = 2, M = 4, the
+# Step seconds of `python -m ouroboros_ds.tools.bench --rounds 6` (docs/benchmarks.md: G = 2, M = 4, the
 # `small` model, idle box); ouro-recompute-pred from `--configs 1f1b 1f1b+ckpt ouro-recompute ouro-recompute-pred`
 # when measured (docs/parity.md), else ouro-recompute's.
 STEP_TIMES = {"1f1b": 1.117, "1f1b+ckpt": 1.594, "ouro-recompute": 1.116, "ouro-stash": 0.905}

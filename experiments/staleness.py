@@ -6,8 +6,8 @@ Runs train.py (torchrun, G CPU ranks on gloo) with the same model, data, seed, g
   1f1b        DeepSpeed's stock synchronous 1F1B, M micro-batches of --micro-batch
   ouro-m1     Ouroboros, one micro-batch of B (the paper's algorithm, same global batch)
   ouro-m4     Ouroboros, M micro-batches of --micro-batch (our pipelined ring)
-  ouro-m4-lr  ouro-m4 with the staleness mitigation --stale-lr-scale C (ouroboros_ds/staleness.py)
-  ouro-m4-pred  ouro-m4 with the mitigation --weight-prediction H (stash replay; ouroboros_ds/stash.py LastUpdate)
+  ouro-m4-lr  ouro-m4 with the staleness mitigation --stale-lr-scale C (ouroboros_ds/ring/staleness.py)
+  ouro-m4-pred  ouro-m4 with the mitigation --weight-prediction H (stash replay; ouroboros_ds/ring/stash.py LastUpdate)
   ouro-m4-fresh       ouro-m4 with --partition fresh (stage 0's blocks in module K, none in the stalest module 1)
   ouro-m4-fresh-pred  both (ouro-m1-fresh-pred: both, on the paper's one micro-batch)
 
@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 
-from ouroboros_ds.utils import free_port
+from ouroboros_ds.ring.utils import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRED = ["--replay", "stash", "--weight-prediction", "{h}"]
@@ -80,7 +80,7 @@ def parse_args(argv=None):
 def run_one(args, data: str, G: int, name: str) -> str:
     schedule, single, extra = RUNS[name]
     mb, M = (args.micro_batch * args.micro_batches, 1) if single else (args.micro_batch, args.micro_batches)
-    from ouroboros_ds.data import corpus_name  # a path: its base name and a hash of the path
+    from ouroboros_ds.train.corpora import corpus_name  # a path: its base name and a hash of the path
 
     metrics = os.path.join(args.out, f"{corpus_name(data)}_g{G}_{name}.jsonl")
     if os.path.exists(metrics):

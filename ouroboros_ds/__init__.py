@@ -5,8 +5,8 @@ The public API, for a training loop of your own (``train.py`` is one such loop):
     import ouroboros_ds as od
     engine, *_ = od.initialize(model=od.OuroborosPipelineModule(...), config="ds_configs/ouroboros.json")
 
-Names are imported on first use, so the schedule tools (``ouroboros_ds.schedule``,
-``ouroboros_ds.validate``, ``ouroboros_ds.simulate``) stay free of torch and DeepSpeed.
+Names are imported on first use, so the schedule tools (``ouroboros_ds.core.schedule``,
+``ouroboros_ds.core.validate``, ``ouroboros_ds.core.simulate``) stay free of torch and DeepSpeed.
 """
 from __future__ import annotations
 
@@ -17,26 +17,26 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     # engines and start-up
-    "initialize": "launch",
-    "OuroborosEngine": "engine",
-    "OuroborosPipelineModule": "module",
-    "KeyedPipelineEngine": "baseline",
-    "Reference": "reference",
+    "initialize": "pipe.launch",
+    "OuroborosEngine": "pipe.engine",
+    "OuroborosPipelineModule": "pipe.module",
+    "KeyedPipelineEngine": "pipe.baseline",
+    "Reference": "ring.reference",
     # models
-    "gpt2_config": "models",
-    "gpt2_layer_specs": "models",
-    "lm_loss": "models",
-    "LayerPlan": "models",
-    "family_config": "models_hf",  # Llama, Mistral, Qwen2/3, Gemma, ... from a transformers config
-    "family_layer_specs": "models_hf",
+    "gpt2_config": "models.gpt2",
+    "gpt2_layer_specs": "models.gpt2",
+    "lm_loss": "models.gpt2",
+    "LayerPlan": "models.gpt2",
+    "family_config": "models.families",  # Llama, Mistral, Qwen2/3, Gemma, ... from a transformers config
+    "family_layer_specs": "models.families",
     # data
-    "load_token_data": "data",
-    "BatchStream": "data",
-    "eval_batches": "data",
+    "load_token_data": "train.data",
+    "BatchStream": "train.data",
+    "eval_batches": "train.data",
     # the schedule as data
-    "ouroboros_schedule": "schedule",
-    "validate": "validate",
-    "simulate": "simulate",
+    "ouroboros_schedule": "core.schedule",
+    "validate": "core.validate",
+    "simulate": "core.simulate",
 }
 
 # public name -> the defining module's own name for it

@@ -29,7 +29,7 @@ def pytest_configure():  # before collection; pluggy passes only the arguments a
 
 def pytest_unconfigure():
     """End the pooled ranks (tests/helpers.py), then a safety net for
-    ouroboros_ds.launch.release_shm_buffers: a rank that died before it could unlink its DeepSpeed
+    ouroboros_ds.pipe.launch.release_shm_buffers: a rank that died before it could unlink its DeepSpeed
     shm buffer leaves ~66 MB of RAM in /dev/shm; those of this test run go now."""
     from helpers import close_pools
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ouroboros_ds.utils import free_port
+from ouroboros_ds.ring.utils import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -227,7 +227,7 @@ def batches(steps: int, M: int) -> list:
 
 def model_plan(dropout: float = 0.1, **fields):
     """A 4-block GPT-2 of width 16 (dropout on), the layers every engine builds alike."""
-    from ouroboros_ds.models import gpt2_config, gpt2_layer_specs
+    from ouroboros_ds.models.gpt2 import gpt2_config, gpt2_layer_specs
 
     cfg = gpt2_config({"n_layer": 4, "n_embd": 16, "n_head": 2, "n_positions": SEQ, **fields}, VOCAB,
                       dropout=dropout)
@@ -257,7 +257,7 @@ def initialize_reads(G: int, option: str, value, other, read, read_baseline, bad
     from deepspeed.pipe import PipelineModule
 
     from ouroboros_ds import initialize
-    from ouroboros_ds.models import lm_loss
+    from ouroboros_ds.models.gpt2 import lm_loss
 
     def error(build):
         try:
@@ -309,8 +309,8 @@ def reference_run(G: int, M: int, steps: int, plan=None, before_step=None, **opt
     on ``plan`` (default :func:`model_plan`) with ``ds_config(M, steps)``; ``before_step(t, ref)``,
     if given, runs before step t (an evaluation mid-run); ``options``: the Reference's own (replay,
     weight_prediction, lookahead, sync_steps, ...)."""
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.reference import Reference
+    from ouroboros_ds.models.gpt2 import lm_loss
+    from ouroboros_ds.ring.reference import Reference
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run: float sums in the same order, for bitwise checks
@@ -332,7 +332,7 @@ def pipeline_logits(module, G: int, ids, hidden: int):
     ``[batch, seq, hidden]`` activations); stage 0 returns the logits, other ranks None."""
     import torch.distributed as tdist
 
-    from ouroboros_ds.schedule import num_modules, stage_of
+    from ouroboros_ds.core.schedule import num_modules, stage_of
 
     module.eval()
     me, K, x = tdist.get_rank(), num_modules(G), None

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import time
 
-from ouroboros_ds.utils import free_port
+from ouroboros_ds.ring.utils import free_port
 
 BINARIES = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel")
 

@@ -1,6 +1,6 @@
 """The tagged channel the ring used to have, kept as a fixture that NCCL's rules break.
 
-A copy of the ring's former ``ouroboros_ds/p2p.py`` (its own docstring follows). It matches every
+A copy of the ring's former ``ouroboros_ds/pipe/p2p.py`` (its own docstring follows). It matches every
 message by its tag, which gloo honours and NCCL ignores: on GPUs its receives take whatever the
 peer sent next on the pair, so the ring's message pattern gets the wrong messages (a shape
 handshake's 8 integers where an activation was expected) or waits forever.

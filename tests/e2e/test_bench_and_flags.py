@@ -15,7 +15,7 @@ def test_bench_one_command_table(tmp_path):
     """The benchmark runs every configuration in one invocation and prints one table (tiny model),
     its ranks under the emulation of NCCL's point-to-point rules."""
     env = train_env()
-    out = subprocess.run([sys.executable, "-m", "ouroboros_ds.bench", "--model",
+    out = subprocess.run([sys.executable, "-m", "ouroboros_ds.tools.bench", "--model",
                           '{"n_layer": 2, "n_embd": 16, "n_head": 2, "n_positions": 16}', "--seq-len", "16",
                           "--micro-batch-size", "2", "--rounds", "1", "--warmup", "0", "--steps", "1",
                           "--out", str(tmp_path / "b.json")],

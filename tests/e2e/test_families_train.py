@@ -60,8 +60,8 @@ def _save(kind: str, path: str):
 def test_train_py_loads_trains_and_exports(tmp_path, kind):
     from transformers import AutoModelForCausalLM
 
-    from ouroboros_ds import data as D
-    from ouroboros_ds.models import lm_loss
+    from ouroboros_ds.train import data as D
+    from ouroboros_ds.models.gpt2 import lm_loss
 
     src, out, metrics = str(tmp_path / "src"), str(tmp_path / "out"), tmp_path / "m.jsonl"
     cls = _save(kind, src)

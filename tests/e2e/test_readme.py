@@ -18,7 +18,7 @@ import re
 import subprocess
 import sys
 
-from ouroboros_ds.utils import free_port
+from ouroboros_ds.ring.utils import free_port
 
 from helpers import ROOT, train_env
 README = os.path.join(ROOT, "README.md")

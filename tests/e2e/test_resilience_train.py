@@ -237,7 +237,7 @@ def test_hung_rank_times_out(tmp_path):
 
 def test_watchdog_ends_a_stuck_step(tmp_path):
     """A step stuck outside communication: the watchdog ends the process with one line."""
-    code = ("import sys, time; sys.path.insert(0, %r); from ouroboros_ds.resilience import Watchdog; "
+    code = ("import sys, time; sys.path.insert(0, %r); from ouroboros_ds.train.resilience import Watchdog; "
             "w = Watchdog(1.0, 7); w.started = time.monotonic(); time.sleep(30)" % ROOT)
     t0 = time.time()
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from ouroboros_ds.data import corpus_name, safe_name
+from ouroboros_ds.train.corpora import corpus_name, safe_name
 
 from helpers import ROOT
 sys.path.insert(0, os.path.join(ROOT, "experiments"))

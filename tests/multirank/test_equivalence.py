@@ -3,7 +3,7 @@
 Each G spawns G gloo ranks (CPU, one torch thread each) once and trains two engines in the same
 processes, M = 1 then M = 4, for 2K + 2 steps (K = G + 1) with dropout 0.1, AdamW with weight
 decay, WarmupCosineLR and a gradient clip that does clip on some steps. The parent then runs
-:class:`ouroboros_ds.reference.Reference` on the same batches and compares every parameter and
+:class:`ouroboros_ds.ring.reference.Reference` on the same batches and compares every parameter and
 every per-step loss. The same runs also record, after every step, the engine's in-flight state
 (stash and pending error gradients, docs/ring.md#memory) and every ``c10d`` op issued during
 ``train_batch()`` (no collective may cross pipeline stages; with dp = 1 no collective at all).

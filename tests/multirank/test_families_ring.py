@@ -27,7 +27,7 @@ LLAMA = dict(model_type="llama", num_hidden_layers=4, hidden_size=16, num_attent
 
 
 def llama_plan(tied: bool, dropout: float = 0.1):
-    from ouroboros_ds import models_hf
+    from ouroboros_ds.models import families as models_hf
 
     cfg = models_hf.named_config({**LLAMA, "tie_word_embeddings": tied}, VOCAB, dropout=dropout)
     return models_hf.layer_specs(cfg, seed=INIT_SEED)
@@ -36,8 +36,8 @@ def llama_plan(tied: bool, dropout: float = 0.1):
 # ------------------------------------------------------------------ DeepSpeed ranks
 def _engine(G, M, tied, replay="recompute"):
     from ouroboros_ds import initialize
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.module import OuroborosPipelineModule
+    from ouroboros_ds.models.gpt2 import lm_loss
+    from ouroboros_ds.pipe.module import OuroborosPipelineModule
 
     plan = llama_plan(tied)
     mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
@@ -104,9 +104,10 @@ def resume_worker(rank, out):
 
 def _stock_1f1b_first_loss(G, M):
     """DeepSpeed's 1F1B on the same layers, decoder blocks activation-checkpointed: step 0's loss."""
-    from ouroboros_ds import initialize, models_hf
-    from ouroboros_ds.baseline import BaselinePipelineModule
-    from ouroboros_ds.models import lm_loss
+    from ouroboros_ds import initialize
+    from ouroboros_ds.models import families as models_hf
+    from ouroboros_ds.pipe.baseline import BaselinePipelineModule
+    from ouroboros_ds.models.gpt2 import lm_loss
 
     plan = llama_plan(True)
     mod = BaselinePipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block",
@@ -124,9 +125,10 @@ def _probe():
 
 def _round_trip(G, src, out):
     """Load a saved Llama into the ring, train 4 steps, export; logits before and after."""
-    from ouroboros_ds import hf, initialize
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.module import OuroborosPipelineModule
+    from ouroboros_ds.train import hf
+    from ouroboros_ds import initialize
+    from ouroboros_ds.models.gpt2 import lm_loss
+    from ouroboros_ds.pipe.module import OuroborosPipelineModule
 
     cfg = hf.config_from_pretrained(src, dropout=0.1)
     plan = hf.layer_specs_of(cfg, seed=99)  # random init, then overwritten by the loaded weights
@@ -182,7 +184,7 @@ def test_llama_engine_equals_reference_bitwise(ring_run, case):
 
 
 def _reference_init(tied):
-    from ouroboros_ds.reference import build_layers
+    from ouroboros_ds.ring.reference import build_layers
 
     seen = set()
     for i, layer in enumerate(build_layers(llama_plan(tied))):
@@ -250,8 +252,8 @@ def dp_worker(rank, out):
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     from ouroboros_ds import initialize
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.module import OuroborosPipelineModule
+    from ouroboros_ds.models.gpt2 import lm_loss
+    from ouroboros_ds.pipe.module import OuroborosPipelineModule
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
     dp_rank = PipeDataParallelTopology(num_pp=2, num_dp=2).get_coord(rank).data

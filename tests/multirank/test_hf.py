@@ -26,10 +26,10 @@ def _probe():
 
 def _ranks(rank, G, src, out, tmp, steps):
     import deepspeed
-    from ouroboros_ds import hf
+    from ouroboros_ds.train import hf
     from ouroboros_ds import initialize
-    from ouroboros_ds.models import gpt2_layer_specs, lm_loss
-    from ouroboros_ds.module import OuroborosPipelineModule
+    from ouroboros_ds.models.gpt2 import gpt2_layer_specs, lm_loss
+    from ouroboros_ds.pipe.module import OuroborosPipelineModule
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = hf.config_from_pretrained(src, dropout=0.0)
@@ -86,7 +86,7 @@ def test_save_pretrained_load_train_export_round_trip(tmp_path, G):
 
     # DeepSpeed's stock 1F1B partition (tied embedding copied on the first and last stage), run
     # in the same ranks: it maps and exports the same way; the export's loss is the engine's.
-    from ouroboros_ds.models import lm_loss
+    from ouroboros_ds.models.gpt2 import lm_loss
 
     got = torch.load(tmp_path / "eval.pt")
     exported = AutoModelForCausalLM.from_pretrained(out + "_1f1b").eval()
@@ -98,10 +98,10 @@ def test_save_pretrained_load_train_export_round_trip(tmp_path, G):
 
 def test_untied_gpt2_is_refused_with_the_reason(tmp_path):
     """The GPT-2 layers' head is the embedding matrix; Llama-style families (tied or not) go
-    through ouroboros_ds/models_hf.py (tests/unit/test_families.py)."""
+    through ouroboros_ds/models/families.py (tests/unit/test_families.py)."""
     from transformers import GPT2Config
 
-    from ouroboros_ds import hf
+    from ouroboros_ds.train import hf
 
     GPT2Config(**HF_FIELDS, tie_word_embeddings=False).save_pretrained(tmp_path / "untied")
     with pytest.raises(ValueError, match="tie_word_embeddings=false"):
@@ -112,9 +112,9 @@ def _stock_1f1b(rank, src, out, tmp):
     """DeepSpeed's stock 1F1B partition of the same saved model: load, train 2 steps, eval, export."""
     from deepspeed.pipe import PipelineModule
 
-    from ouroboros_ds import hf
+    from ouroboros_ds.train import hf
     from ouroboros_ds import initialize
-    from ouroboros_ds.models import gpt2_layer_specs, lm_loss
+    from ouroboros_ds.models.gpt2 import gpt2_layer_specs, lm_loss
 
     cfg = hf.config_from_pretrained(src, dropout=0.0)
     plan = gpt2_layer_specs(cfg, seed=99)

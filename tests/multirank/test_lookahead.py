@@ -1,4 +1,4 @@
-"""Module K's look-ahead in the engine (``lookahead``, ``ouroboros_ds/stash.py`` ``look_ahead``; on by
+"""Module K's look-ahead in the engine (``lookahead``, ``ouroboros_ds/ring/stash.py`` ``look_ahead``; on by
 default, with weight prediction; its closed form is pinned in tests/unit/test_lookahead_rule.py).
 
 - The engine with lookahead 3 and weight prediction 1 (the default run's horizons) equals the
@@ -67,8 +67,8 @@ def _kept(engine):
 
 def _nonfinite(M, mode):
     """A NaN (or, to compare, zero) loss at (BAD_BATCH, BAD_MB of M), G = 2, recompute."""
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.stash import own_parameters
+    from ouroboros_ds.models.gpt2 import lm_loss
+    from ouroboros_ds.ring.stash import own_parameters
 
     calls, bad = [0], (BAD_BATCH, min(BAD_MB, M - 1))
 

@@ -311,7 +311,7 @@ def _value(kind: str, t: int, mb: int) -> torch.Tensor:
 
 
 def _ring_pattern(rank, channel, steps: int = 3, M: int = 2) -> int:
-    """The messages of G = 2 ring steps, in the order ``ouroboros_ds/engine.py``'s ``_exec_ring_*``
+    """The messages of G = 2 ring steps, in the order ``ouroboros_ds/pipe/engine.py``'s ``_exec_ring_*``
     issues them (stage 0 holds modules 1 and 3, stage 1 module 2; module k replays batch
     t - (3 - k)). Checks every received tensor; returns how many were checked."""
     import tagged_channel as P

@@ -1,4 +1,4 @@
-"""Weight prediction for the stale modules (``weight_prediction``, ``ouroboros_ds/stash.py``
+"""Weight prediction for the stale modules (``weight_prediction``, ``ouroboros_ds/ring/stash.py``
 ``LastUpdate``; optional, off by default).
 
 - The rule itself: a fresh snapshot moves ``h`` last updates ahead, ``w + h (w - w_before)``.
@@ -26,7 +26,7 @@ T, SAVE_AT = 6, 3
 
 
 def test_last_update_moves_a_fresh_snapshot_ahead():
-    from ouroboros_ds.stash import LastUpdate, Snapshot
+    from ouroboros_ds.ring.stash import LastUpdate, Snapshot
 
     lin = torch.nn.Linear(3, 2)
     lu = LastUpdate(list(lin.parameters()))
@@ -50,16 +50,16 @@ def test_last_update_moves_a_fresh_snapshot_ahead():
 
 
 def test_bad_settings_name_the_field():
-    from ouroboros_ds.reference import Reference
-    from ouroboros_ds.models import lm_loss
+    from ouroboros_ds.ring.reference import Reference
+    from ouroboros_ds.models.gpt2 import lm_loss
 
     with pytest.raises(ValueError, match="weight_prediction: must be >= 0"):
         Reference(model_plan(), 2, ds_config(1, 4), lm_loss, replay="stash", weight_prediction=-1)
 
 
 def _reference(G: int, M: int, steps: int, prediction: float, synchronous: bool = False, replay: str = "stash"):
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.reference import Reference
+    from ouroboros_ds.models.gpt2 import lm_loss
+    from ouroboros_ds.ring.reference import Reference
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run

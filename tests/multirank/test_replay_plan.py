@@ -1,4 +1,4 @@
-"""Memory-bounded replay (``ouroboros_ds.memory.ReplayPlan``): a plan only chooses which stashed
+"""Memory-bounded replay (``ouroboros_ds.ring.memory.ReplayPlan``): a plan only chooses which stashed
 forwards keep their graph; the others are recomputed through the same weight snapshot. So every
 plan, mixed ones included, equals the stash-mode Reference bit for bit, resumes bitwise, and holds
 less activation memory the fewer graphs it keeps."""
@@ -18,7 +18,7 @@ M = 4
 
 
 def _engine(G, steps, plan):
-    from ouroboros_ds.memory import ReplayPlan
+    from ouroboros_ds.ring.memory import ReplayPlan
 
     return ring_engine(G, ds_config(M, steps), replay="stash",
                        replay_plan=None if plan is None else ReplayPlan.parse(plan))
@@ -27,7 +27,7 @@ def _engine(G, steps, plan):
 def worker(rank, G, plans, out):
     import deepspeed
 
-    from ouroboros_ds.stash import SavedBytes
+    from ouroboros_ds.ring.stash import SavedBytes
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
     steps = steps_for(G)
@@ -59,8 +59,8 @@ def _run(G, tmp_path_factory):
 
 
 def _stash_reference(G):
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.reference import Reference
+    from ouroboros_ds.models.gpt2 import lm_loss
+    from ouroboros_ds.ring.reference import Reference
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run
@@ -74,7 +74,7 @@ def _stash_reference(G):
 
 @pytest.mark.parametrize("G", sorted(PLANS), ids=lambda g: f"G{g}")
 def test_every_plan_equals_stash_reference_bitwise(G, tmp_path_factory):
-    from ouroboros_ds.memory import ReplayPlan
+    from ouroboros_ds.ring.memory import ReplayPlan
 
     ranks = _run(G, tmp_path_factory)
     ref, ref_losses = _stash_reference(G)
@@ -92,7 +92,7 @@ def test_every_plan_equals_stash_reference_bitwise(G, tmp_path_factory):
 
 @pytest.mark.parametrize("G", sorted(PLANS), ids=lambda g: f"G{g}")
 def test_fewer_kept_graphs_hold_less_memory(G, tmp_path_factory):
-    from ouroboros_ds.memory import ReplayPlan
+    from ouroboros_ds.ring.memory import ReplayPlan
 
     ranks = _run(G, tmp_path_factory)
     for r in ranks:

@@ -24,7 +24,7 @@ G, T, BAD_BATCH, BAD_MB, GRAD_NAN_STEP = 2, 6, 1, 2, 4
 
 def _run(M, mode):
     """mode: 'nan' or 'zero' loss at (BAD_BATCH, BAD_MB of M); returns per-step snapshots."""
-    from ouroboros_ds.models import lm_loss
+    from ouroboros_ds.models.gpt2 import lm_loss
 
     calls = [0]
     bad_mb = min(BAD_MB, M - 1)

@@ -80,8 +80,8 @@ def _train(M, zero, bf16, D, dp_rank, eval_at=None):
 def _init_error(cfg: dict, groups: bool = False) -> str:
     """The ValueError of initialize() with this config (and user param groups without the ring's key)."""
     from ouroboros_ds import initialize
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.module import OuroborosPipelineModule
+    from ouroboros_ds.models.gpt2 import lm_loss
+    from ouroboros_ds.pipe.module import OuroborosPipelineModule
 
     plan = model_plan()
     mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
@@ -126,7 +126,7 @@ def run(tmp_path_factory):
 
 @torch.no_grad()
 def _validation_loss(ref) -> float:
-    from ouroboros_ds.models import lm_loss
+    from ouroboros_ds.models.gpt2 import lm_loss
 
     ref.train(False)
     losses = []
@@ -265,7 +265,7 @@ def test_param_groups_without_first_step_are_refused(run):
 
 def test_global_batch_is_independent_of_dp():
     """data.BatchStream: the union over replicas of step t's sequences is the same for D = 1 and 2."""
-    from ouroboros_ds.data import BatchStream
+    from ouroboros_ds.train.data import BatchStream
 
     tokens = torch.arange(3000) % 251
     steps, mb, B = 5, 2, 8

@@ -1,4 +1,4 @@
-"""The optional staleness mitigation (``ouroboros_ds/staleness.py``): delay-scaled learning rates.
+"""The optional staleness mitigation (``ouroboros_ds/ring/staleness.py``): delay-scaled learning rates.
 
 The group rule is checked directly; then the engine, given the groups by the same function as
 train.py builds them, still equals the single-process Reference with the same rule, bit for bit.
@@ -18,8 +18,8 @@ C = 1.5
 
 
 def test_groups_scale_by_delay_and_keep_the_tied_weight_fresh():
-    from ouroboros_ds.staleness import scaled_by_delay
-    from ouroboros_ds.warmup import first_gradient_groups
+    from ouroboros_ds.ring.staleness import scaled_by_delay
+    from ouroboros_ds.ring.warmup import first_gradient_groups
 
     a, b, tied, d, unused = (torch.nn.Parameter(torch.zeros(1)) for _ in range(5))
     # stage 0 of G = 3: modules 1 (delay 3) and 4 (delay 0); the tied parameter is used by both, so
@@ -41,7 +41,7 @@ def test_groups_scale_by_delay_and_keep_the_tied_weight_fresh():
 def worker(rank: int, G: int, M: int, out: str) -> None:
     import deepspeed
 
-    from ouroboros_ds.staleness import pipeline_groups
+    from ouroboros_ds.ring.staleness import pipeline_groups
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
     steps = steps_for(G)
@@ -55,8 +55,8 @@ def worker(rank: int, G: int, M: int, out: str) -> None:
 
 @pytest.mark.parametrize("G,M", [(2, 4)])
 def test_engine_with_delay_scaled_lr_equals_reference(tmp_path, G, M):
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.reference import Reference
+    from ouroboros_ds.models.gpt2 import lm_loss
+    from ouroboros_ds.ring.reference import Reference
 
     run_ranks(worker, G, G, M, str(tmp_path), tmpdir=str(tmp_path), timeout=300)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(G)]

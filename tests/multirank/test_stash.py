@@ -65,8 +65,8 @@ def stash_run(tmp_path_factory):
 
 
 def _reference(G: int, M: int, replay: str = "stash", synchronous: bool = False):
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.reference import Reference
+    from ouroboros_ds.models.gpt2 import lm_loss
+    from ouroboros_ds.ring.reference import Reference
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run
@@ -132,8 +132,8 @@ def test_stash_equals_recompute_when_synchronous(G):
 
 
 def test_bad_replay_mode_names_the_choices():
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.reference import Reference
+    from ouroboros_ds.models.gpt2 import lm_loss
+    from ouroboros_ds.ring.reference import Reference
 
     with pytest.raises(ValueError, match="replay='replay'.*recompute.*stash"):
         Reference(model_plan(), 2, ds_config(1, 4), lm_loss, replay="replay")
@@ -142,9 +142,9 @@ def test_bad_replay_mode_names_the_choices():
 def test_snapshot_round_trip_rebuilds_the_same_graph():
     """A checkpoint stores a snapshot's copies (state_dict); from_state + the stashed input + the
     dropout key rebuild the kept graph, whose backward gives bit-identical gradients."""
-    from ouroboros_ds.context import dropout_key
-    from ouroboros_ds.reference import build_layers
-    from ouroboros_ds.stash import Snapshot, backward, forward
+    from ouroboros_ds.models.context import dropout_key
+    from ouroboros_ds.ring.reference import build_layers
+    from ouroboros_ds.ring.stash import Snapshot, backward, forward
 
     torch.manual_seed(0)
     layers = build_layers(model_plan())[:3]  # embedding + 2 blocks: module 1 of a small ring

@@ -65,7 +65,7 @@ def _held(engine) -> int:
 
 
 def _train(G, M, replay, ckpt=None, zero=0):
-    from ouroboros_ds.warmup import FIRST_STEP, ring_param_groups
+    from ouroboros_ds.ring.warmup import FIRST_STEP, ring_param_groups
 
     engine, mod = _engine(G, M, replay, zero=zero)
     # stage 0's parameters that only module 1 uses (wpe, its blocks; the tied wte also moves through module K)

@@ -1,4 +1,4 @@
-"""The engine issues exactly the op streams that the transport model proves (ouroboros_ds.nccl).
+"""The engine issues exactly the op streams that the transport model proves (ouroboros_ds.core.nccl).
 
 Each rank records every send and receive of its ring channel, in issue order, with the message it
 carries (``RingChannel.trace``), over a run with a synchronous step, the switch to the ring, the
@@ -25,7 +25,7 @@ def steps_of(G):
 
 
 def _worker(rank, G, options, out):
-    from ouroboros_ds import nccl as N
+    from ouroboros_ds.core import nccl as N
 
     steps = steps_of(G)
     engine, _ = ring_engine(G, ds_config(M, steps), sync_steps=SYNC, **options)

@@ -1,4 +1,4 @@
-"""Transformer-XL on the ring (``ouroboros_ds/models_xl.py``): the recurrence is right, and the
+"""Transformer-XL on the ring (``ouroboros_ds/models/xl.py``): the recurrence is right, and the
 engine, which keeps each stage's memories and stashes the memory a forward read for its replay,
 still equals the single-process Reference bit for bit."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ MEM_LEN = 6  # shorter than a segment (SEQ = 8): the memory is truncated, as in 
 
 
 def xl_plan(mem_len=MEM_LEN, dropout=0.1):
-    from ouroboros_ds.models import gpt2_config, gpt2_layer_specs
+    from ouroboros_ds.models.gpt2 import gpt2_config, gpt2_layer_specs
 
     cfg = gpt2_config({"arch": "transfo-xl", "n_layer": 4, "n_embd": 16, "n_head": 2, "n_positions": SEQ,
                        "mem_len": mem_len}, VOCAB, dropout=dropout)
@@ -26,9 +26,9 @@ def xl_plan(mem_len=MEM_LEN, dropout=0.1):
 def test_memory_continues_the_segment():
     """One block over segment 2 with segment 1 as memory equals the same block over both
     segments at once (relative positions line up), and the written memory is the input's tail."""
-    from ouroboros_ds.models import gpt2_config
-    from ouroboros_ds.context import recurrent_memory
-    from ouroboros_ds.models_xl import XLBlock
+    from ouroboros_ds.models.gpt2 import gpt2_config
+    from ouroboros_ds.models.context import recurrent_memory
+    from ouroboros_ds.models.xl import XLBlock
 
     cfg = gpt2_config({"arch": "transfo-xl", "n_layer": 2, "n_embd": 32, "n_head": 4, "n_positions": 64,
                        "mem_len": 16}, VOCAB, dropout=0.0)
@@ -53,9 +53,9 @@ def test_memory_continues_the_segment():
 
 
 def test_no_gradient_flows_into_memory():
-    from ouroboros_ds.models import gpt2_config
-    from ouroboros_ds.context import recurrent_memory
-    from ouroboros_ds.models_xl import XLBlock
+    from ouroboros_ds.models.gpt2 import gpt2_config
+    from ouroboros_ds.models.context import recurrent_memory
+    from ouroboros_ds.models.xl import XLBlock
 
     cfg = gpt2_config({"arch": "transfo-xl", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 8,
                        "mem_len": 8}, VOCAB, dropout=0.0)
@@ -71,7 +71,7 @@ def test_no_gradient_flows_into_memory():
 
 def eval_data() -> list:
     """Three consecutive segments per row (Transformer-XL's evaluation layout)."""
-    from ouroboros_ds.data import eval_batches
+    from ouroboros_ds.train.data import eval_batches
 
     tokens = torch.randint(0, VOCAB, (3 * MICRO * (SEQ + 1),), generator=torch.Generator().manual_seed(5))
     return eval_batches(tokens, SEQ, MICRO, ordered=True)
@@ -80,8 +80,8 @@ def eval_data() -> list:
 def chained_eval(model, K: int, mem: bool = True) -> float:
     """Mean loss over eval_data() through modules 1..K of a Reference, each module's memory
     carried from segment to segment (or none)."""
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.context import recurrent_memory
+    from ouroboros_ds.models.gpt2 import lm_loss
+    from ouroboros_ds.models.context import recurrent_memory
 
     model.train(False)
     mems, losses = {}, []
@@ -98,7 +98,7 @@ def worker(rank: int, G: int, Ms: tuple, out: str) -> None:
     import deepspeed
 
     from ouroboros_ds import initialize
-    from ouroboros_ds.models import lm_loss
+    from ouroboros_ds.models.gpt2 import lm_loss
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
     steps = steps_for(G)
@@ -129,8 +129,8 @@ def worker(rank: int, G: int, Ms: tuple, out: str) -> None:
 
 @pytest.mark.parametrize("G", [2])
 def test_xl_engine_equals_reference(tmp_path, G):
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.reference import Reference
+    from ouroboros_ds.models.gpt2 import lm_loss
+    from ouroboros_ds.ring.reference import Reference
 
     Ms = (1, 4)
     run_ranks(worker, G, G, Ms, str(tmp_path), tmpdir=str(tmp_path), timeout=300)
@@ -176,7 +176,7 @@ def test_xl_engine_equals_reference(tmp_path, G):
 
 
 def test_ordered_eval_batches_continue_each_row():
-    from ouroboros_ds.data import eval_batches
+    from ouroboros_ds.train.data import eval_batches
 
     tokens = torch.arange(10 * 9 + 4)
     plain, ordered = eval_batches(tokens, 8, 3, ordered=False), eval_batches(tokens, 8, 3, ordered=True)
@@ -189,7 +189,7 @@ def test_ordered_eval_batches_continue_each_row():
 
 
 def test_ordered_stream_continues_each_row():
-    from ouroboros_ds.data import BatchStream
+    from ouroboros_ds.train.data import BatchStream
 
     tokens = torch.arange(1000)
     a = BatchStream(tokens, 9, 2, 3, ordered=True)           # D = 1: 6 streams of 16 windows

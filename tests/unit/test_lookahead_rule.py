@@ -1,4 +1,4 @@
-"""Module K's look-ahead (``lookahead``, ``ouroboros_ds/stash.py`` ``look_ahead``), pinned against its
+"""Module K's look-ahead (``lookahead``, ``ouroboros_ds/ring/stash.py`` ``look_ahead``), pinned against its
 closed form on the single-process Reference (single process, a few seconds).
 
 - During step t, module K's forwards, losses and backwards run at ``w + L (w - w_before)``, where
@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from helpers import SEED, batches, ds_config, model_plan
-from ouroboros_ds import stash as W
-from ouroboros_ds.context import dropout_key
-from ouroboros_ds.models import lm_loss
-from ouroboros_ds.reference import Reference
+from ouroboros_ds.ring import stash as W
+from ouroboros_ds.models.context import dropout_key
+from ouroboros_ds.models.gpt2 import lm_loss
+from ouroboros_ds.ring.reference import Reference
 
 
 @pytest.fixture(autouse=True)

@@ -1,10 +1,10 @@
-"""The memory-bounded replay's planner (``ouroboros_ds.memory``): the plan keeps the most graphs
+"""The memory-bounded replay's planner (``ouroboros_ds.ring.memory``): the plan keeps the most graphs
 whose peak fits the budget, the peak grows with every kept graph, the budget option parses."""
 from __future__ import annotations
 
 import pytest
 
-from ouroboros_ds.memory import (ModuleMemory, ReplayPlan, budget_bytes, module_peak, onef1b_peaks, parse_budget,
+from ouroboros_ds.ring.memory import (ModuleMemory, ReplayPlan, budget_bytes, module_peak, onef1b_peaks, parse_budget,
                                  plan_for_budget, stage_peaks)
 
 

@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from ouroboros_ds.config import DEFAULT_MITIGATION, PAPER, load_deepspeed_config, parse_config
+from ouroboros_ds.train.config import DEFAULT_MITIGATION, PAPER, load_deepspeed_config, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -92,7 +92,7 @@ def test_a_config_object_sets_lookahead_and_a_flag_beats_it(tmp_path):
 
 
 def test_the_lookahead_flag_is_built_like_the_others():
-    from ouroboros_ds.config import build_parser
+    from ouroboros_ds.train.config import build_parser
 
     help_text = build_parser().format_help()
     assert "--lookahead LOOKAHEAD" in help_text and "module K" in help_text
@@ -108,7 +108,7 @@ def test_a_config_object_with_a_typo_fails(tmp_path):
 
 
 def test_initialize_reads_the_object_and_hides_it_from_deepspeed(tmp_path):
-    from ouroboros_ds.launch import _ring_section
+    from ouroboros_ds.pipe.launch import _ring_section
 
     path = os.path.join(ROOT, "ds_configs", "ouroboros.json")
     config, section = _ring_section(path)
@@ -121,7 +121,7 @@ def test_initialize_reads_the_object_and_hides_it_from_deepspeed(tmp_path):
 def test_stale_momentum_changes_only_the_stale_groups_beta1():
     import torch
 
-    from ouroboros_ds.staleness import stale_momentum
+    from ouroboros_ds.ring.staleness import stale_momentum
 
     fresh, stale = [torch.nn.Parameter(torch.zeros(1))], [torch.nn.Parameter(torch.zeros(1))]
     groups = [(0, fresh), (2, stale)]
@@ -177,7 +177,7 @@ def test_a_config_object_sets_sync_steps_and_a_flag_beats_it(tmp_path):
     path.write_text(json.dumps(cfg))
     assert sync_steps(["--deepspeed_config", str(path)]) == 3
     assert sync_steps(["--deepspeed_config", str(path), "--sync-steps", "9"]) == 9
-    assert "--sync-steps SYNC_STEPS" in __import__("ouroboros_ds.config", fromlist=["x"]).build_parser().format_help()
+    assert "--sync-steps SYNC_STEPS" in __import__("ouroboros_ds.train.config", fromlist=["x"]).build_parser().format_help()
 
 
 def stage_clip(argv):

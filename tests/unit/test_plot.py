@@ -1,4 +1,4 @@
-"""python -m ouroboros_ds.plot: loss vs step and vs wall-clock for several runs into a PNG."""
+"""python -m ouroboros_ds.tools.plot: loss vs step and vs wall-clock for several runs into a PNG."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from helpers import ROOT
-from ouroboros_ds.plot import load_run
+from ouroboros_ds.tools.plot import load_run
 
 
 def _write(path, recs):
@@ -37,7 +37,7 @@ def test_cli_draws_two_runs_and_rejects_bad_input(tmp_path):
                                               for i in range(20)] + [{"step": 20, "val_loss": 3.1}])
     b = _write(tmp_path / "1f1b.jsonl", [{"step": i, "loss": 5 - i * 0.12, "seconds": 0.3 * (i + 1)} for i in range(20)])
     out = tmp_path / "plots" / "loss.png"
-    r = subprocess.run([sys.executable, "-m", "ouroboros_ds.plot", a, b, "--out", str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "ouroboros_ds.tools.plot", a, b, "--out", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "ouroboros (20 steps" in r.stdout and "1f1b (20 steps" in r.stdout
@@ -47,7 +47,7 @@ def test_cli_draws_two_runs_and_rejects_bad_input(tmp_path):
     assert Image.open(out).size == (1320, 480)  # 11 x 4 inches at 120 dpi
 
     empty = _write(tmp_path / "empty.jsonl", [{"step": 0, "val_loss": 1.0}])
-    r = subprocess.run([sys.executable, "-m", "ouroboros_ds.plot", empty, "--out", str(tmp_path / "x.png")],
+    r = subprocess.run([sys.executable, "-m", "ouroboros_ds.tools.plot", empty, "--out", str(tmp_path / "x.png")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no training records" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(FileNotFoundError):

@@ -17,9 +17,9 @@ import torch
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch.func import functional_call
 
-from ouroboros_ds.context import dropout_key
-from ouroboros_ds.models import gpt2_config, gpt2_layer_specs, lm_loss
-from ouroboros_ds.reference import Reference, make_optimizer, make_scheduler
+from ouroboros_ds.models.context import dropout_key
+from ouroboros_ds.models.gpt2 import gpt2_config, gpt2_layer_specs, lm_loss
+from ouroboros_ds.ring.reference import Reference, make_optimizer, make_scheduler
 
 SEED, INIT_SEED = 5, 11
 VOCAB, SEQ, MICRO, N_LAYER = 64, 8, 2, 4
@@ -249,7 +249,7 @@ def test_m1_with_weight_prediction_in_recompute_mode(G):
 def _the_default() -> dict:
     """The whole default (prediction, look-ahead, split clip) on the test's block split, with the
     switch from synchronous steps to the ring inside the run."""
-    from ouroboros_ds.config import DEFAULT_MITIGATION
+    from ouroboros_ds.train.config import DEFAULT_MITIGATION
 
     return {**{k: v for k, v in DEFAULT_MITIGATION.items() if k != "partition"}, "sync_steps": 2}
 
@@ -452,7 +452,7 @@ def test_split_clip_bounds_the_whole_models_norm(G):
 
 
 def test_stage_clip_threshold():
-    from ouroboros_ds.optim import stage_clip_threshold
+    from ouroboros_ds.ring.optim import stage_clip_threshold
 
     assert stage_clip_threshold(1.0, 4, "split") == 0.5 and stage_clip_threshold(1.0, 4, "whole") == 1.0
     assert stage_clip_threshold(0.8, 1, "split") == 0.8  # one stage: DeepSpeed's clip

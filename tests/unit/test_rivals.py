@@ -1,4 +1,4 @@
-"""DeepSpeed's schedules simulated from their own instruction lists (``ouroboros_ds.rivals``):
+"""DeepSpeed's schedules simulated from their own instruction lists (``ouroboros_ds.tools.rivals``):
 1F1B reproduces (M + G - 1)(f + b) and keeps min(G - s, M) micro-batches on stage s; DualPipeV
 runs without deadlock for every G and M >= 2G, each rank does exactly 2M forwards and 2M
 backwards, and it never beats the work bound; the DualPipeV refusal names the fix."""
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from ouroboros_ds import rivals
+from ouroboros_ds.tools import rivals
 
 
 @pytest.mark.parametrize("G", (1, 2, 3, 4, 8))
@@ -42,7 +42,7 @@ def test_dualpipev_runs_and_respects_the_work_bound(G, extra):
 
 
 def test_dualpipev_refusal_names_the_fix():
-    from ouroboros_ds.baseline import check_dualpipev
+    from ouroboros_ds.pipe.baseline import check_dualpipev
 
     check_dualpipev(4, 2)
     with pytest.raises(ValueError, match=r"gradient_accumulation_steps=3.*at least 2 x pipeline-parallel size = 4.*"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from ouroboros_ds.runlog import wandb_mode_default
+from ouroboros_ds.train.runlog import wandb_mode_default
 
 ON = {"wandb": {"enabled": True, "project": "p"}}
 

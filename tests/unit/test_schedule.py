@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from ouroboros_ds.schedule import (B, F, KINDS, L, LOAD, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, delay,
+from ouroboros_ds.core.schedule import (B, F, KINDS, L, LOAD, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, delay,
                                    format_schedule, modules_of, num_modules, ouroboros_schedule, parse_schedule,
                                    stage_of, stash_depth)
-from ouroboros_ds.simulate import (Costs, ScheduleError, balanced_costs, bubble_bound, draw, onef1b_step_time,
+from ouroboros_ds.core.simulate import (Costs, ScheduleError, balanced_costs, bubble_bound, draw, onef1b_step_time,
                                    simulate, stage_costs, steady_steps, synchronous_cost)
-from ouroboros_ds.validate import delay_table, validate
+from ouroboros_ds.core.validate import delay_table, validate
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
@@ -41,7 +41,7 @@ def steady(G, M, costs=None, plan=None):
 
 # ---------------------------------------------------------------- no torch
 def test_pure_python_modules_do_not_import_torch():
-    code = ("import sys, ouroboros_ds.schedule, ouroboros_ds.simulate, ouroboros_ds.validate; "
+    code = ("import sys, ouroboros_ds.core.schedule, ouroboros_ds.core.simulate, ouroboros_ds.core.validate; "
             "bad = [m for m in ('torch', 'matplotlib') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
@@ -373,7 +373,7 @@ def test_steady_state_utilization_balanced(G, M):
 
 
 # The slowest stage's steady-state utilization with balanced costs; docs/schedule.md shows the
-# same table (python -m ouroboros_ds.simulate --stages 2 3 4 8 --micro-batches 1 2 4 8 16 --balanced).
+# same table (python -m ouroboros_ds.core.simulate --stages 2 3 4 8 --micro-batches 1 2 4 8 16 --balanced).
 UTILIZATION = {
     2: [0.966, 0.982, 0.991, 0.996, 0.998],
     3: [0.868, 0.953, 0.976, 0.988, 0.994],
@@ -466,19 +466,19 @@ def run_cli(*args):
 
 
 def test_validate_cli():
-    ok = run_cli("ouroboros_ds.validate", "--stages", "3", "--micro-batches", "2")
+    ok = run_cli("ouroboros_ds.core.validate", "--stages", "3", "--micro-batches", "2")
     assert ok.returncode == 0 and ok.stdout.rstrip().endswith("ok") and "stage 2:" in ok.stdout
-    gold = run_cli("ouroboros_ds.validate", "--file", str(golden_path(4, 3)))
+    gold = run_cli("ouroboros_ds.core.validate", "--file", str(golden_path(4, 3)))
     assert gold.returncode == 0, gold.stdout
 
 
 def test_synchronous_clis():
-    ok = run_cli("ouroboros_ds.validate", "--stages", "2", "--micro-batches", "2", "--synchronous")
+    ok = run_cli("ouroboros_ds.core.validate", "--stages", "2", "--micro-batches", "2", "--synchronous")
     assert ok.returncode == 0 and ok.stdout.rstrip().endswith("ok"), ok.stdout
     assert "3L1 3SEND_B1 1RECV_B0 1RECV_B1 1B0 1B1 STEP" in ok.stdout
-    gold = run_cli("ouroboros_ds.validate", "--file", str(golden_path(2, 2, True)), "--synchronous")
+    gold = run_cli("ouroboros_ds.core.validate", "--file", str(golden_path(2, 2, True)), "--synchronous")
     assert gold.returncode == 0, gold.stdout
-    sim = run_cli("ouroboros_ds.simulate", "--stages", "2", "--micro-batches", "4", "--balanced", "--synchronous")
+    sim = run_cli("ouroboros_ds.core.simulate", "--stages", "2", "--micro-batches", "4", "--balanced", "--synchronous")
     assert sim.returncode == 0, sim.stderr
     assert "synchronous step 4.571 vs ring step 4 (slowest stage's period): 1.143x" in sim.stdout, sim.stdout
 
@@ -486,17 +486,17 @@ def test_synchronous_clis():
 def test_validate_cli_reports_errors(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_text(format_schedule(deadlocked(3, 2)) + "\n")
-    out = run_cli("ouroboros_ds.validate", "--file", str(bad))
+    out = run_cli("ouroboros_ds.core.validate", "--file", str(bad))
     assert out.returncode == 1 and "deadlock" in out.stdout and "[4L1]" in out.stdout
 
 
 def test_simulate_cli_and_draw(tmp_path):
     png = tmp_path / "t.png"
-    out = run_cli("ouroboros_ds.simulate", "--stages", "3", "--micro-batches", "4", "--balanced", "--png", str(png))
+    out = run_cli("ouroboros_ds.core.simulate", "--stages", "3", "--micro-batches", "4", "--balanced", "--png", str(png))
     assert out.returncode == 0, out.stderr
     assert "stage 2: utilization 0.976" in out.stdout and "step time 4.098" in out.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = run_cli("ouroboros_ds.simulate", "--stages", "2", "8", "--micro-batches", "1", "16", "--balanced")
+    table = run_cli("ouroboros_ds.core.simulate", "--stages", "2", "8", "--micro-batches", "1", "16", "--balanced")
     assert "| 8 | 0.416 (3.33x) | 0.975 (1.40x) |" in table.stdout, table.stdout
     path = tmp_path / "d.png"
     draw(simulate(ouroboros_schedule(2, 2), Costs(step=0.5), steps=3), str(path), title="G=2 M=2")

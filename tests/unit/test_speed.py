@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ouroboros_ds.module import balanced_blocks_per_module, layer_costs, ring_partition, stage_costs_of
-from ouroboros_ds.schedule import num_modules, ouroboros_schedule
-from ouroboros_ds.simulate import balanced_costs, cycle_bound, scale_table, simulate, steady_steps
+from ouroboros_ds.core.partition import balanced_blocks_per_module, layer_costs, ring_partition, stage_costs_of
+from ouroboros_ds.core.schedule import num_modules, ouroboros_schedule
+from ouroboros_ds.core.simulate import balanced_costs, cycle_bound, scale_table, simulate, steady_steps
 
 
 def steady(G, M, costs):

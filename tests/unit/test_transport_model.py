@@ -1,4 +1,4 @@
-"""The ring's messages under NCCL's rules, on the schedule as data (ouroboros_ds.nccl; no torch).
+"""The ring's messages under NCCL's rules, on the schedule as data (ouroboros_ds.core.nccl; no torch).
 
 - Every (G, M) of the grid: the engine's op streams (synchronous steps, the switch to the ring,
   the ring's warm-up and steady state, evaluations in between, the shape messages) run under the
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from ouroboros_ds import nccl as N
-from ouroboros_ds import schedule as S
-from ouroboros_ds.simulate import ScheduleError
-from ouroboros_ds.validate import validate_transport
-from ouroboros_ds.warmup import replays_batch
+from ouroboros_ds.core import nccl as N
+from ouroboros_ds.core import schedule as S
+from ouroboros_ds.core.simulate import ScheduleError
+from ouroboros_ds.core.validate import validate_transport
+from ouroboros_ds.core.schedule import replays_batch
 
 LEGACY = Path(__file__).resolve().parents[1] / "golden" / "legacy"
 QUICK = [(G, M) for G in (1, 2, 3, 4) for M in (1, 2, 4, 5)] + [(8, 4), (8, 8), (16, 32)]
@@ -57,7 +57,7 @@ def test_legacy_order_deadlocks(G, M):
         N.run(progs)
     assert info.value.rank == 0  # module K's input never comes: stage 0 waits in its loss
     with pytest.raises(ScheduleError, match="deadlock"):
-        from ouroboros_ds.validate import validate
+        from ouroboros_ds.core.validate import validate
         validate(_legacy(G, M))
 
 

@@ -1,0 +1,152 @@
+"""Start-up: the process group, DeepSpeed's config, and the engine that fits the module.
+
+:func:`initialize` is the call to use instead of ``deepspeed.initialize``: DeepSpeed picks the
+engine class itself from the module type, so a custom engine has to be constructed directly, with
+the config parsed the way ``deepspeed.initialize`` parses it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+
+import torch.distributed as tdist
+from deepspeed import comm as dist
+from deepspeed.runtime.config import DeepSpeedConfig
+from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
+from deepspeed.runtime.pipe.module import PipelineModule
+
+from .baseline import KeyedDualPipeVEngine, KeyedPipelineEngine, check_dualpipev
+from .engine import OuroborosEngine
+from .module import OuroborosPipelineModule
+
+
+# DeepSpeed's warm-up LR schedules (WarmupLR, WarmupCosineLR, WarmupDecayLR) call their own
+# get_lr() from their constructor, at iteration -1, to set the starting learning rate; that call
+# always logs this warning, on every rank, before any step. The value it returns is the intended
+# start, so the message says nothing about the run and is dropped, exactly this text only, while
+# the engine (and with it the scheduler) is built.
+_SCHEDULER_START_MESSAGE = "Attempting to get learning rate from scheduler before it has started"
+
+
+@contextlib.contextmanager
+def _without_scheduler_start_warning():
+    from deepspeed.utils import logger
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.getMessage() != _SCHEDULER_START_MESSAGE
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def release_shm_buffers() -> None:
+    """Unlink this rank's DeepSpeed CPU shared-memory all-reduce buffer once every rank has mapped it.
+
+    On the CPU accelerator DeepSpeed's shm comm op creates ``/dev/shm/deepspeed_allreduce_buffer_
+    {uid}_{addr}_{port}_{rank}`` (about 66 MB) per rank and never unlinks it, so every launch leaves
+    that much RAM behind until reboot; a day of test runs filled 21 GB of a 24 GB box (and then
+    swapped). The ranks map every peer's buffer during ``init_distributed`` (after the barrier all
+    have); unlinking only removes the name, the mappings live until the processes exit."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu" or not tdist.is_initialized():
+        return
+    path = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{tdist.get_rank()}")
+    tdist.barrier()  # start-up only: every rank has opened every buffer before any name goes
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _ring_section(config):
+    """(the config without its ``"ouroboros"`` object, that object): ours, not DeepSpeed's."""
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as f:
+            loaded = json.load(f)
+        if "ouroboros" not in loaded:
+            return config, {}
+        config = loaded
+    if isinstance(config, dict) and "ouroboros" in config:
+        config = dict(config)
+        return config, config.pop("ouroboros") or {}
+    return config, {}
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
+               lr_scheduler=None, config=None, seed: int = 0, replay: str = "recompute",
+               weight_prediction: float | None = None, replay_plan=None, lookahead: float | str | None = None,
+               sync_steps: int | None = None, stage_clip: str | None = None):
+    """``deepspeed.initialize`` for pipelines: an :class:`OuroborosPipelineModule` gets the
+    :class:`OuroborosEngine` (``replay``: "recompute" or "stash"; ``weight_prediction``: see
+    :class:`ouroboros_ds.ring.stash.LastUpdate`; None: the config's ``"ouroboros"`` object decides, as
+    ``ds_configs/ouroboros.json`` sets 1 and ``ds_configs/paper.json`` the paper's update; without
+    one, 0; ``replay_plan``: a :class:`ouroboros_ds.ring.memory.ReplayPlan`, needs "stash"; ``lookahead``:
+    module K's look-ahead, see :func:`ouroboros_ds.ring.stash.look_ahead`, None read from the config like
+    ``weight_prediction``; ``sync_steps``: how many first steps run synchronously, every delay 0,
+    None read from the config like ``lookahead``; ``stage_clip``: the norm each stage clips at,
+    "split" or "whole", see :func:`ouroboros_ds.ring.optim.stage_clip_threshold`, None read from the
+    config like ``lookahead``, "whole" without one), a ``DualPipeVModule`` DeepSpeed's ``DualPipeVEngine`` with keyed
+    dropout, any other ``PipelineModule`` DeepSpeed's stock engine.
+
+    Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if not isinstance(model, PipelineModule):
+        raise TypeError("ouroboros_ds.initialize needs a deepspeed PipelineModule (e.g. OuroborosPipelineModule)")
+    dist.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    release_shm_buffers()
+    if config is None and getattr(args, "deepspeed_config", None):
+        config = args.deepspeed_config
+    if config is None:
+        raise ValueError("no DeepSpeed config: pass config= or --deepspeed_config")
+    config, section = _ring_section(config)
+    # the config's "ouroboros" object sets the ring's options (a None argument), not 1F1B's or
+    # DualPipeV's, and none with "paper"; without one: the paper's update
+    ring = isinstance(model, OuroborosPipelineModule) and not section.get("paper")
+    if weight_prediction is None:
+        weight_prediction = float(section.get("weight_prediction", 0.0)) if ring else 0.0
+    if lookahead is None:
+        lookahead = section.get("lookahead", 0.0) if ring else 0.0  # a number or "auto": the engine checks it
+    if sync_steps is None:
+        sync_steps = section.get("sync_steps", 0) if ring else 0
+    if stage_clip is None:  # 1F1B and DualPipeV clip the whole model, as DeepSpeed does
+        stage_clip = section.get("stage_clip", "whole") if ring else "whole"
+    config_class = DeepSpeedConfig(config, model.mpu())  # a dict or a JSON path, as DeepSpeed takes
+    deepspeed.set_optimizer_flags(config_class, model)
+    kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                  training_data=training_data, lr_scheduler=lr_scheduler, mpu=model.mpu(),
+                  config=config, config_class=config_class)
+    if not isinstance(model, OuroborosPipelineModule) and (weight_prediction or replay_plan is not None):
+        raise ValueError("weight_prediction / replay_plan: only the Ouroboros ring has delayed modules; drop them "
+                         "for 1f1b and dualpipev")
+    if not isinstance(model, OuroborosPipelineModule) and lookahead:
+        raise ValueError("lookahead: only the Ouroboros ring has a fresh module whose error gradients are applied "
+                         "later upstream; drop it for 1f1b and dualpipev")
+    if not isinstance(model, OuroborosPipelineModule) and sync_steps:
+        raise ValueError("sync_steps: only the Ouroboros ring has delays to start without; 1f1b and dualpipev are "
+                         "synchronous throughout; drop it for them")
+    if not isinstance(model, OuroborosPipelineModule) and stage_clip != "whole":
+        raise ValueError("stage_clip: only the Ouroboros ring clips each stage on its own; 1f1b and dualpipev clip "
+                         "the whole model's norm, as DeepSpeed does; drop it for them")
+    if isinstance(model, DualPipeVModule):
+        check_dualpipev(config_class.gradient_accumulation_steps, model.num_stages // 2)
+    with _without_scheduler_start_warning():
+        if isinstance(model, OuroborosPipelineModule):
+            engine = OuroborosEngine(seed=seed, replay=replay, weight_prediction=weight_prediction,
+                                     replay_plan=replay_plan, lookahead=lookahead, sync_steps=sync_steps,
+                                     stage_clip=stage_clip,
+                                     **kwargs)
+        elif isinstance(model, DualPipeVModule):
+            engine = KeyedDualPipeVEngine(seed=seed, **kwargs)
+        else:
+            engine = KeyedPipelineEngine(seed=seed, **kwargs)
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
