@@ -173,7 +173,16 @@ def install(timeout: float | None = None) -> None:
         _replaced.append((c10d, "_check_op", c10d._check_op))
         c10d._check_op = _check_op
         _installed = True
+        atexit.register(_end_streams)
     _log(f"installed pid={os.getpid()} rank={os.environ.get('RANK')}")
+
+
+def _end_streams() -> None:
+    """At exit, end the idle workers (see :func:`destroy_process_group`)."""
+    with _lock:
+        streams = [s for s in _streams.values() if not s.pending]
+    for s in streams:
+        s.close(join=1.0)
 
 
 def uninstall() -> None:
@@ -207,7 +216,9 @@ def destroy_process_group(group=None) -> None:
         with _lock:
             _streams.pop(key, None)
         if st is not None:
-            st.close()
+            # joined, not left running: a worker thread that used torch and is still alive when the
+            # process exits can abort it ("terminate called without an active exception")
+            st.close(join=5.0)
     return _originals["destroy_process_group"](group)
 
 
@@ -502,8 +513,11 @@ class _Stream:
             self.pending.append(item)
         self._queue.put(item)
 
-    def close(self) -> None:
+    def close(self, join: float = 0.0) -> None:
+        """End the worker; ``join``: wait up to that many seconds for it to end."""
         self._queue.put(None)
+        if join and self._thread is not threading.current_thread():
+            self._thread.join(join)
 
     def _loop(self):
         while True:
