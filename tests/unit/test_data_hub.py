@@ -60,6 +60,7 @@ def test_local_dataset_dirs_offline_without_network(tmp_path):
         socket.create_connection = no_network
         import os, datasets
         from ouroboros_ds.train import corpora as C
+        from ouroboros_ds.train import data as D
         text = C.load_text("shakespeare")[:200_000].decode("utf-8", errors="ignore")
         lines = text.splitlines(keepends=True)
         ds = datasets.Dataset.from_dict({{"text": lines, "n": list(range(len(lines)))}})
