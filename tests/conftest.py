@@ -7,6 +7,8 @@ set, else torch's default ~/.cache/torch_extensions/py<ver>_cpu) and reused by e
 import os
 import sys
 
+import pytest
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 for path in (os.path.dirname(TESTS), TESTS):  # `import ouroboros_ds` and `import ring`
     if path not in sys.path:
@@ -51,3 +53,14 @@ def pytest_generate_tests(metafunc):
     if "full_grid" in metafunc.fixturenames:
         metafunc.parametrize("full_grid", [metafunc.config.getoption("--full")], ids=["full" if
                              metafunc.config.getoption("--full") else "quick"])
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_as_found():
+    """Every test leaves torch's thread count as it found it (some compare with the ranks on one
+    thread): a later test must not silently run on one core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
