@@ -50,9 +50,7 @@ class RingCheckpointing:
     def in_flight_bytes(self) -> int:
         """Bytes held across steps: stashed inputs, received error gradients, weight snapshots,
         recurrent memories, the weights kept for weight prediction and for module K's look-ahead."""
-        def nbytes(t):
-            t = t if torch.is_tensor(t) else t.buf  # a PendingRecv: its buffer, once posted
-            return 0 if t is None else t.numel() * t.element_size()
+        nbytes = self.p2p.nbytes  # a tensor, or a posted receive's buffer
         n = sum(map(nbytes, self.stash.values())) + sum(map(nbytes, self.grads_in.values()))
         n += sum(nbytes(m) for d in (*self.mems.values(), *self.stash_mems.values()) for m in d.values())
         n += sum(u.nbytes() for u in (self.last_update, self.k_update) if u is not None)

@@ -58,36 +58,40 @@ class RingChannel:
         if self.trace is not None:
             self.trace.append((stage, op, msg))
 
+    def _shape_message(self, key, msg: Msg) -> Msg | None:
+        """The shape message that goes before ``msg`` on edge ``key``: before an activation edge's
+        first message, and before each evaluation's first message on its edge; else None."""
+        if msg.kind == ACT and key not in self.edges:
+            return Msg(ACT_META, msg.k)
+        if msg.kind == EVAL and msg.mb == 0:
+            return Msg(EVAL_META, msg.k, msg.batch)
+        return None
+
     def isend(self, tensor, stage: int, msg: Msg) -> None:
-        """Send ``tensor`` to ``stage``. The first activation on an edge (and an evaluation's first
-        message on its edge: ``msg.mb == 0``) is preceded by its shape message."""
-        if msg.kind in (ACT, EVAL):
-            key = ("out", stage, msg.k, msg.kind)
-            if msg.kind == EVAL and msg.mb == 0 or msg.kind == ACT and key not in self.edges:
-                if msg.kind == ACT:
-                    self.edges[key] = (tuple(tensor.shape), tensor.dtype)
-                meta = torch.zeros(_META_LEN, dtype=torch.long)
-                meta[:2 + tensor.dim()] = torch.tensor([PipelineEngine.DTYPE_TO_ID[tensor.dtype], tensor.dim(),
-                                                        *tensor.shape])
-                meta = meta.to(self.device)
-                meta_msg = Msg(ACT_META if msg.kind == ACT else EVAL_META, msg.k,
-                               -1 if msg.kind == ACT else msg.batch)
-                self._record(stage, "send", meta_msg)
-                self.sends.append((tdist.isend(meta, self.peer(stage)), meta))
+        """Send ``tensor`` to ``stage``, after its edge's shape message where one is due."""
+        key = ("out", stage, msg.k, msg.kind)
+        meta_msg = self._shape_message(key, msg)
+        if meta_msg is not None:
+            self.edges[key] = (tuple(tensor.shape), tensor.dtype)
+            meta = torch.zeros(_META_LEN, dtype=torch.long)
+            meta[:2 + tensor.dim()] = torch.tensor([PipelineEngine.DTYPE_TO_ID[tensor.dtype], tensor.dim(),
+                                                    *tensor.shape])
+            meta = meta.to(self.device)
+            self._record(stage, "send", meta_msg)
+            self.sends.append((tdist.isend(meta, self.peer(stage)), meta))
         tensor = tensor.contiguous()
         self._record(stage, "send", msg)
         self.sends.append((tdist.isend(tensor, self.peer(stage)), tensor))
 
     def irecv(self, stage: int, msg: Msg, like=None) -> PendingRecv:
         """Post the receive of ``msg`` from ``stage``: shaped ``like`` (a tensor or (shape, dtype)),
-        or by the edge's shape, read first if this is the edge's first receive (an evaluation's:
-        ``msg.mb == 0``)."""
+        or by its edge's shape, read first where a shape message is due."""
         if like is None:
             key = ("in", stage, msg.k, msg.kind)
-            if msg.kind == EVAL and msg.mb == 0 or msg.kind == ACT and key not in self.edges:
+            meta_msg = self._shape_message(key, msg)
+            if meta_msg is not None:
                 meta = torch.zeros(_META_LEN, dtype=torch.long, device=self.device)
-                self._record(stage, "recv", Msg(ACT_META if msg.kind == ACT else EVAL_META, msg.k,
-                                                -1 if msg.kind == ACT else msg.batch))
+                self._record(stage, "recv", meta_msg)
                 tdist.irecv(meta, self.peer(stage)).wait()
                 meta = meta.tolist()
                 self.edges[key] = (tuple(meta[2:2 + meta[1]]), PipelineEngine.ID_TO_DTYPE[meta[0]])
