@@ -94,8 +94,6 @@ def ring_programs(stages: int, micro_batches: int, steps: int, sync_steps: int =
     step t to the number of micro-batches of an evaluation run after it. ``cost_of(action, t,
     synchronous)`` prices each compute op (default 0). ``shape_messages=False``: every edge's shape
     is known in advance (no shape message), to check an order on its own."""
-
-
     G, M, K = stages, micro_batches, S.num_modules(stages)
     plan_of = plan_of or (lambda t, sync: S.ouroboros_schedule(G, M, synchronous=sync))
     cost_of = cost_of or (lambda a, t, sync: 0.0)
@@ -195,8 +193,8 @@ def run(programs: list[list[Op]], latency: float = 0.0) -> Run:
     streams = {(r, p): deque() for r in range(R) for p in range(R) if p != r}
     free = {key: 0.0 for key in streams}            # when the pair stream's last op completed
     received: list[dict] = [{} for _ in range(R)]   # msg -> completion time of its receive
-    pending_sends: list[dict] = [{} for _ in range(R)]  # step -> sends of that step not yet complete
-    issued_step = [0] * R
+    unsent: list[dict] = [{} for _ in range(R)]     # step -> ids of that step's sends not yet complete
+    sent_at: list[dict] = [{} for _ in range(R)]    # step -> when that step's last completed send completed
     events: list[list] = [[] for _ in range(R)]
 
     def step_of(op):
@@ -214,8 +212,7 @@ def run(programs: list[list[Op]], latency: float = 0.0) -> Run:
                                              f"no such peer")
                     streams[(r, op.peer)].append((op, clock[r]))
                     if op.kind == "send":
-                        pending_sends[r].setdefault(step_of(op), set()).add(id(op))
-                        issued_step[r] = step_of(op)
+                        unsent[r].setdefault(step_of(op), set()).add(id(op))
                 elif op.kind == "compute":
                     if any(m not in received[r] for m in op.needs):
                         break
@@ -223,10 +220,9 @@ def run(programs: list[list[Op]], latency: float = 0.0) -> Run:
                     clock[r] = start + op.cost
                     events[r].append((op, start, clock[r]))
                 elif op.kind == "wait_sends":
-                    if pending_sends[r].get(op.batch):
+                    if unsent[r].get(op.batch):
                         break
-                    done = pending_sends[r].pop(("done", op.batch), 0.0)
-                    clock[r] = max(clock[r], done)
+                    clock[r] = max(clock[r], sent_at[r].get(op.batch, 0.0))
                 pc[r] += 1
                 moved = True
         for (a, b), qa in streams.items():  # match the heads of each pair's two streams
@@ -237,7 +233,7 @@ def run(programs: list[list[Op]], latency: float = 0.0) -> Run:
                 (oa, ta), (ob, tb) = qa[0], qb[0]
                 if oa.kind == ob.kind:
                     break  # both send or both receive: each waits for the other
-                (snd, sr, st), (rcv, rr, rt) = ((oa, a, ta), (ob, b, tb)) if oa.kind == "send" else ((ob, b, tb), (oa, a, ta))
+                (snd, sr), (rcv, rr) = ((oa, a), (ob, b)) if oa.kind == "send" else ((ob, b), (oa, a))
                 if snd.msg != rcv.msg:
                     n = sum(1 for o in programs[rr][:pc[rr]] if o.kind == "recv" and o.peer == sr
                             and received[rr].get(o.msg) is not None)
@@ -249,10 +245,8 @@ def run(programs: list[list[Op]], latency: float = 0.0) -> Run:
                 qa.popleft()
                 qb.popleft()
                 received[rr][rcv.msg] = end
-                bucket = pending_sends[sr].get(step_of(snd))
-                bucket.discard(id(snd))
-                key = ("done", step_of(snd))
-                pending_sends[sr][key] = max(pending_sends[sr].get(key, 0.0), end)
+                unsent[sr][step_of(snd)].discard(id(snd))
+                sent_at[sr][step_of(snd)] = max(sent_at[sr].get(step_of(snd), 0.0), end)
                 moved = True
         if not moved:
             break

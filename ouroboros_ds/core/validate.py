@@ -273,7 +273,7 @@ def validate_transport(stages: int, micro_batches: int, sync_steps: int = 2, rin
         N.run(progs)
     except N.TransportError as e:
         t, i = e.at
-        where = t if t >= 0 else (0 if -1 - t == 0 else steps - 1)  # an evaluation: the step before it
+        where = t if t >= 0 else sorted(evals)[-1 - t]  # an evaluation: the step it follows
         reason = f"{e.what} (rank {e.rank}): {e.reason}" + ("" if t >= 0 else f" (in evaluation {-1 - t})")
         raise ScheduleError(ouroboros_schedule(G, M, synchronous=where < sync_steps), e.rank, i if t >= 0 else 0,
                             where, reason) from None
