@@ -179,10 +179,25 @@ def install(timeout: float | None = None) -> None:
 
 def _end_streams() -> None:
     """At exit, end the idle workers (see :func:`destroy_process_group`)."""
+    _retire(lambda st: not st.pending, 0.0, join=1.0)
+
+
+def _retire(select, settle: float, join: float = 0.0) -> None:
+    """Forget this process's streams that ``select(stream)`` picks, each after waiting (up to
+    ``settle`` seconds in all) for its operations to end, and end its worker (``join``: wait up to
+    that many seconds for it)."""
+    deadline = time.monotonic() + settle
     with _lock:
-        streams = [s for s in _streams.values() if not s.pending]
-    for s in streams:
-        s.close(join=1.0)
+        mine = [k for k, st in _streams.items() if select(st)]
+    for key in mine:
+        st = _streams.get(key)
+        if st is None:
+            continue
+        while st.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with _lock:
+            _streams.pop(key, None)
+        st.close(join=join)
 
 
 def uninstall() -> None:
@@ -205,20 +220,10 @@ def uninstall() -> None:
 def destroy_process_group(group=None) -> None:
     """torch's ``destroy_process_group``, after this process's streams of the group (all of them
     for the default group) finished their operations, for up to the emulation's timeout."""
-    deadline = time.monotonic() + _current_timeout()
-    with _lock:
-        everything = group is None or group is c10d.GroupMember.WORLD
-        mine = [k for k, st in _streams.items() if everything or st.group is group]
-    for key in mine:
-        st = _streams.get(key)
-        while st is not None and st.pending and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with _lock:
-            _streams.pop(key, None)
-        if st is not None:
-            # joined, not left running: a worker thread that used torch and is still alive when the
-            # process exits can abort it ("terminate called without an active exception")
-            st.close(join=5.0)
+    everything = group is None or group is c10d.GroupMember.WORLD
+    # workers joined, not left running: a worker thread that used torch and is still alive when
+    # the process exits can abort it ("terminate called without an active exception")
+    _retire(lambda st: everything or st.group is group, _current_timeout(), join=5.0)
     return _originals["destroy_process_group"](group)
 
 
@@ -253,18 +258,7 @@ def discard(group, settle: float = 60.0) -> None:
     """Forget this process's streams of ``group`` (one that a test deadlocked on purpose), after
     waiting up to ``settle`` seconds for their operations to end (stuck ones end when gloo's
     timeout of the group fails them). The group's later operations get new streams."""
-    deadline = time.monotonic() + settle
-    with _lock:
-        mine = [k for k, s in _streams.items() if s.group is group]
-    for key in mine:
-        s = _streams.get(key)
-        if s is None:
-            continue
-        while s.pending and time.monotonic() < deadline:
-            time.sleep(0.05)
-        with _lock:
-            _streams.pop(key, None)
-        s.close()
+    _retire(lambda st: st.group is group, settle)
 
 
 def _log(line: str) -> None:

@@ -6,8 +6,11 @@ peer sent next on the pair, so the ring's message pattern gets the wrong message
 handshake's 8 integers where an activation was expected) or waits forever.
 ``tests/multirank/test_nccl_emulation.py`` runs that pattern on 2 ranks: it completes on plain
 gloo and fails under ``tests/nccl_emulation.py``, which shows that the emulation catches what GPUs
-would. The one change from the original: ``RingChannel(..., group=None)`` takes the process group
-to use, so that a test can run it on a group of its own.
+would. Two changes from the original: ``RingChannel(..., group=None)`` takes the process group
+to use, so that a test can run it on a group of its own; and it keeps its sends alive with the
+current channel's bookkeeping (``end_step``, ``wait_sends``, ``settle``, ``nbytes``, inherited
+from ``ouroboros_ds.pipe.p2p.RingChannel``, the same code the original had), so only what it did
+differently (tags, the handshake, receives queued behind it) is kept here.
 
 The original docstring:
 
@@ -28,6 +31,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as tdist
 from deepspeed.runtime.pipe.engine import PipelineEngine
+
+from ouroboros_ds.pipe import p2p
 
 # Message kinds; each is also the edge key of the shape handshake for its direction.
 ACT, GRAD, EVAL = 1, 2, 4
@@ -54,7 +59,7 @@ class PendingRecv:
         self.buf = self.req = None
 
 
-class RingChannel:
+class RingChannel(p2p.RingChannel):
     """Non-blocking tagged sends and receives between this rank and its ring neighbours.
 
     ``peer(stage)`` maps a pipeline stage to the global rank of the same data-parallel replica.
@@ -64,11 +69,10 @@ class RingChannel:
 
     def __init__(self, device, peer, group=None):
         global _channels
-        self.device, self.peer, self.group = device, peer, group
+        super().__init__(device, peer)
+        self.group = group
         self.offset = _channels * _TAG_SPACE
         _channels += 1
-        self.sends: list = []       # (request, tensor) of the current step
-        self.prev_sends: list = []  # ... and of the previous step
         self.queued: dict = {}      # (peer stage, kind) -> receives waiting for the edge's shape
         self.edge_meta: dict = {}   # ("in"|"out", peer stage, kind) -> (shape, dtype) on that edge
 
@@ -117,29 +121,6 @@ class RingChannel:
         entry.req.wait()
         return entry.buf
 
-    def end_step(self) -> None:
-        """Sends of the previous step have long been received; keep this step's alive until next."""
-        for req, _ in self.prev_sends:
-            req.wait()
-        self.prev_sends, self.sends = self.sends, []
-
-    def wait_sends(self, since: int = 0) -> None:
-        """Wait for this step's sends from index ``since`` on, and forget them."""
-        for req, _ in self.sends[since:]:
-            req.wait()
-        del self.sends[since:]
-
-    def settle(self) -> None:
-        """Wait for every send of this and the previous step."""
-        for req, _ in self.prev_sends + self.sends:
-            req.wait()
-        self.prev_sends, self.sends = [], []
-
     def reset_edges(self) -> None:
         """Forget the edges' shapes: after a restore both ends redo the handshake."""
         self.edge_meta, self.queued = {}, {}
-
-    @staticmethod
-    def nbytes(entry) -> int:
-        t = entry if torch.is_tensor(entry) else entry.buf
-        return 0 if t is None else t.numel() * t.element_size()
