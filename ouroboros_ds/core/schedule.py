@@ -184,6 +184,9 @@ def ouroboros_schedule(stages: int, micro_batches: int, synchronous: bool = Fals
                 acts.append(Action(SEND_F, k, j))
         if s > 0 and remote_down:  # after this step's activations: the pair's order (see above)
             acts += [Action(RECV_B, k, j) for j in range(M)]
+        elif remote_down:  # stage 0: module K's inputs, posted right after module 1's activations
+            # went out, so that they arrive while stage 0 replays
+            acts += [Action(RECV_F, K, j) for j in range(M)]
         replays = []
         for j in range(M):
             replays.append(Action(B, k, j))
@@ -191,19 +194,12 @@ def ouroboros_schedule(stages: int, micro_batches: int, synchronous: bool = Fals
                 replays.append(Action(SEND_B, k, j))
         losses = []
         if s == 0:
-            if remote_down:
-                losses += [Action(RECV_F, K, j) for j in range(M)]
             for j in range(M):
                 losses.append(Action(L, K, j))
                 if remote_down:
                     losses.append(Action(SEND_B, K, j))
             if remote_down:
                 losses += [Action(RECV_B, 1, j) for j in range(M)]
-        if s == 0 and remote_down:
-            # module K's inputs are posted right after module 1's activations went out, before
-            # the replays, so they arrive while stage 0 replays
-            recv_k, losses = losses[:M], losses[M:]
-            acts += recv_k
         acts += losses + replays if synchronous else replays + losses
         acts.append(Action(STEP))
         plan.append(acts)
