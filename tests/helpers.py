@@ -71,11 +71,11 @@ def _entry(rank, world, port, fn, args, errfile):
 def _pool_rank(rank, world, port, jobs, results):
     import datetime
 
-    import deepspeed
+    from ouroboros_ds.pipe.launch import init_distributed
 
     _set_rank_env(rank, world, port)
     _nccl_rules()
-    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=300))
+    init_distributed(timeout=datetime.timedelta(seconds=300), backend="gloo")
     while True:
         job = jobs.get()
         if job is None:

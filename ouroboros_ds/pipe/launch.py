@@ -12,7 +12,6 @@ import logging
 import os
 
 import torch.distributed as tdist
-from deepspeed import comm as dist
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
 from deepspeed.runtime.pipe.module import PipelineModule
@@ -42,6 +41,67 @@ def _without_scheduler_start_warning():
         yield
     finally:
         logger.removeFilter(keep)
+
+
+def _comm_op_lock():
+    """The lock file of torch's JIT build of DeepSpeed's shared-memory comm op (None where the
+    accelerator has no such op)."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return None
+    from torch.utils import cpp_extension
+
+    return os.path.join(cpp_extension._get_build_directory(builder.name, False), "lock")
+
+
+def clear_stale_build_lock(stale_after: float = 600.0) -> None:
+    """Remove the comm op's build lock when it is older than any build (``stale_after`` seconds).
+
+    On the CPU accelerator ``deepspeed.init_distributed`` JIT-builds that op on first use (about
+    30 s). A build that is killed part-way (Ctrl-C, a job's time limit, a killed rank) leaves
+    torch's lock file behind, and from then on every start waits on it forever, printing nothing.
+    A lock this old belongs to no running build."""
+    import time
+
+    path = _comm_op_lock()
+    if path is None:
+        return
+    try:
+        age = time.time() - os.path.getmtime(path)
+    except OSError:
+        return
+    if age > stale_after:
+        print(f"removing {path}: left {age / 60:.0f} min ago by an interrupted build of DeepSpeed's comm op",
+              flush=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def build_comm_op() -> None:
+    """Build DeepSpeed's comm op for this accelerator now, once, so no training job waits on it
+    (the install script calls this)."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+
+    clear_stale_build_lock()
+    if get_accelerator().create_op_builder("ShareMemCommBuilder") is not None:
+        build_shm_op()
+
+
+def init_distributed(timeout=None, backend: str | None = None) -> None:
+    """``deepspeed.init_distributed`` on the accelerator's backend, without its two traps on CPU:
+    a stale build lock (waits forever, see :func:`clear_stale_build_lock`) and the shared-memory
+    buffers it never unlinks (see :func:`release_shm_buffers`). ``timeout`` (a timedelta) bounds
+    every process-group wait."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    clear_stale_build_lock()
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    deepspeed.init_distributed(dist_backend=backend or get_accelerator().communication_backend_name(), **kwargs)
+    release_shm_buffers()
 
 
 def release_shm_buffers() -> None:
@@ -98,12 +158,10 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed.
     """
     import deepspeed
-    from deepspeed.accelerator import get_accelerator
 
     if not isinstance(model, PipelineModule):
         raise TypeError("ouroboros_ds.initialize needs a deepspeed PipelineModule (e.g. OuroborosPipelineModule)")
-    dist.init_distributed(dist_backend=get_accelerator().communication_backend_name())
-    release_shm_buffers()
+    init_distributed()
     if config is None and getattr(args, "deepspeed_config", None):
         config = args.deepspeed_config
     if config is None:

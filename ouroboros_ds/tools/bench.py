@@ -244,13 +244,13 @@ def _single_process_step(layers, opt, batches, M):
 def _rank_main(rank, args, outdir):
     import datetime
 
-    import deepspeed
     import torch
     import torch.distributed as tdist
     from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.pipe import schedule as ds_schedule
 
     from ..pipe import instructions as E
+    from ..pipe.launch import init_distributed
     from ..models.gpt2 import gpt2_config, gpt2_layer_specs
     from ..ring.reference import build_layers
     from ..ring.stash import SavedBytes
@@ -260,8 +260,7 @@ def _rank_main(rank, args, outdir):
     threads = args.threads or max(1, (os.cpu_count() or 1) // G)
     torch.set_num_threads(threads)
     # long timeout: the other ranks wait at a barrier while rank 0 runs the single-process baseline
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                               timeout=datetime.timedelta(seconds=3600))
+    init_distributed(timeout=datetime.timedelta(seconds=3600))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     cfg = gpt2_config(args.model, VOCAB, dropout=0.1)
     plan = gpt2_layer_specs(cfg, seed=0)

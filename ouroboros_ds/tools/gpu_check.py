@@ -42,10 +42,10 @@ def _sync():
 
 def engine_vs_reference(steps: int = 4, M: int = 4) -> list[str]:
     """Part 1: the engine at G = 1 (one rank) in each replay mode against the Reference."""
-    import deepspeed
     import torch
 
     from .. import OuroborosPipelineModule, Reference, gpt2_config, gpt2_layer_specs, initialize, lm_loss
+    from ..pipe.launch import init_distributed
     from ..ring.memory import ReplayPlan
 
     dev = _device()
@@ -54,8 +54,7 @@ def engine_vs_reference(steps: int = 4, M: int = 4) -> list[str]:
         from ..ring.utils import free_port
         os.environ["MASTER_PORT"] = str(free_port())
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    deepspeed.init_distributed(dist_backend="nccl" if dev.type == "cuda" else "gloo",
-                               timeout=datetime.timedelta(seconds=300))
+    init_distributed(timeout=datetime.timedelta(seconds=300), backend="nccl" if dev.type == "cuda" else "gloo")
     # the Reference runs on the same device: the same keyed dropout masks from the device's generator
     cfg = gpt2_config({"n_layer": 4, "n_embd": 64, "n_head": 4, "n_positions": 64}, 256, dropout=0.1)
     ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": M,

@@ -56,12 +56,12 @@ class Trainer:
 
         import datetime
 
-        import deepspeed
         import torch
         from deepspeed.accelerator import get_accelerator
 
         from ouroboros_ds.train import hf, runlog
         from ouroboros_ds import initialize
+        from ouroboros_ds.pipe.launch import init_distributed
 
         runlog.wandb_mode_default(ds)  # before initialize: DeepSpeed's monitor calls wandb.init
         if get_accelerator().device_name() == "cpu":
@@ -74,8 +74,7 @@ class Trainer:
                               MASTER_PORT=str(free_port()))
         # The timeout bounds every process-group wait (gloo receives included): a dead or hung peer
         # ends this rank with an error instead of a hang.
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                                   timeout=datetime.timedelta(seconds=c.training.comm_timeout))
+        init_distributed(timeout=datetime.timedelta(seconds=c.training.comm_timeout))
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.G = c.ring.stages(self.world)
         self.log = self.rank == 0

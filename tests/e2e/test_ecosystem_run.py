@@ -57,6 +57,8 @@ def test_hf_model_wandb_offline_export_end_to_end(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+    from ouroboros_ds.pipe.launch import _comm_op_lock
+
     torch.manual_seed(0)
     src = tmp_path / "hf_in"
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=256,
@@ -65,7 +67,7 @@ def test_hf_model_wandb_offline_export_end_to_end(tmp_path):
     # Caches stay where they are (a fresh HOME would rebuild DeepSpeed's JIT op, ~30 s); HOME: no
     # ~/.netrc login, so no API key anywhere.
     env = {k: v for k, v in train_env().items() if not k.startswith("WANDB_")}
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.dirname(os.path.dirname(_comm_op_lock())))
     env.setdefault("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
     env.update(WANDB_DIR=str(tmp_path), HOME=str(tmp_path), WANDB_SILENT="true")
     steps = 10
