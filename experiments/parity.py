@@ -97,8 +97,10 @@ def variant_options(name: str) -> dict:
     if name in VARIANTS:
         return dict(VARIANTS[name])
     if name == "default":
-        from ouroboros_ds.train.config import DEFAULT_MITIGATION
-        return dict(DEFAULT_MITIGATION)
+        import dataclasses
+
+        from ouroboros_ds.ring.config import RingConfig
+        return dataclasses.asdict(RingConfig())
     try:
         return json.loads(name)
     except json.JSONDecodeError:
@@ -150,6 +152,7 @@ def train_one(job: dict) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     from ouroboros_ds.train import data as D
     from ouroboros_ds.models.gpt2 import gpt2_config, gpt2_layer_specs, lm_loss
+    from ouroboros_ds.ring.config import FIELDS, RingConfig
     from ouroboros_ds.ring.reference import Reference
 
     a = job
@@ -167,7 +170,9 @@ def train_one(job: dict) -> dict:
     cfg["scheduler"]["params"]["total_num_steps"] = a["steps"]
     mb = a["batch"] // a["M"]
     cfg.update(train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=a["M"])
-    ref = Reference(plan, a["G"], cfg, lm_loss, seed=a["seed"], blocks_per_module=bpm, **opts).to(dev)
+    # a variant's ring options are changes to the paper's update; the rest are the Reference's own
+    ring = RingConfig.paper(**{k: opts.pop(k) for k in list(opts) if k in FIELDS})
+    ref = Reference(plan, a["G"], cfg, lm_loss, seed=a["seed"], ring=ring, blocks_per_module=bpm, **opts).to(dev)
     stream = D.BatchStream(tok.train, a["seq_len"], mb, a["M"], seed=a["seed"])
     val = D.eval_batches(tok.val, a["seq_len"], 32, max_batches=a["eval_sequences"] // 32)
 

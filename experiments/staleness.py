@@ -7,7 +7,7 @@ Runs train.py (torchrun, G CPU ranks on gloo) with the same model, data, seed, g
   ouro-m1     Ouroboros, one micro-batch of B (the paper's algorithm, same global batch)
   ouro-m4     Ouroboros, M micro-batches of --micro-batch (our pipelined ring)
   ouro-m4-lr  ouro-m4 with the staleness mitigation --stale-lr-scale C (ouroboros_ds/ring/staleness.py)
-  ouro-m4-pred  ouro-m4 with the mitigation --weight-prediction H (stash replay; ouroboros_ds/ring/stash.py LastUpdate)
+  ouro-m4-pred  ouro-m4 with the mitigation --weight-prediction H (stash replay; ouroboros_ds/ring/prediction.py LastUpdate)
   ouro-m4-fresh       ouro-m4 with --partition fresh (stage 0's blocks in module K, none in the stalest module 1)
   ouro-m4-fresh-pred  both (ouro-m1-fresh-pred: both, on the paper's one micro-batch)
 

@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     # engines and start-up
     "initialize": "pipe.launch",
+    "RingConfig": "ring.config",  # the ring's options, defaults and checks
     "OuroborosEngine": "pipe.engine",
     "OuroborosPipelineModule": "pipe.module",
     "KeyedPipelineEngine": "pipe.baseline",

@@ -234,30 +234,47 @@ def model_plan(dropout: float = 0.1, **fields):
     return gpt2_layer_specs(cfg, seed=INIT_SEED)
 
 
-def ring_engine(G: int, config: dict, plan=None, loss_fn=None, model_parameters=None, seed: int = SEED, **kwargs):
+def paper(**changes):
+    """The paper's update with ``changes`` (a :class:`RingConfig`): the tests' starting point, so
+    that each test names every mitigation it runs (the library's default runs them all)."""
+    from ouroboros_ds.ring.config import RingConfig
+
+    return RingConfig.paper(**changes)
+
+
+def ring_engine(G: int, config: dict, plan=None, loss_fn=None, model_parameters=None, seed: int = SEED,
+                replay_plan=None, ring=None, **options):
     """``(engine, module)``: this rank's stage of the ring on ``plan`` (default :func:`model_plan`),
-    built with ``ouroboros_ds.initialize`` (``kwargs``: replay, weight_prediction, ...)."""
+    built with ``ouroboros_ds.initialize``. The ring's options: ``ring``, or :func:`paper` with
+    ``options`` (replay, weight_prediction, ...), or none where ``config`` has an "ouroboros" object."""
     from ouroboros_ds import OuroborosPipelineModule, initialize, lm_loss
 
+    if ring is None and "ouroboros" not in config:
+        ring = paper(**options)
+    elif options:
+        raise TypeError("ring_engine: give ring= or options, and no options beside a config's ouroboros object")
     plan = plan or model_plan()
     mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=loss_fn or lm_loss,
                                   block_indices=plan.block_indices)
     params = model_parameters(mod) if callable(model_parameters) else list(mod.parameters())
-    engine, *_ = initialize(model=mod, model_parameters=params, config=config, seed=seed, **kwargs)
+    engine, *_ = initialize(model=mod, model_parameters=params, config=config, seed=seed, ring=ring,
+                            replay_plan=replay_plan)
     return engine, mod
 
 
 def initialize_reads(G: int, option: str, value, other, read, read_baseline, bad=None) -> dict:
-    """What ``ouroboros_ds.initialize`` makes of the ring option ``option`` on G ranks:
-    ``read(engine)`` of the ring engine when the config's ``"ouroboros"`` object sets ``value`` and
-    the argument is None ("object") or ``other`` ("argument"), with the paper's switch in the object
-    ("paper"), and without an object ("none"); ``read_baseline(engine)`` of DeepSpeed's stock
-    engine with ``value`` in the object ("baseline, object"); the error message of the stock engine
-    given the option as an argument ("baseline, argument") and of the ring given ``bad`` ("bad")."""
+    """Where ``ouroboros_ds.initialize`` takes the ring option ``option`` from on G ranks:
+    ``read(engine)`` of the ring engine when the config's "ouroboros" object sets ``value``
+    ("object"), when ``ring=RingConfig(option=other)`` does ("argument"), with ``{"paper": true}``
+    ("paper") and without either ("none"); the error of both at once ("both") and of the object
+    with ``paper`` and ``value`` ("paper and option"); ``read_baseline(engine)`` of DeepSpeed's stock
+    engine given the object ("baseline, object") and its error given ``ring=`` ("baseline,
+    argument"); and the error of ``RingConfig(option=bad)`` ("bad")."""
     from deepspeed.pipe import PipelineModule
 
     from ouroboros_ds import initialize
     from ouroboros_ds.models.gpt2 import lm_loss
+    from ouroboros_ds.ring.config import RingConfig
 
     def error(build):
         try:
@@ -267,18 +284,30 @@ def initialize_reads(G: int, option: str, value, other, read, read_baseline, bad
         return None
 
     cfg, out = ds_config(1, 4), {}
-    for name, section, arg in (("object", {option: value}, None), ("argument", {option: value}, other),
-                               ("paper", {"paper": True, option: value}, None), ("none", None, None)):
-        engine, _ = ring_engine(G, cfg if section is None else {**cfg, "ouroboros": section}, **{option: arg})
-        out[name] = read(engine)
+    out["object"] = read(ring_engine(G, {**cfg, "ouroboros": {option: value}})[0])
+    out["argument"] = read(ring_engine(G, cfg, ring=RingConfig(**{option: other}))[0])
+    out["paper"] = read(ring_engine(G, {**cfg, "ouroboros": {"paper": True}})[0])
+    out["none"] = read(_default_ring_engine(G, cfg))
+    out["both"] = error(lambda: ring_engine(G, {**cfg, "ouroboros": {option: value}}, ring=RingConfig()))
+    out["paper and option"] = error(lambda: ring_engine(G, {**cfg, "ouroboros": {"paper": True, option: value}}))
     if bad is not None:
-        out["bad"] = error(lambda: ring_engine(G, cfg, **{option: bad}))
+        out["bad"] = error(lambda: RingConfig(**{option: bad}))
     plan = model_plan()
     base = PipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block")
     engine, *_ = initialize(model=base, config={**cfg, "ouroboros": {option: value}}, seed=SEED)
     out["baseline, object"] = read_baseline(engine)
-    out["baseline, argument"] = error(lambda: initialize(model=base, config=cfg, seed=SEED, **{option: value}))
+    out["baseline, argument"] = error(lambda: initialize(model=base, config=cfg, seed=SEED,
+                                                         ring=RingConfig(**{option: value})))
     return out
+
+
+def _default_ring_engine(G: int, config: dict):
+    """The engine ``ouroboros_ds.initialize`` builds with neither ``ring=`` nor an "ouroboros" object."""
+    from ouroboros_ds import OuroborosPipelineModule, initialize, lm_loss
+
+    plan = model_plan()
+    mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
+    return initialize(model=mod, model_parameters=list(mod.parameters()), config=config, seed=SEED)[0]
 
 
 def feed(engine, step_batches: list):
@@ -304,18 +333,25 @@ def stage_parameters(mod) -> dict:
     return state
 
 
-def reference_run(G: int, M: int, steps: int, plan=None, before_step=None, **options) -> tuple:
+def reference_run(G: int, M: int, steps: int, plan=None, before_step=None, ring=None, **options) -> tuple:
     """``(parameters by name, losses)`` of the single-process Reference over ``batches(steps, M)``,
     on ``plan`` (default :func:`model_plan`) with ``ds_config(M, steps)``; ``before_step(t, ref)``,
-    if given, runs before step t (an evaluation mid-run); ``options``: the Reference's own (replay,
-    weight_prediction, lookahead, sync_steps, ...)."""
+    if given, runs before step t (an evaluation mid-run). The ring's options: ``ring``, or
+    :func:`paper` with the ``options`` that are RingConfig fields; the other ``options`` are the
+    Reference's own (synchronous, global_clip, blocks_per_module, ...)."""
     from ouroboros_ds.models.gpt2 import lm_loss
+    from ouroboros_ds.ring.config import FIELDS
     from ouroboros_ds.ring.reference import Reference
 
+    ring_options = {k: options.pop(k) for k in list(options) if k in FIELDS}
+    if ring is None:
+        ring = paper(**ring_options)
+    elif ring_options:
+        raise TypeError("reference_run: give ring= or ring options, not both")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run: float sums in the same order, for bitwise checks
     try:
-        ref = Reference(plan or model_plan(), G, ds_config(M, steps), lm_loss, seed=SEED, **options)
+        ref = Reference(plan or model_plan(), G, ds_config(M, steps), lm_loss, seed=SEED, ring=ring, **options)
         losses = []
         for t, b in enumerate(batches(steps, M)):
             if before_step is not None:

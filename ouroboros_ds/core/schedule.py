@@ -129,13 +129,6 @@ def stash_depth(k: int, stages: int, synchronous: bool = False) -> int:
     return delay(k, stages, synchronous) + (1 if k < num_modules(stages) else 0)
 
 
-def check_sync_steps(sync_steps) -> int:
-    if isinstance(sync_steps, bool) or not isinstance(sync_steps, int) or sync_steps < 0:
-        raise ValueError(f"sync_steps: must be an integer >= 0 (0: none; N: the first N steps are synchronous, "
-                         f"every delay 0), got {sync_steps!r}")
-    return sync_steps
-
-
 def replays_batch(b: int, synchronous: bool, sync_steps: int) -> bool:
     """Whether a module backprops batch b in a step whose replay (``b = t - delay``) falls on it.
 

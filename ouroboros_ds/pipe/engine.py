@@ -36,10 +36,11 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.utils import logger
 
 from ..core import schedule as S
-from ..core.schedule import check_sync_steps, replays_batch
+from ..core.schedule import replays_batch
 from ..models.context import dropout_key, recurrent_memory
-from ..ring import optim as O
+from ..ring import prediction as WP
 from ..ring import stash as W
+from ..ring.config import RingConfig
 from . import p2p as P
 from .checkpoint import RingCheckpointing
 from .evaluation import RingEvaluation
@@ -57,23 +58,21 @@ class OuroborosEngine(RingEvaluation, StageOptimizer, RingCheckpointing, Pipelin
     the mean loss of batch t on stage 0 (``None`` on other stages: the loss is not broadcast).
     """
 
-    def __init__(self, *args, seed: int = 0, replay: str = "recompute", weight_prediction: float = 0.0,
-                 replay_plan=None, lookahead: float | str = 0.0, sync_steps: int = 0, stage_clip: str = "whole",
-                 **kwargs):
-        self.replay = W.check_replay(replay)
-        # before DeepSpeed builds the optimizer wrappers: they read the threshold at construction
-        self.stage_clip = O.check_stage_clip(stage_clip)
+    def __init__(self, *args, ring: RingConfig | None = None, seed: int = 0, replay_plan=None, **kwargs):
+        # ring: the options, checked where they are defined (ring/config.py); None: the defaults
+        self.ring = RingConfig() if ring is None else ring
         self._stages = kwargs["model"].num_stages
-        # before DeepSpeed builds the optimizer: its warm-up hook counts from the end of these steps
-        self.sync_steps = check_sync_steps(sync_steps)
+        # read before DeepSpeed builds the optimizer: its wrappers take the clip threshold, and its
+        # warm-up hook counts from the end of the synchronous steps
+        self.replay, self.stage_clip, self.sync_steps = self.ring.replay, self.ring.stage_clip, self.ring.sync_steps
+        self.weight_prediction = float(self.ring.weight_prediction)
+        self.lookahead = self.ring.lookahead_updates(self._stages)
         self.step_synchronous = False  # whether the step being run is one of the sync_steps
         if replay_plan is not None and self.replay != "stash":
             raise ValueError("replay_plan / --activation-budget: needs replay='stash' (the plan chooses which stashed "
                              "forwards keep their graph); set replay / --replay to stash")
         # memory.ReplayPlan: which micro-batches keep their graph in stash mode (None: all of them)
         self.replay_plan = replay_plan
-        self.weight_prediction = W.check_prediction(weight_prediction)
-        self.lookahead = W.check_lookahead(lookahead, self._stages)
         config = kwargs.get("config_class")
         if config is not None and config.float16_config.enabled:
             # fp16's dynamic loss scale skips a step on overflow; on the ring every stage would have to
@@ -112,11 +111,11 @@ class OuroborosEngine(RingEvaluation, StageOptimizer, RingCheckpointing, Pipelin
         self.graphs: dict = {}        # (k, batch, mb) -> (input leaf, output) with its graph
         self.saved_bytes = None       # a stash.SavedBytes to count the kept graphs' activations
         # weight_prediction only: the delayed modules' weights before the last step (state).
-        self.last_update = W.LastUpdate(W.delayed_parameters(
+        self.last_update = WP.LastUpdate(WP.delayed_parameters(
             self.module.module_funcs[k] for k in self.local_modules if k < self.K)) if self.weight_prediction else None
         # lookahead only, on the stage that holds module K: its own weights before the last step
-        # (state), and during a step the weights the look-ahead moved away from (stash.look_ahead).
-        self.k_update = W.LastUpdate(W.own_parameters(self.module.module_funcs[self.K])) \
+        # (state), and during a step the weights the look-ahead moved away from (prediction.look_ahead).
+        self.k_update = WP.LastUpdate(WP.own_parameters(self.module.module_funcs[self.K])) \
             if self.lookahead and self.K in self.local_modules else None
         self._k_saved = None
         # Replica r's micro-batch j is micro-batch j*D + r of the global batch (data.BatchStream):
@@ -345,7 +344,7 @@ class OuroborosEngine(RingEvaluation, StageOptimizer, RingCheckpointing, Pipelin
             # step, evaluation and checkpoints (between steps) see the real ones. The tied embedding is
             # module 1's and stays put; module 1's replays ran before the losses. A synchronous step
             # applies its error gradients at once: nothing to look ahead for.
-            self._k_saved = W.look_ahead(self.k_update, self.lookahead)
+            self._k_saved = WP.look_ahead(self.k_update, self.lookahead)
         with dropout_key(self.seed, t, self._global_mb(mb)), recurrent_memory(self.mems.get((k, mb))) as new_mem:
             loss = self.module.loss_fn(self.module.forward_module(k, x), self.labels.pop(mb))
         self._keep_memory(k, mb, new_mem)
@@ -384,7 +383,7 @@ class OuroborosEngine(RingEvaluation, StageOptimizer, RingCheckpointing, Pipelin
             for p in self.module.parameters():
                 p.grad = None  # torch's Adam/AdamW leave a parameter without a gradient untouched
         if self._k_saved is not None:  # lookahead: the gradient of the look-ahead point steps the real weights
-            W.look_back(self.k_update, self._k_saved)
+            WP.look_back(self.k_update, self._k_saved)
             self._k_saved = None
         for update in (self.last_update, self.k_update):
             if update is not None:

@@ -16,6 +16,7 @@ from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
 from deepspeed.runtime.pipe.module import PipelineModule
 
+from ..ring.config import RingConfig
 from .baseline import KeyedDualPipeVEngine, KeyedPipelineEngine, check_dualpipev
 from .engine import OuroborosEngine
 from .module import OuroborosPipelineModule
@@ -140,20 +141,16 @@ def _ring_section(config):
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
-               lr_scheduler=None, config=None, seed: int = 0, replay: str = "recompute",
-               weight_prediction: float | None = None, replay_plan=None, lookahead: float | str | None = None,
-               sync_steps: int | None = None, stage_clip: str | None = None):
+               lr_scheduler=None, config=None, seed: int = 0, ring: RingConfig | None = None, replay_plan=None):
     """``deepspeed.initialize`` for pipelines: an :class:`OuroborosPipelineModule` gets the
-    :class:`OuroborosEngine` (``replay``: "recompute" or "stash"; ``weight_prediction``: see
-    :class:`ouroboros_ds.ring.stash.LastUpdate`; None: the config's ``"ouroboros"`` object decides, as
-    ``ds_configs/ouroboros.json`` sets 1 and ``ds_configs/paper.json`` the paper's update; without
-    one, 0; ``replay_plan``: a :class:`ouroboros_ds.ring.memory.ReplayPlan`, needs "stash"; ``lookahead``:
-    module K's look-ahead, see :func:`ouroboros_ds.ring.stash.look_ahead`, None read from the config like
-    ``weight_prediction``; ``sync_steps``: how many first steps run synchronously, every delay 0,
-    None read from the config like ``lookahead``; ``stage_clip``: the norm each stage clips at,
-    "split" or "whole", see :func:`ouroboros_ds.ring.optim.stage_clip_threshold`, None read from the
-    config like ``lookahead``, "whole" without one), a ``DualPipeVModule`` DeepSpeed's ``DualPipeVEngine`` with keyed
+    :class:`OuroborosEngine`, a ``DualPipeVModule`` DeepSpeed's ``DualPipeVEngine`` with keyed
     dropout, any other ``PipelineModule`` DeepSpeed's stock engine.
+
+    The ring's options: ``ring`` (a :class:`~ouroboros_ds.ring.config.RingConfig`), or else the
+    config's ``"ouroboros"`` object (``RingConfig.from_section``), or else ``RingConfig()``'s
+    defaults, the same as ``train.py``'s. ``replay_plan``: a
+    :class:`ouroboros_ds.ring.memory.ReplayPlan` (which stashed forwards keep their graph), needs
+    replay "stash". ``seed`` keys the dropout masks.
 
     Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed.
     """
@@ -161,48 +158,31 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
 
     if not isinstance(model, PipelineModule):
         raise TypeError("ouroboros_ds.initialize needs a deepspeed PipelineModule (e.g. OuroborosPipelineModule)")
+    is_ring = isinstance(model, OuroborosPipelineModule)
+    if not is_ring and (ring is not None or replay_plan is not None):
+        raise ValueError("ring / replay_plan: only an OuroborosPipelineModule runs the ring with its delays; 1f1b "
+                         "and dualpipev are synchronous throughout; drop them")
     init_distributed()
     if config is None and getattr(args, "deepspeed_config", None):
         config = args.deepspeed_config
     if config is None:
         raise ValueError("no DeepSpeed config: pass config= or --deepspeed_config")
     config, section = _ring_section(config)
-    # the config's "ouroboros" object sets the ring's options (a None argument), not 1F1B's or
-    # DualPipeV's, and none with "paper"; without one: the paper's update
-    ring = isinstance(model, OuroborosPipelineModule) and not section.get("paper")
-    if weight_prediction is None:
-        weight_prediction = float(section.get("weight_prediction", 0.0)) if ring else 0.0
-    if lookahead is None:
-        lookahead = section.get("lookahead", 0.0) if ring else 0.0  # a number or "auto": the engine checks it
-    if sync_steps is None:
-        sync_steps = section.get("sync_steps", 0) if ring else 0
-    if stage_clip is None:  # 1F1B and DualPipeV clip the whole model, as DeepSpeed does
-        stage_clip = section.get("stage_clip", "whole") if ring else "whole"
+    if is_ring:
+        if ring is not None and section:
+            raise ValueError("ring= and the config's \"ouroboros\" object both set the ring's options; give one "
+                             "(RingConfig.from_section(section, **changes) merges them)")
+        ring = ring if ring is not None else RingConfig.from_section(section)
     config_class = DeepSpeedConfig(config, model.mpu())  # a dict or a JSON path, as DeepSpeed takes
     deepspeed.set_optimizer_flags(config_class, model)
     kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                   training_data=training_data, lr_scheduler=lr_scheduler, mpu=model.mpu(),
                   config=config, config_class=config_class)
-    if not isinstance(model, OuroborosPipelineModule) and (weight_prediction or replay_plan is not None):
-        raise ValueError("weight_prediction / replay_plan: only the Ouroboros ring has delayed modules; drop them "
-                         "for 1f1b and dualpipev")
-    if not isinstance(model, OuroborosPipelineModule) and lookahead:
-        raise ValueError("lookahead: only the Ouroboros ring has a fresh module whose error gradients are applied "
-                         "later upstream; drop it for 1f1b and dualpipev")
-    if not isinstance(model, OuroborosPipelineModule) and sync_steps:
-        raise ValueError("sync_steps: only the Ouroboros ring has delays to start without; 1f1b and dualpipev are "
-                         "synchronous throughout; drop it for them")
-    if not isinstance(model, OuroborosPipelineModule) and stage_clip != "whole":
-        raise ValueError("stage_clip: only the Ouroboros ring clips each stage on its own; 1f1b and dualpipev clip "
-                         "the whole model's norm, as DeepSpeed does; drop it for them")
     if isinstance(model, DualPipeVModule):
         check_dualpipev(config_class.gradient_accumulation_steps, model.num_stages // 2)
     with _without_scheduler_start_warning():
-        if isinstance(model, OuroborosPipelineModule):
-            engine = OuroborosEngine(seed=seed, replay=replay, weight_prediction=weight_prediction,
-                                     replay_plan=replay_plan, lookahead=lookahead, sync_steps=sync_steps,
-                                     stage_clip=stage_clip,
-                                     **kwargs)
+        if is_ring:
+            engine = OuroborosEngine(seed=seed, ring=ring, replay_plan=replay_plan, **kwargs)
         elif isinstance(model, DualPipeVModule):
             engine = KeyedDualPipeVEngine(seed=seed, **kwargs)
         else:

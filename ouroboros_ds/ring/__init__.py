@@ -1,5 +1,7 @@
-"""The ring's update rules, shared by the DeepSpeed engine and the single-process Reference: the
+"""The ring's options and its update rules, shared by the DeepSpeed engine and the single-process
+Reference: the options with their defaults and every check (``config``: ``RingConfig``), the
 warm-up rule (``warmup``), the per-stage clip and optimizer groups (``optim``), delay-scaled
-learning rates (``staleness``), stash replay, weight prediction and the look-ahead (``stash``), the
-memory-bounded replay plan (``memory``) and the Reference itself (``reference``). Imports torch,
-``core`` and ``models``; never DeepSpeed."""
+learning rates (``staleness``), stash replay (``stash``), weight prediction and the look-ahead
+(``prediction``), the memory-bounded replay plan (``memory``) with its activation counter
+(``saved_bytes``), and the Reference itself (``reference``). Imports torch, ``core`` and
+``models``; never DeepSpeed."""

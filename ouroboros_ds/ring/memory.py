@@ -145,10 +145,10 @@ class LayerCost:
 
 def measure_layers(layers, sample) -> list[LayerCost]:
     """Run ``sample`` (one micro-batch of token ids) through ``layers`` once, with a graph, and
-    count per layer what :class:`ouroboros_ds.ring.stash.SavedBytes` sees (parameters excluded)."""
+    count per layer what :class:`ouroboros_ds.ring.saved_bytes.SavedBytes` sees (parameters excluded)."""
     import torch
 
-    from .stash import SavedBytes
+    from .saved_bytes import SavedBytes
     from .utils import layer_modules
 
     out, h, seen = [], sample, set()

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from .config import STAGE_CLIPS
 from .warmup import FIRST_STEP, has_gradient, ring_param_groups
 
 
@@ -52,16 +53,6 @@ def warmup_hook(current_step, sync_steps: int = 0):
     return hook
 
 
-STAGE_CLIPS = ("split", "whole")
-
-
-def check_stage_clip(mode: str) -> str:
-    if mode not in STAGE_CLIPS:
-        raise ValueError(f"stage_clip: must be 'split' (each stage at gradient_clipping / sqrt(G)) or 'whole' (each "
-                         f"stage at gradient_clipping, the paper's rule), got {mode!r}")
-    return mode
-
-
 def stage_clip_threshold(gradient_clipping: float, stages: int, mode: str) -> float:
     """The norm each of the G stages clips its own gradient at.
 
@@ -71,7 +62,8 @@ def stage_clip_threshold(gradient_clipping: float, stages: int, mode: str) -> fl
     small is never scaled down with the others. 'split' clips each at c / sqrt(G): the model's norm
     never exceeds c, as with DeepSpeed's clip, and while every stage is clipped the update is the
     global clip's up to how the norm is shared between stages (docs/parity.md measures both)."""
-    check_stage_clip(mode)
+    if mode not in STAGE_CLIPS:  # a RingConfig has checked it; a direct caller may not have
+        raise ValueError(f"stage_clip: expected one of {STAGE_CLIPS}, got {mode!r}")
     return gradient_clipping / math.sqrt(stages) if mode == "split" else gradient_clipping
 
 

@@ -11,10 +11,10 @@ backprops the current batch, which is ordinary training. With ``replay="stash"``
 its graph through a snapshot of the module's weights and the delayed backward uses it (the
 gradient at the forward's weights, :mod:`ouroboros_ds.ring.stash`), as the engine's stash mode does;
 ``weight_prediction`` takes that snapshot ahead along the last update, as the engine does
-(:class:`ouroboros_ds.ring.stash.LastUpdate`); with ``replay="recompute"`` the forward runs through the
+(:class:`ouroboros_ds.ring.prediction.LastUpdate`); with ``replay="recompute"`` the forward runs through the
 predicted snapshot without a graph and the replay recomputes through it (the same update as stash
 mode). ``lookahead`` = L runs module K's losses and backwards L last updates ahead
-(:func:`ouroboros_ds.ring.stash.look_ahead`), as the engine does. ``global_clip`` clips one norm over
+(:func:`ouroboros_ds.ring.prediction.look_ahead`), as the engine does. ``global_clip`` clips one norm over
 the whole model, as DeepSpeed's 1F1B engine does (the baseline, with ``synchronous=True``);
 otherwise each stage clips its own norm, at the config's ``gradient_clipping``
 (``stage_clip="whole"``, the paper's rule) or at that over sqrt(G) (``"split"``:
@@ -30,14 +30,16 @@ import functools
 import torch
 
 from ..core import schedule as S
+from . import prediction as WP
 from . import stash as W
 from ..models.context import dropout_key, recurrent_memory
 from ..models.gpt2 import LayerPlan
 from ..core.partition import ring_partition
+from .config import RingConfig
 from .optim import stage_clip_threshold
 from .staleness import scaled_by_delay, stale_momentum
 from .utils import layer_modules, unique_parameters
-from ..core.schedule import check_sync_steps, replays_batch
+from ..core.schedule import replays_batch
 from .warmup import FIRST_STEP, stage_param_groups
 
 
@@ -86,13 +88,15 @@ class Reference:
     """Ouroboros on one process. ``step(micro_batches)`` runs one step t and returns the mean loss."""
 
     def __init__(self, plan: LayerPlan, stages: int, ds_config: dict, loss_fn, seed: int = 0,
-                 blocks_per_module=None, synchronous: bool = False, replay: str = "recompute",
-                 stale_lr_scale: float = 0.0, weight_prediction: float = 0.0, global_clip: bool = False,
-                 stale_beta1: float = 0.0, lookahead: float | str = 0.0, sync_steps: int = 0,
-                 stage_clip: str = "whole", lookahead_synchronous: bool = False):
-        self.replay = W.check_replay(replay)
-        self.weight_prediction = W.check_prediction(weight_prediction)
-        self.sync_steps = check_sync_steps(sync_steps)
+                 ring: RingConfig | None = None, blocks_per_module=None, synchronous: bool = False,
+                 global_clip: bool = False, stale_beta1: float = 0.0, lookahead_synchronous: bool = False):
+        # ring: the ring's options, as the engine takes them (None: RingConfig's defaults); the
+        # rest are the Reference's own: synchronous + global_clip is stock 1F1B's update
+        ring = RingConfig() if ring is None else ring
+        self.ring = ring
+        self.replay, self.sync_steps = ring.replay, ring.sync_steps
+        self.weight_prediction = float(ring.weight_prediction)
+        stage_clip, stale_lr_scale = ring.stage_clip, ring.stale_lr_scale
         self.G, self.K = stages, S.num_modules(stages)
         self.seed, self.loss_fn, self.always_synchronous = seed, loss_fn, synchronous
         self.layers = build_layers(plan)
@@ -123,14 +127,14 @@ class Reference:
             self.stage_params.append(params)
             self.optimizers.append(opt)
             self.schedulers.append(make_scheduler(opt, ds_config))
-        self.last_update = W.LastUpdate(W.delayed_parameters(
+        self.last_update = WP.LastUpdate(WP.delayed_parameters(
             self.module_layers[k] for k in range(1, self.K))) if self.weight_prediction else None
-        # lookahead: module K's own weights before the last step, for its look-ahead (stash.look_ahead)
-        self.lookahead = W.check_lookahead(lookahead, stages)
+        # lookahead: module K's own weights before the last step, for its look-ahead (prediction.look_ahead)
+        self.lookahead = ring.lookahead_updates(stages)
         # lookahead_synchronous (screening only; the engine never does it): look ahead in
         # synchronous steps too, to measure what the look-ahead does without any delay
         self.lookahead_synchronous = lookahead_synchronous
-        self.k_update = W.LastUpdate(W.own_parameters(self.module_layers[self.K])) \
+        self.k_update = WP.LastUpdate(WP.own_parameters(self.module_layers[self.K])) \
             if self.lookahead and (not synchronous or lookahead_synchronous) else None
         self.t = 0
         self.stash: dict = {}    # (module, batch, mb) -> input
@@ -219,7 +223,7 @@ class Reference:
         losses = []
         # no look-ahead in a synchronous step: module K's error gradients are applied in this step
         look = self.k_update is not None and (not self.synchronous or self.lookahead_synchronous)
-        saved = W.look_ahead(self.k_update, self.lookahead) if look else None
+        saved = WP.look_ahead(self.k_update, self.lookahead) if look else None
         for j, (_, labels) in enumerate(micro_batches):
             x = acts[j].detach().requires_grad_()
             with dropout_key(self.seed, t, j), recurrent_memory(self.mems.get((K, j))) as new_mem:
@@ -230,7 +234,7 @@ class Reference:
             losses.append(loss.detach())
             self.pending[(K - 1, t, j)] = x.grad
         if saved is not None:
-            W.look_back(self.k_update, saved)
+            WP.look_back(self.k_update, saved)
         if self.synchronous:
             self._replays(range(K - 1, 0, -1))
         # 4. per stage: clip, step (modules without a gradient yet keep their weights), LR schedule

@@ -20,7 +20,7 @@ How it measures (so that the ratios come from one run):
   :mod:`ouroboros_ds.core.simulate`, DeepSpeed's 1F1B and DualPipeV through their own instruction lists
   (:mod:`ouroboros_ds.tools.rivals`).
 - Memory per stage, measured: after the timed rounds, G + 2 more steps of each engine with one
-  counter (:class:`ouroboros_ds.ring.stash.SavedBytes`) of the activations autograd saves, the stashed
+  counter (:class:`ouroboros_ds.ring.saved_bytes.SavedBytes`) of the activations autograd saves, the stashed
   inputs and the weight snapshots (each storage once, parameters excluded): its peak is the "peak
   activation memory" column (CUDA: ``torch.cuda.max_memory_allocated``). The process's peak RSS
   during those steps (VmHWM, restarted per engine; it includes every engine's weights).
@@ -153,8 +153,11 @@ def _build(args, name, plan, cfg, G, data):
     from ..models.gpt2 import lm_loss
     from ..core.partition import balanced_blocks_per_module, layer_costs
     from ..pipe.module import OuroborosPipelineModule
+    from ..ring.config import RingConfig
 
-    replay_plan = None
+    # the ring rows run the paper's update (with weight prediction for "-pred"): the steady state's
+    # cost without the synchronous warm-up steps
+    replay_plan, ring, pred = None, name.startswith("ouro"), False
     if name == "dualpipev":
         model = BaselineDualPipeVModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block")
         replay = "recompute"
@@ -183,8 +186,8 @@ def _build(args, name, plan, cfg, G, data):
         model = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss,
                                         block_indices=plan.block_indices, blocks_per_module=bpm)
     engine, *_ = initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                            config=_ds_config(args), seed=0, replay=replay, replay_plan=replay_plan,
-                            weight_prediction=1.0 if name.endswith("-pred") else 0.0)
+                            config=_ds_config(args), seed=0, replay_plan=replay_plan,
+                            ring=RingConfig.paper(replay=replay, weight_prediction=float(pred)) if ring else None)
     if replay_plan is not None:
         engine.plan_note = chosen.describe()
     return engine
@@ -253,7 +256,7 @@ def _rank_main(rank, args, outdir):
     from ..pipe.launch import init_distributed
     from ..models.gpt2 import gpt2_config, gpt2_layer_specs
     from ..ring.reference import build_layers
-    from ..ring.stash import SavedBytes
+    from ..ring.saved_bytes import SavedBytes
 
     G = args.stages
     cuda = get_accelerator().device_name() == "cuda"

@@ -46,6 +46,7 @@ def engine_vs_reference(steps: int = 4, M: int = 4) -> list[str]:
 
     from .. import OuroborosPipelineModule, Reference, gpt2_config, gpt2_layer_specs, initialize, lm_loss
     from ..pipe.launch import init_distributed
+    from ..ring.config import RingConfig
     from ..ring.memory import ReplayPlan
 
     dev = _device()
@@ -68,13 +69,13 @@ def engine_vs_reference(steps: int = 4, M: int = 4) -> list[str]:
     for replay, plan, pred, look in (("recompute", None, 1.0, 3.0), ("recompute", None, 0.0, 0.0),
                                      ("stash", None, 0.0, 0.0), ("stash", ReplayPlan({1: 1}), 0.0, 0.0)):
         spec = gpt2_layer_specs(cfg, seed=7)
+        ring = RingConfig.paper(replay=replay, weight_prediction=pred, lookahead=look)
         mod = OuroborosPipelineModule(spec.specs, num_stages=1, loss_fn=lm_loss, block_indices=spec.block_indices)
         engine, *_ = initialize(model=mod, model_parameters=list(mod.parameters()), config=ds, seed=3,
-                                replay=replay, replay_plan=plan, weight_prediction=pred, lookahead=look)
+                                ring=ring, replay_plan=plan)
         it = iter([mb for step in data for mb in step])
         losses = [float(engine.train_batch(it)) for _ in range(steps)]
-        ref = Reference(gpt2_layer_specs(cfg, seed=7), 1, ds, lm_loss, seed=3, replay=replay,
-                        weight_prediction=pred, lookahead=look).to(dev)
+        ref = Reference(gpt2_layer_specs(cfg, seed=7), 1, ds, lm_loss, seed=3, ring=ring).to(dev)
         ref_losses = [ref.step([(x.to(dev), y.to(dev)) for x, y in b]) for b in data]
         got = {n: p.detach().float().cpu() for n, p in _named(mod)}
         want = {n: p.detach().float().cpu() for n, p in ref.named_parameters()}

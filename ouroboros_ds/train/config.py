@@ -24,6 +24,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..ring.config import FIELDS, RingConfig
+
 # The repository root: the default --deepspeed_config (ds_configs/...) lives there.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,10 +51,6 @@ class ModelConfig:
     """after training, write the model where AutoModelForCausalLM.from_pretrained loads it"""
 
 
-# The default staleness mitigation (the best measured combination: docs/parity.md) and the paper's
-# update, as RingConfig options (a DeepSpeed JSON's "ouroboros" object may set them too).
-DEFAULT_MITIGATION = {"weight_prediction": 1.0, "lookahead": "auto", "partition": "fresh", "sync_steps": 100,
-                      "stage_clip": "split"}
 def lookahead_value(text: str):
     """--lookahead's argument: "auto" or a number."""
     if text == "auto":
@@ -63,127 +61,30 @@ def lookahead_value(text: str):
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
 
 
-PAPER = {"weight_prediction": 0.0, "lookahead": 0.0, "partition": "balanced", "sync_steps": 0, "stage_clip": "whole"}
-MITIGATIONS = tuple(DEFAULT_MITIGATION)  # the options a "ouroboros" object may set besides paper
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
-class RingConfig:
+class PipelineConfig:
     schedule: Literal["ouroboros", "1f1b", "dualpipev"] = "ouroboros"
     """'ouroboros' (the delayed-gradient ring), '1f1b' (DeepSpeed's stock synchronous pipeline,
     the baseline) or 'dualpipev' (DeepSpeed's DualPipeV, synchronous; needs M >= 2G)"""
-    replay: Literal["recompute", "stash"] = "recompute"
-    """ouroboros: 'recompute' (features replay: recompute the forward from the stashed input) or
-    'stash' (keep the forward's graph and weights: no recompute, more activation memory)"""
-    partition: Literal["balanced", "fresh", "authors", "budget"] | None = None
-    """ouroboros: 'fresh' (default: blocks by modelled per-stage cost, stage 0's blocks in module K:
-    fewer stale weights), 'balanced' (the same loads, stage 0's blocks split half/half between
-    modules 1 and K; the --paper default), 'authors' (L // G blocks per stage, split half/half) or
-    'budget' (--replay stash: blocks and kept graphs chosen together, the fastest modelled split
-    within --activation-budget)"""
-    activation_budget: str | None = None
-    """ouroboros --replay stash: peak activation memory per stage (saved activations, stashed
-    inputs, weight snapshots); forwards past it are recomputed at the replay through the same
-    weight snapshot (the same update, bit for bit). '1f1b' (the default: stock 1F1B's peak on its
-    busiest stage, what the devices already hold), '1.5x' (times that), '300MB', or 'inf' (keep
-    every graph); see ouroboros_ds/ring/memory.py"""
     pipeline_parallel_size: int | None = None
     """G, stages (default: all ranks)"""
-    stale_lr_scale: float = 0.0
-    """staleness mitigation (off: 0): module k's lr / (1 + c * delay(k)); see ouroboros_ds/ring/staleness.py"""
-    weight_prediction: float | None = None
-    """staleness mitigation H (default 1; 0 with --paper): module k's forward and its replay run at its
-    weights predicted H x delay(k) last updates ahead, in both replay modes; see ouroboros_ds/ring/stash.py
-    LastUpdate and docs/parity.md"""
-    lookahead: float | str | None = field(default=None, metadata={"type": lookahead_value})
-    """staleness mitigation L (default auto = 2G - 1: 3 at G = 2, 5 at G = 3; 0 with --paper): module
-    K, the fresh module, runs each step's losses and backwards at its weights moved L last updates
-    ahead, w + L (w - w_before), and steps from its current weights: the error gradient it sends
-    upstream is applied delay(k) steps later, when module K has moved on. One copy of module K's
-    weights, no extra compute; see ouroboros_ds/ring/stash.py look_ahead"""
-    sync_steps: int | None = None
-    """staleness mitigation N (default 100; 0 with --paper): the first N steps are synchronous (every
-    module backprops its own step's batch, delay 0, as ordinary training; each such step fills and
-    drains the pipeline as 1F1B does), then the ring starts with its usual delays. Delayed gradients
-    slow the escape from the loss's early plateau; see docs/ring.md"""
-    stage_clip: Literal["split", "whole"] | None = None
-    """ouroboros: the norm each stage clips its own gradient at, with no collective across stages:
-    'split' (default) the config's gradient_clipping / sqrt(G), so the whole model's norm never
-    exceeds gradient_clipping, as with DeepSpeed's clip; 'whole' (--paper) gradient_clipping on
-    every stage, the paper's rule; see ouroboros_ds/ring/optim.py stage_clip_threshold"""
     paper: bool = False
-    """the paper's exact update (no weight prediction, no look-ahead, no synchronous steps, the balanced
-    partition); the defaults
-    otherwise add the measured staleness mitigation (docs/parity.md). ds_configs/paper.json sets it
-    too, with the paper's optimizer"""
+    """the paper's exact update (no weight prediction, no look-ahead, no synchronous steps, the
+    balanced partition, each stage clipped at gradient_clipping); the ring's defaults otherwise add
+    the measured staleness mitigation (docs/parity.md). ds_configs/paper.json sets it too, with the
+    paper's optimizer"""
     activation_checkpointing: bool = False
     """1f1b: checkpoint every layer (activation_checkpoint_interval=1), the fair rival of
     --replay recompute"""
 
     def __post_init__(self):
-        # which mitigation options the command line set: a config's "ouroboros" object fills the others
-        self._given = {k: getattr(self, k) is not None for k in MITIGATIONS}
-        self.resolve({})
-
-    def resolve(self, section: dict) -> None:
-        """Fill the unset mitigation options from ``section`` (the DeepSpeed JSON's ``"ouroboros"``
-        object: ``paper`` and the keys of :data:`DEFAULT_MITIGATION`), then from the defaults; check them."""
-        unknown = set(section) - {"paper", *MITIGATIONS}
-        if unknown:
-            raise ValueError(f"--deepspeed_config: unknown ouroboros option(s) {sorted(unknown)}; expected paper, "
-                             f"{', '.join(MITIGATIONS)}")
-        self.paper = self.paper or bool(section.get("paper", False))
-        if self.schedule != "ouroboros":
-            if self.weight_prediction:
-                raise ValueError("--weight-prediction: only the ouroboros schedule has stale modules; drop it for 1f1b")
-            if self.lookahead:
-                raise ValueError("--lookahead: only the ouroboros schedule has a fresh module whose error gradients "
-                                 "are applied later; drop it for 1f1b")
-            if self.sync_steps:
-                raise ValueError(f"--sync-steps: only the ouroboros schedule has delays to start without ({self.schedule} "
-                                 "is synchronous throughout); drop it")
-            if self.stage_clip is not None:
-                raise ValueError(f"--stage-clip: only the ouroboros schedule clips each stage on its own ({self.schedule} "
-                                 "clips the whole model's norm, as DeepSpeed does); drop it")
-            if self.replay != "recompute" or self.partition not in (None, "balanced"):
-                raise ValueError("--replay/--partition apply to --schedule ouroboros only")
-            self.weight_prediction, self.lookahead, self.partition, self.sync_steps = 0.0, 0.0, "balanced", 0
-            self.stage_clip = "whole"
-        else:
-            if self.paper and (self.weight_prediction or self.lookahead or self.partition == "fresh"
-                               or self.stale_lr_scale or self.sync_steps or self.stage_clip == "split"):
-                raise ValueError("--paper: the paper's update has no staleness mitigation; drop --weight-prediction, "
-                                 "--lookahead, --sync-steps, --partition fresh, --stage-clip split and --stale-lr-scale "
-                                 "(or --paper)")
-            defaults = PAPER if self.paper else DEFAULT_MITIGATION
-            for key in MITIGATIONS:
-                if getattr(self, key) is None:
-                    setattr(self, key, section.get(key, defaults[key]) if not self.paper else defaults[key])
-        if self.weight_prediction < 0:
-            raise ValueError(f"--weight-prediction: must be >= 0 (0: off), got {self.weight_prediction}")
-        if self.lookahead != "auto" and (isinstance(self.lookahead, bool) or not isinstance(self.lookahead, (int, float))
-                                         or self.lookahead < 0):
-            raise ValueError(f"--lookahead: must be 'auto' (2G - 1 updates) or a number >= 0 (0: off, L: L last updates "
-                             f"ahead), got {self.lookahead!r}")
-        if isinstance(self.sync_steps, bool) or not isinstance(self.sync_steps, int) or self.sync_steps < 0:
-            raise ValueError(f"--sync-steps: must be an integer >= 0 (0: off, N: the first N steps synchronous), "
-                             f"got {self.sync_steps!r}")
-        if self.stage_clip not in ("split", "whole"):
-            raise ValueError(f"--stage-clip: must be 'split' or 'whole', got {self.stage_clip!r}")
-        if self.activation_budget is not None:
-            if self.schedule != "ouroboros" or self.replay != "stash":
-                raise ValueError("--activation-budget: bounds --schedule ouroboros --replay stash (features replay keeps "
-                                 "no graph between steps); add --replay stash or drop it")
-            from ..ring.memory import parse_budget
-            parse_budget(self.activation_budget)
-        if self.partition == "budget" and self.replay != "stash":
-            raise ValueError("--partition budget: needs --replay stash (it splits the blocks by the kept graphs); "
-                             "add --replay stash or use --partition balanced")
         if self.schedule != "1f1b" and self.activation_checkpointing:
             raise ValueError("--activation-checkpointing applies to --schedule 1f1b (the Ouroboros replay "
                              "already recomputes; --replay stash keeps the graph instead)")
-        if self.stale_lr_scale and self.schedule != "ouroboros":
-            raise ValueError("--stale-lr-scale: only the ouroboros schedule has stale modules; drop it for 1f1b")
 
     def stages(self, world: int) -> int:
         """G: --pipeline-parallel-size, or every rank (0 and unset mean all ranks)."""
@@ -192,6 +93,32 @@ class RingConfig:
             raise ValueError(f"--pipeline-parallel-size: {G} must divide the world size {world} "
                              f"(world = stages x data-parallel replicas); launch a multiple of {G} ranks or change it")
         return G
+
+
+def resolve_ring(pipeline: PipelineConfig, given: dict, section: dict | None) -> RingConfig:
+    """The run's RingConfig: the DeepSpeed JSON's ``"ouroboros"`` object ``section``, then the
+    ring flags ``given`` (not None) on top; ``--paper`` is the object's ``paper``. A baseline
+    schedule runs no ring: it takes no ring flag, and its record is the paper's (no mitigation).
+    Every message names the flag."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if pipeline.schedule != "ouroboros":
+        if given:
+            name = next(iter(given))
+            raise ValueError(f"{_flag(name)}: only the ouroboros schedule has a ring with delays to configure "
+                             f"({pipeline.schedule} is synchronous throughout); drop it")
+        return RingConfig.paper()
+    if pipeline.paper:
+        clash = [k for k, v in given.items() if k in RingConfig.PAPER and v != RingConfig.PAPER[k]]
+        if clash:
+            raise ValueError("--paper: the paper's update has no staleness mitigation; drop --weight-prediction, "
+                             "--lookahead, --sync-steps, --partition fresh, --stage-clip split and --stale-lr-scale "
+                             "(or --paper)")
+        section = {"paper": True}
+    try:
+        return RingConfig.from_section(section, **given)
+    except ValueError as e:  # "lookahead: ..." -> "--lookahead: ..."
+        name, sep, rest = str(e).partition(": ")
+        raise ValueError(f"{_flag(name)}: {rest}" if sep and name in FIELDS else str(e)) from None
 
 
 @dataclass
@@ -269,13 +196,19 @@ class TrainConfig:
     """DeepSpeed JSON config (a relative path not found here is looked up in the repository)"""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    ring: RingConfig = field(default_factory=RingConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    ring_flags: dict = field(default_factory=dict, metadata={"flag": None})
+    """the ring options given on the command line: they beat the DeepSpeed JSON's "ouroboros" object"""
+    ring: RingConfig = field(init=False, metadata={"flag": None})
+    """the ring's options, resolved (:func:`resolve_ring`; again with the JSON's object by
+    :func:`load_deepspeed_config`)"""
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
-        if (self.checkpoint.save or self.checkpoint.load) and self.ring.schedule != "ouroboros":
+        self.ring = resolve_ring(self.pipeline, self.ring_flags, None)
+        if (self.checkpoint.save or self.checkpoint.load) and self.pipeline.schedule != "ouroboros":
             raise ValueError("--save/--load: supported with --schedule ouroboros only; drop them for the baseline")
 
 
@@ -289,16 +222,18 @@ def _field_docs(cls) -> dict[str, str]:
             and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)}
 
 
-def _add_fields(parser, cls, prefix: str = "") -> None:
-    """One flag per field: --field-name (or metadata "flag"); Literal -> choices, bool -> a switch,
-    X | None -> X; a field holding a config group is skipped (the group adds its own)."""
+def _add_fields(parser, cls, prefix: str = "", unset: bool = False, types: dict | None = None) -> None:
+    """One flag per field: --field-name (or metadata "flag"; None: no flag); Literal -> choices,
+    bool -> a switch, X | None -> X; a field holding a config group is skipped (the group adds its
+    own). ``unset``: every default None (the flag was not given); ``types``: argument parsers by name."""
     docs, hints = _field_docs(cls), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
-        if dataclasses.is_dataclass(kind):
+        if dataclasses.is_dataclass(kind) or f.metadata.get("flag", "") is None:
             continue
-        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-        kw = dict(dest=prefix + f.name, default=f.default, help=docs.get(f.name, "").replace("%", "%%"))
+        flag = f.metadata.get("flag", _flag(f.name))
+        kw = dict(dest=prefix + f.name, default=None if unset else f.default,
+                  help=docs.get(f.name, "").replace("%", "%%"))
         if kind is bool:
             parser.add_argument(flag, action="store_true", **kw)
             continue
@@ -308,23 +243,27 @@ def _add_fields(parser, cls, prefix: str = "") -> None:
         if typing.get_origin(kind) is Literal:
             kw["choices"] = args
         else:
-            kw["type"] = f.metadata.get("type", args[0] if args else kind)
+            kw["type"] = (types or {}).get(f.name, f.metadata.get("type", args[0] if args else kind))
             kw["metavar"] = f.metadata.get("metavar", flag.lstrip("-").replace("-", "_").upper())
         parser.add_argument(flag, **kw)
 
 
 def _groups() -> list[tuple[str, type]]:
-    """(field name, dataclass) of each config group in TrainConfig."""
+    """(field name, dataclass) of each config group in TrainConfig that the flags build directly."""
     hints = typing.get_type_hints(TrainConfig)
-    return [(f.name, hints[f.name]) for f in dataclasses.fields(TrainConfig) if dataclasses.is_dataclass(hints[f.name])]
+    return [(f.name, hints[f.name]) for f in dataclasses.fields(TrainConfig)
+            if f.init and dataclasses.is_dataclass(hints[f.name])]
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """The flags of TrainConfig's fields, one argument group per config group."""
+    """The flags of TrainConfig's fields, one argument group per config group; the ring's group is
+    RingConfig's fields (ouroboros_ds/ring/config.py), unset unless given."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_fields(p, TrainConfig)
     for name, cls in _groups():
         _add_fields(p.add_argument_group(name), cls, name + ".")
+    _add_fields(p.add_argument_group("ring (default: the DeepSpeed JSON's \"ouroboros\" object, else RingConfig's)"),
+                RingConfig, "ring.", unset=True, types={"lookahead": lookahead_value})
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p
 
@@ -334,8 +273,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     ns = vars(args)
     groups = {name: cls(**{f.name: ns[f"{name}.{f.name}"] for f in dataclasses.fields(cls)})
               for name, cls in _groups()}
-    top = {f.name: ns[f.name] for f in dataclasses.fields(TrainConfig) if f.name not in groups}
-    return TrainConfig(**top, **groups)
+    top = {f.name: ns[f.name] for f in dataclasses.fields(TrainConfig)
+           if f.init and f.name not in groups and f.name != "ring_flags"}
+    flags = {name: ns[f"ring.{name}"] for name in FIELDS if ns[f"ring.{name}"] is not None}
+    return TrainConfig(**top, **groups, ring_flags=flags)
 
 
 def parse_config(argv=None, description: str | None = None) -> TrainConfig:
@@ -370,14 +311,13 @@ def load_deepspeed_config(config: TrainConfig) -> dict:
                          "gradients underflow; set fp16.loss_scale to 0 (dynamic) or a power of two such as 65536, "
                          "or use bf16.enabled instead")
     cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the replicas
-    section = cfg.pop("ouroboros", {})  # ours, not DeepSpeed's: the mitigation defaults of this config
+    section = cfg.pop("ouroboros", {})  # ours, not DeepSpeed's: the ring's options of this config
     if not isinstance(section, dict):
         raise ValueError(f"--deepspeed_config: 'ouroboros' must be an object of options (got {section!r})")
-    if section:
-        ring = config.ring
-        for key in MITIGATIONS:  # the flags given beat the object; it fills the others
-            setattr(ring, key, getattr(ring, key) if ring._given.get(key) else None)
-        ring.resolve(section)
+    try:
+        config.ring = resolve_ring(config.pipeline, config.ring_flags, section)
+    except ValueError as e:
+        raise ValueError(f"--deepspeed_config {path}: {e}") if str(e).startswith("'ouroboros'") else e from None
     if config.training.lr is not None:
         cfg.setdefault("optimizer", {}).setdefault("params", {})["lr"] = config.training.lr
     if config.logging.wandb:
@@ -426,7 +366,7 @@ def check_model(config: TrainConfig, mcfg, tok, micro_batch: int, world: int) ->
     """Model and data checks that need the loaded corpus and the model config."""
     from ouroboros_ds.train import hf
 
-    G = config.ring.stages(world)
+    G = config.pipeline.stages(world)
     seq_len = config.training.seq_len
     d = hf.dims(mcfg)
     if G > d["n_layer"]:

@@ -62,34 +62,103 @@ def config_from_pretrained(path: str, dropout: float | None = None):
     return out
 
 
+class _GPT2:
+    """GPT-2 (and Transformer-XL, which shares its config class): ``models.gpt2``'s layers."""
+    name, embed = "GPT-2", "transformer.wte.weight"
+
+    @staticmethod
+    def accepts(config) -> bool:
+        return True  # the last entry of ARCHITECTURES: whatever no family claims
+
+    @staticmethod
+    def layer_specs(config, seed: int):
+        from ..models.gpt2 import gpt2_layer_specs
+        return gpt2_layer_specs(config, seed=seed)
+
+    @staticmethod
+    def dims(config) -> dict:
+        return {k: getattr(config, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")}
+
+    @staticmethod
+    def layer_costs(config, vocab_size: int, seq_len: int) -> dict:
+        from ..core.partition import layer_costs
+        return layer_costs(config.n_embd, vocab_size, seq_len)
+
+    @staticmethod
+    def naming(config):
+        """(name function, layer count) of the Hugging Face names."""
+        return _gpt2_name, config.n_layer
+
+    @staticmethod
+    def causal_lm(config):
+        """(an empty ``*ForCausalLM`` of this config, whether its head is tied)."""
+        from transformers import GPT2LMHeadModel
+
+        cfg = config.__class__(**config.to_dict())
+        cfg.architectures = ["GPT2LMHeadModel"]
+        cfg.tie_word_embeddings = True
+        return GPT2LMHeadModel(cfg), True
+
+
+class _Family:
+    """A Llama-style family (:mod:`ouroboros_ds.models.families`)."""
+    name, embed = None, "model.embed_tokens.weight"  # name: the config's model_type
+
+    @staticmethod
+    def accepts(config) -> bool:
+        from ..models.families import is_family_config
+        return is_family_config(config)
+
+    @staticmethod
+    def layer_specs(config, seed: int):
+        from ..models.families import layer_specs
+        return layer_specs(config, seed=seed)
+
+    @staticmethod
+    def dims(config) -> dict:
+        from ..models import families
+        return {**families.dims(config), "model_type": config.model_type, "tied": families.is_tied(config)}
+
+    @staticmethod
+    def layer_costs(config, vocab_size: int, seq_len: int) -> dict:
+        from ..models.families import layer_costs
+        return layer_costs(config, seq_len)
+
+    @staticmethod
+    def naming(config):
+        from ..models.families import hf_name
+        return hf_name, config.num_hidden_layers
+
+    @staticmethod
+    def causal_lm(config):
+        from ..models import families
+        return families.causal_lm(config), families.is_tied(config)
+
+
+# Every model kind train.py takes, asked in order: the first whose accepts(config) holds builds it.
+ARCHITECTURES = (_Family, _GPT2)
+
+
+def architecture(config):
+    """The entry of :data:`ARCHITECTURES` that builds, measures, names and exports ``config``."""
+    return next(a for a in ARCHITECTURES if a.accepts(config))
+
+
 def layer_specs_of(config, seed: int = 1234):
     """The :class:`~ouroboros_ds.models.gpt2.LayerPlan` of a config: GPT-2's layers or a family's."""
-    from ..models import gpt2 as models, families as models_hf
-
-    if models_hf.is_family_config(config):
-        return models_hf.layer_specs(config, seed=seed)
-    return models.gpt2_layer_specs(config, seed=seed)
+    return architecture(config).layer_specs(config, seed)
 
 
 def dims(config) -> dict:
     """The shape fields the trainer checks and a checkpoint records, under GPT-2's names, for a
     GPT-2 or a family config (a family adds its ``model_type`` and whether the head is tied)."""
-    from ..models import families as models_hf
-
-    if models_hf.is_family_config(config):
-        return {**models_hf.dims(config), "model_type": config.model_type, "tied": models_hf.is_tied(config)}
-    return {k: getattr(config, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")}
+    return architecture(config).dims(config)
 
 
 def layer_costs_of(config, vocab_size: int, seq_len: int) -> dict:
     """The balanced partition's per-layer cost model for this config (``core.partition.layer_costs`` for
     GPT-2 with the tokenizer's vocabulary, ``models_hf.layer_costs`` for a family)."""
-    from ..models import families as models_hf
-    from ..core.partition import layer_costs
-
-    if models_hf.is_family_config(config):
-        return models_hf.layer_costs(config, seq_len)
-    return layer_costs(config.n_embd, vocab_size, seq_len)
+    return architecture(config).layer_costs(config, vocab_size, seq_len)
 
 
 def _gpt2_name(key: str, n_layer: int) -> str | None:
@@ -109,13 +178,11 @@ def _gpt2_name(key: str, n_layer: int) -> str | None:
 
 def _naming(config):
     """(name function, layer count, embedding name, family) of a config; an int is a GPT-2 layer count."""
-    from ..models import families as models_hf
-
     if isinstance(config, int):
-        return _gpt2_name, config, "transformer.wte.weight", "GPT-2"
-    if models_hf.is_family_config(config):
-        return models_hf.hf_name, config.num_hidden_layers, "model.embed_tokens.weight", config.model_type
-    return _gpt2_name, config.n_layer, "transformer.wte.weight", "GPT-2"
+        return _gpt2_name, config, _GPT2.embed, _GPT2.name
+    arch = architecture(config)
+    name_of, n_layer = arch.naming(config)
+    return name_of, n_layer, arch.embed, arch.name or config.model_type
 
 
 def local_named_tensors(module: torch.nn.Module, config) -> dict[str, torch.Tensor]:
@@ -214,21 +281,12 @@ def export_pretrained(module: torch.nn.Module, config, out_dir: str) -> str | No
     Every rank sends its layers (CPU copies) to global rank 0, which writes ``out_dir`` (config,
     ``model.safetensors``) and returns it; other ranks return None.
     """
-    from ..models import families as models_hf
-
     merged = _gather(module, config)
     if merged is None:
         return None
-    if models_hf.is_family_config(config):
-        model = models_hf.causal_lm(config)
-        tied, embed = models_hf.is_tied(config), "model.embed_tokens.weight"
-    else:
-        from transformers import GPT2LMHeadModel
-
-        cfg = config.__class__(**config.to_dict())
-        cfg.architectures = ["GPT2LMHeadModel"]
-        cfg.tie_word_embeddings = True
-        model, tied, embed = GPT2LMHeadModel(cfg), True, "transformer.wte.weight"
+    arch = architecture(config)
+    model, tied = arch.causal_lm(config)
+    embed = arch.embed
     expected = {k for k in model.state_dict() if not (tied and k == "lm_head.weight")}
     missing, extra = expected - set(merged), set(merged) - expected
     if missing or extra:

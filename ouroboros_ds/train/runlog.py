@@ -110,13 +110,13 @@ class PeakMemory:
 
     ``peak_activation_bytes``: on CUDA ``torch.cuda.max_memory_allocated`` (everything the device
     holds, weights and optimizer included); on CPU the activations autograd saves, the stashed
-    inputs and the weight snapshots (:class:`ouroboros_ds.ring.stash.SavedBytes`, parameters excluded).
+    inputs and the weight snapshots (:class:`ouroboros_ds.ring.saved_bytes.SavedBytes`, parameters excluded).
     ``peak_rss_bytes``: the process's peak resident memory (Linux VmHWM, restarted per window)."""
 
     def __init__(self, engine):
         import torch
 
-        from ..ring.stash import SavedBytes
+        from ..ring.saved_bytes import SavedBytes
 
         self.cuda = torch.cuda.is_available() and engine.device.type == "cuda"
         self.counter = None

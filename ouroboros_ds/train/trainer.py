@@ -41,7 +41,7 @@ class Trainer:
         c = self.config
         world = int(os.environ.get("WORLD_SIZE", "1"))
         ds = load_deepspeed_config(c)
-        c.ring.stages(world)
+        c.pipeline.stages(world)
         self.tok = tok = D.load_token_data(c.data.name, c.data.tokenizer, max_bytes=c.data.max_bytes)
         self.mcfg, pretrained = model_config(c, tok.vocab_size)
         mcfg = self.mcfg
@@ -50,9 +50,9 @@ class Trainer:
         recurrent = getattr(mcfg, "arch", "gpt2") == "transfo-xl"  # memory needs each row to continue its text
         self.val = D.eval_batches(tok.val, c.training.seq_len, mb, max_batches=c.training.eval_batches,
                                   ordered=recurrent)
-        if c.ring.schedule == "dualpipev":  # before the process group: the same line on every rank
+        if c.pipeline.schedule == "dualpipev":  # before the process group: the same line on every rank
             from ouroboros_ds.pipe.baseline import check_dualpipev
-            check_dualpipev(ds["gradient_accumulation_steps"], c.ring.stages(world), len(self.val))
+            check_dualpipev(ds["gradient_accumulation_steps"], c.pipeline.stages(world), len(self.val))
 
         import datetime
 
@@ -76,7 +76,7 @@ class Trainer:
         # ends this rank with an error instead of a hang.
         init_distributed(timeout=datetime.timedelta(seconds=c.training.comm_timeout))
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        self.G = c.ring.stages(self.world)
+        self.G = c.pipeline.stages(self.world)
         self.log = self.rank == 0
 
         model = self._module()
@@ -88,9 +88,7 @@ class Trainer:
             params = pipeline_groups(model, ds.get("optimizer", {}).get("params", {}).get("lr", 1e-3),
                                      c.ring.stale_lr_scale)
         self.engine, *_ = initialize(model=model, model_parameters=params, config=ds, seed=c.training.seed,
-                                     replay=c.ring.replay, weight_prediction=c.ring.weight_prediction,
-                                     lookahead=c.ring.lookahead, sync_steps=c.ring.sync_steps,
-                                     stage_clip=c.ring.stage_clip,
+                                     ring=c.ring if c.pipeline.schedule == "ouroboros" else None,
                                      replay_plan=getattr(model, "replay_plan", None))
         engine = self.engine
 
@@ -107,11 +105,11 @@ class Trainer:
         summary = runlog.startup_summary(engine)  # collective: every rank reports its stage
         dims = hf.dims(mcfg)
         if self.log:
-            print(f"ouroboros-ds: schedule={c.ring.schedule} "
-                  f"replay={c.ring.replay if c.ring.schedule == 'ouroboros' else '-'} "
+            print(f"ouroboros-ds: schedule={c.pipeline.schedule} "
+                  f"replay={c.ring.replay if c.pipeline.schedule == 'ouroboros' else '-'} "
                   f"weight_prediction={c.ring.weight_prediction} lookahead={getattr(engine, 'lookahead', c.ring.lookahead)} "
                   f"sync_steps={c.ring.sync_steps} stage_clip={c.ring.stage_clip} "
-                  f"activation_checkpointing={c.ring.activation_checkpointing} G={self.G} dp={dp} M={M} "
+                  f"activation_checkpointing={c.pipeline.activation_checkpointing} G={self.G} dp={dp} M={M} "
                   f"micro-batch={mb} seq={seq_len} vocab={tok.vocab_size} layers={dims['n_layer']} d={dims['n_embd']} "
                   f"train_tokens={len(tok.train):,} unigram_entropy={tok.unigram_entropy_bits:.3f} bits/token",
                   flush=True)
@@ -156,7 +154,7 @@ class Trainer:
 
         c, mcfg, G = self.config, self.mcfg, self.G
         plan = hf.layer_specs_of(mcfg, seed=c.training.seed)  # GPT-2's layers or a family's
-        if c.ring.schedule == "ouroboros":
+        if c.pipeline.schedule == "ouroboros":
             from ouroboros_ds.core.partition import balanced_blocks_per_module, stage_costs_of
             from ouroboros_ds.pipe.module import OuroborosPipelineModule
             bpm, note, chosen = None, None, None
@@ -181,12 +179,12 @@ class Trainer:
                                          self._micro_batches(), model.module_bounds, self._budget())
                 model.replay_plan, model.plan_note = chosen.plan, chosen.describe()
             return model
-        if c.ring.schedule == "dualpipev":
+        if c.pipeline.schedule == "dualpipev":
             from ouroboros_ds.pipe.baseline import BaselineDualPipeVModule
             return BaselineDualPipeVModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block")
         from ouroboros_ds.pipe.baseline import BaselinePipelineModule
         return BaselinePipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block",
-                                      activation_checkpoint_interval=1 if c.ring.activation_checkpointing else 0,
+                                      activation_checkpoint_interval=1 if c.pipeline.activation_checkpointing else 0,
                                       # only the blocks: reentrant checkpointing of the embedding (integer
                                       # input) would cut it off from autograd
                                       checkpointable_layers=["Block", "XLBlock", models_hf.BLOCK_CLASS])
@@ -272,7 +270,7 @@ class Trainer:
                 # closes a stats window only (in the steady state every step is alike)
                 closes_window = stats_every and ((step + 1) % stats_every == 0 or step + 1 == steps)
                 with self.peak.track(engine) if closes_window else contextlib.nullcontext():
-                    loss = engine.train_batch(self.stream if (c.ring.schedule != "ouroboros" or engine.stage_id == 0)
+                    loss = engine.train_batch(self.stream if (c.pipeline.schedule != "ouroboros" or engine.stage_id == 0)
                                               else None)
                 watchdog.started = None
                 train_clock += time.monotonic() - t0

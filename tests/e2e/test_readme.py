@@ -2,7 +2,8 @@
 
 - The library example (the python block under "Use it as a library") runs as written: saved to a
   file in an empty folder and launched with ``torchrun --nproc_per_node 2`` (2 gloo CPU ranks), with
-  ``STEPS=3`` in the environment (the example reads it, so the test shortens it without editing it),
+  ``STEPS=3 SYNC_STEPS=1`` in the environment (the example reads them, so the test shortens it
+  without editing it, and steps 1 and 2 are ring steps),
   under the emulation of NCCL's point-to-point rules (``helpers.train_env``).
   It must exit 0, print the loss of steps 0 and 2, both finite, the first near ln(256) (an untrained
   byte-level model is close to uniform), and a finite validation loss.
@@ -39,7 +40,7 @@ def test_library_example_runs_on_two_cpu_ranks(tmp_path):
     assert 'os.environ.get("STEPS"' in code, "the example must read STEPS from the environment"
     script = tmp_path / "example.py"
     script.write_text(code)
-    env = train_env(STEPS="3")  # NCCL's point-to-point rules in both ranks, as for train.py
+    env = train_env(STEPS="3", SYNC_STEPS="1")  # NCCL's point-to-point rules in both ranks, as for train.py
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(free_port()), str(script)]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

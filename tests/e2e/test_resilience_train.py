@@ -67,7 +67,7 @@ def _bad_cases(tmp_path):
         (["--load", str(tmp_path)], None, ["--load", "no 'latest' file"]),
         (["--comm-timeout", "0"], None, ["--comm-timeout: must be > 0"]),
         (["--paper", "--weight-prediction", "1"], None, ["--paper: the paper's update has no staleness mitigation"]),
-        (["--weight-prediction", "-1", "--replay", "stash"], None, ["--weight-prediction: must be >= 0"]),
+        (["--weight-prediction", "-1", "--replay", "stash"], None, ["--weight-prediction: must be a number >= 0"]),
     ], base
 
 

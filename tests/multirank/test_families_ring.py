@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import (SEED, VOCAB, batches, ds_config, pipeline_logits, reference_run, run_once, run_ranks,
+from helpers import (SEED, VOCAB, batches, ds_config, paper, pipeline_logits, reference_run, run_once, run_ranks,
                      stage_parameters, steps_for)
 
 SEQ = 8  # the length of helpers.batches
@@ -42,7 +42,7 @@ def _engine(G, M, tied, replay="recompute"):
     plan = llama_plan(tied)
     mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
     engine, *_ = initialize(model=mod, model_parameters=list(mod.parameters()), config=ds_config(M, steps_for(G)),
-                            seed=SEED, replay=replay)
+                            seed=SEED, ring=paper(replay=replay))
     return engine, mod
 
 
@@ -135,7 +135,8 @@ def _round_trip(G, src, out):
     mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
     hf.load_pretrained_weights(mod, src, cfg)
     before = pipeline_logits(mod, G, _probe(), cfg.hidden_size)
-    engine, *_ = initialize(model=mod, model_parameters=list(mod.parameters()), config=ds_config(4, 4), seed=1)
+    engine, *_ = initialize(model=mod, model_parameters=list(mod.parameters()), config=ds_config(4, 4), seed=1,
+                            ring=paper())
     it = _feed(engine, 3, 4)
     for _ in range(4):
         engine.train_batch(it)
@@ -262,7 +263,7 @@ def dp_worker(rank, out):
         plan = llama_plan(False)
         mod = OuroborosPipelineModule(plan.specs, num_stages=2, loss_fn=lm_loss, block_indices=plan.block_indices)
         engine, *_ = initialize(model=mod, model_parameters=list(mod.parameters()), config=dp_config(1, bf16),
-                                seed=SEED)
+                                seed=SEED, ring=paper())
         mine = [step[j * 2 + dp_rank] for step in batches(DP_STEPS, GLOBAL_MB) for j in range(GLOBAL_MB // 2)]
         it = iter(mine) if engine.stage_id == 0 else None
         losses = [engine.train_batch(it) for _ in range(DP_STEPS)]

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from helpers import pipeline_logits, run_ranks
+from helpers import paper, pipeline_logits, run_ranks
 
 VOCAB, SEQ, MICRO, M = 48, 8, 2, 2
 HF_FIELDS = dict(n_layer=3, n_embd=16, n_head=2, n_positions=SEQ, vocab_size=VOCAB,
@@ -38,7 +38,8 @@ def _ranks(rank, G, src, out, tmp, steps):
     n = hf.load_pretrained_weights(model, src, cfg)
     assert n == len(list(model.parameters()))
     before = pipeline_logits(model, G, _probe(), HF_FIELDS["n_embd"])
-    engine, *_ = initialize(model=model, model_parameters=list(model.parameters()), config=_ds_config(), seed=1)
+    engine, *_ = initialize(model=model, model_parameters=list(model.parameters()), config=_ds_config(), seed=1,
+                            ring=paper())
     g = torch.Generator().manual_seed(0)
     data = iter([(torch.randint(0, VOCAB, (MICRO, SEQ), generator=g), torch.randint(0, VOCAB, (MICRO, SEQ), generator=g))
                  for _ in range(steps * M)])

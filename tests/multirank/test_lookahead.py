@@ -1,4 +1,4 @@
-"""Module K's look-ahead in the engine (``lookahead``, ``ouroboros_ds/ring/stash.py`` ``look_ahead``; on by
+"""Module K's look-ahead in the engine (``lookahead``, ``ouroboros_ds/ring/prediction.py`` ``look_ahead``; on by
 default, with weight prediction; its closed form is pinned in tests/unit/test_lookahead_rule.py).
 
 - The engine with lookahead 3 and weight prediction 1 (the default run's horizons) equals the
@@ -68,7 +68,7 @@ def _kept(engine):
 def _nonfinite(M, mode):
     """A NaN (or, to compare, zero) loss at (BAD_BATCH, BAD_MB of M), G = 2, recompute."""
     from ouroboros_ds.models.gpt2 import lm_loss
-    from ouroboros_ds.ring.stash import own_parameters
+    from ouroboros_ds.ring.prediction import own_parameters
 
     calls, bad = [0], (BAD_BATCH, min(BAD_MB, M - 1))
 
@@ -197,10 +197,11 @@ def test_nan_loss_with_lookahead(ring_run):
 def test_initialize_reads_lookahead_like_weight_prediction(ring_run):
     _, ranks = ring_run(1)
     init = ranks[0]["initialize"]
-    assert init["object"] == (1.0, True)  # None: the config's "ouroboros" object decides; "auto" at G = 1: 2G - 1
-    assert init["argument"] == (2.0, True)  # an argument beats the object
+    assert init["object"] == (1.0, True)  # the config's "ouroboros" object; "auto" at G = 1: 2G - 1
+    assert init["argument"] == (2.0, True)  # ring=RingConfig(lookahead=2.0)
     assert init["paper"] == (0.0, False)  # the paper's update never looks ahead
-    assert init["none"] == (0.0, False)  # no object: off
+    assert init["none"] == (1.0, True)  # neither: RingConfig()'s default "auto", train.py's too
     assert init["baseline, object"] is None  # the ring's default does not reach the 1F1B engine
-    assert init["baseline, argument"].startswith("lookahead: only the Ouroboros ring"), init["baseline, argument"]
+    assert init["baseline, argument"].startswith("ring / replay_plan: only an OuroborosPipelineModule")
+    assert "the paper's update has no staleness mitigation" in init["paper and option"]
     assert init["bad"].startswith("lookahead: must be 'auto' (2G - 1 updates) or a number >= 0"), init["bad"]

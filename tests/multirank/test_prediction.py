@@ -1,4 +1,4 @@
-"""Weight prediction for the stale modules (``weight_prediction``, ``ouroboros_ds/ring/stash.py``
+"""Weight prediction for the stale modules (``weight_prediction``, ``ouroboros_ds/ring/prediction.py``
 ``LastUpdate``; optional, off by default).
 
 - The rule itself: a fresh snapshot moves ``h`` last updates ahead, ``w + h (w - w_before)``.
@@ -19,14 +19,15 @@ import os
 import pytest
 import torch
 
-from helpers import SEED, batches, ds_config, model_plan, ring_engine, run_ranks, stage_parameters
+from helpers import SEED, batches, ds_config, model_plan, paper, ring_engine, run_ranks, stage_parameters
 
 H = 1.0  # horizon, as a multiple of each module's delay
 T, SAVE_AT = 6, 3
 
 
 def test_last_update_moves_a_fresh_snapshot_ahead():
-    from ouroboros_ds.ring.stash import LastUpdate, Snapshot
+    from ouroboros_ds.ring.prediction import LastUpdate
+    from ouroboros_ds.ring.stash import Snapshot
 
     lin = torch.nn.Linear(3, 2)
     lu = LastUpdate(list(lin.parameters()))
@@ -53,8 +54,8 @@ def test_bad_settings_name_the_field():
     from ouroboros_ds.ring.reference import Reference
     from ouroboros_ds.models.gpt2 import lm_loss
 
-    with pytest.raises(ValueError, match="weight_prediction: must be >= 0"):
-        Reference(model_plan(), 2, ds_config(1, 4), lm_loss, replay="stash", weight_prediction=-1)
+    with pytest.raises(ValueError, match="weight_prediction: must be a number >= 0"):
+        Reference(model_plan(), 2, ds_config(1, 4), lm_loss, ring=paper(replay="stash", weight_prediction=-1))
 
 
 def _reference(G: int, M: int, steps: int, prediction: float, synchronous: bool = False, replay: str = "stash"):
@@ -64,8 +65,8 @@ def _reference(G: int, M: int, steps: int, prediction: float, synchronous: bool 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run
     try:
-        ref = Reference(model_plan(), G, ds_config(M, steps), lm_loss, seed=SEED, replay=replay,
-                        weight_prediction=prediction, synchronous=synchronous)
+        ref = Reference(model_plan(), G, ds_config(M, steps), lm_loss, seed=SEED, synchronous=synchronous,
+                        ring=paper(replay=replay, weight_prediction=prediction))
         losses = [ref.step(b) for b in batches(steps, M)]
     finally:
         torch.set_num_threads(threads)

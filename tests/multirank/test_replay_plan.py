@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from helpers import SEED, batches, ds_config, feed, model_plan, ring_engine, run_ranks, stage_parameters, steps_for
+from helpers import (SEED, batches, ds_config, feed, model_plan, paper, ring_engine, run_ranks, stage_parameters,
+                     steps_for)
 
 # per G: the plans run (a module missing from a plan keeps every graph)
 PLANS = {2: ["1:0 2:0", "1:1 2:3", "1:4 2:2"], 3: ["1:2 2:0 3:1"]}
@@ -27,7 +28,7 @@ def _engine(G, steps, plan):
 def worker(rank, G, plans, out):
     import deepspeed
 
-    from ouroboros_ds.ring.stash import SavedBytes
+    from ouroboros_ds.ring.saved_bytes import SavedBytes
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
     steps = steps_for(G)
@@ -65,7 +66,7 @@ def _stash_reference(G):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run
     try:
-        ref = Reference(model_plan(), G, ds_config(M, steps_for(G)), lm_loss, seed=SEED, replay="stash")
+        ref = Reference(model_plan(), G, ds_config(M, steps_for(G)), lm_loss, seed=SEED, ring=paper(replay="stash"))
         losses = [ref.step(b) for b in batches(steps_for(G), M)]
     finally:
         torch.set_num_threads(threads)

@@ -19,8 +19,8 @@ import os
 import pytest
 import torch
 
-from helpers import (MICRO, SEED, SEQ, VOCAB, ApiRecorder, batches, ds_config, model_plan, reference_run, ring_engine,
-                     run_once, stage_parameters)
+from helpers import (MICRO, SEED, SEQ, VOCAB, ApiRecorder, batches, ds_config, model_plan, paper, reference_run,
+                     ring_engine, run_once, stage_parameters)
 
 G, GLOBAL_MB, STEPS, EVAL_AT = 2, 4, 7, 3  # GLOBAL_MB micro-batches of 2 sequences per global batch
 
@@ -87,7 +87,7 @@ def _init_error(cfg: dict, groups: bool = False) -> str:
     mod = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, block_indices=plan.block_indices)
     params = [{"params": list(mod.parameters())}] if groups else list(mod.parameters())
     try:
-        initialize(model=mod, model_parameters=params, config=cfg, seed=SEED)
+        initialize(model=mod, model_parameters=params, config=cfg, seed=SEED, ring=paper())
     except ValueError as e:
         return str(e)
     return "no error"

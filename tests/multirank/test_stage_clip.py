@@ -95,7 +95,8 @@ def test_initialize_reads_stage_clip(ranks):
     assert got["object"] == ("split", c / math.sqrt(G))
     assert got["argument"] == ("whole", c)
     assert got["paper"] == ("whole", c)
-    assert got["none"] == ("whole", c)
+    assert got["none"] == ("split", c / math.sqrt(G))  # RingConfig()'s default, train.py's too
     assert got["bad"].startswith("stage_clip: must be 'split'")
-    assert got["baseline, object"] == c
-    assert got["baseline, argument"].startswith("stage_clip: only the Ouroboros ring clips each stage")
+    assert got["baseline, object"] == c  # DeepSpeed's own whole-model clip
+    assert got["baseline, argument"].startswith("ring / replay_plan: only an OuroborosPipelineModule")
+    assert got["both"].startswith("ring= and the config's")

@@ -11,7 +11,8 @@ import os
 import pytest
 import torch
 
-from helpers import SEED, batches, ds_config, feed, model_plan, ring_engine, run_ranks, stage_parameters, steps_for
+from helpers import (SEED, batches, ds_config, feed, model_plan, paper, ring_engine, run_ranks, stage_parameters,
+                     steps_for)
 
 LR = 3e-3  # test_equivalence.ds_config's lr
 C = 1.5
@@ -61,9 +62,9 @@ def test_engine_with_delay_scaled_lr_equals_reference(tmp_path, G, M):
     run_ranks(worker, G, G, M, str(tmp_path), tmpdir=str(tmp_path), timeout=300)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(G)]
     torch.set_num_threads(1)
-    ref = Reference(model_plan(), G, ds_config(M, steps_for(G)), lm_loss, seed=SEED, stale_lr_scale=C)
+    ref = Reference(model_plan(), G, ds_config(M, steps_for(G)), lm_loss, seed=SEED, ring=paper(stale_lr_scale=C))
     ref_losses = [ref.step(b) for b in batches(steps_for(G), M)]
-    plain = Reference(model_plan(), G, ds_config(M, steps_for(G)), lm_loss, seed=SEED)
+    plain = Reference(model_plan(), G, ds_config(M, steps_for(G)), lm_loss, seed=SEED, ring=paper())
     plain_losses = [plain.step(b) for b in batches(steps_for(G), M)]
 
     # the groups reached DeepSpeed's optimizer (the scheduler rescales them; their ratios stay)

@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from helpers import batches, ds_config, feed, model_plan, ring_engine, run_ranks, stage_parameters, steps_for
+from helpers import batches, ds_config, feed, model_plan, paper, ring_engine, run_ranks, stage_parameters, steps_for
 
 SEED = 3
 M_VALUES = (1, 4)
@@ -71,8 +71,8 @@ def _reference(G: int, M: int, replay: str = "stash", synchronous: bool = False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run
     try:
-        ref = Reference(model_plan(), G, ds_config(M, steps_for(G)), lm_loss, seed=SEED, replay=replay,
-                        synchronous=synchronous)
+        ref = Reference(model_plan(), G, ds_config(M, steps_for(G)), lm_loss, seed=SEED, synchronous=synchronous,
+                        ring=paper(replay=replay))
         losses = [ref.step(b) for b in batches(steps_for(G), M)]
     finally:
         torch.set_num_threads(threads)
@@ -135,8 +135,8 @@ def test_bad_replay_mode_names_the_choices():
     from ouroboros_ds.models.gpt2 import lm_loss
     from ouroboros_ds.ring.reference import Reference
 
-    with pytest.raises(ValueError, match="replay='replay'.*recompute.*stash"):
-        Reference(model_plan(), 2, ds_config(1, 4), lm_loss, replay="replay")
+    with pytest.raises(ValueError, match="replay: expected one of .*recompute.*stash.*got 'replay'"):
+        Reference(model_plan(), 2, ds_config(1, 4), lm_loss, ring=paper(replay="replay"))
 
 
 def test_snapshot_round_trip_rebuilds_the_same_graph():

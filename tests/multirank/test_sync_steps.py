@@ -213,10 +213,19 @@ def test_resume_with_sync_steps_is_bitwise(ring_run, tmp_path):
 def test_initialize_reads_sync_steps_like_lookahead(ring_run):
     _, ranks = ring_run(1)
     init = ranks[0]["initialize"]
-    assert init["object"] == 5  # None: the config's "ouroboros" object decides
-    assert init["argument"] == 3  # an argument beats the object
+    assert init["object"] == 5  # the config's "ouroboros" object
+    assert init["argument"] == 3  # ring=RingConfig(sync_steps=3)
     assert init["paper"] == 0  # the paper's update has no synchronous steps
-    assert init["none"] == 0  # no object: off
+    assert init["none"] == 100  # neither: RingConfig()'s default, train.py's too
     assert init["bad"].startswith("sync_steps: must be an integer >= 0"), init["bad"]
-    assert init["baseline, object"] is None  # the ring's default does not reach the 1F1B engine
-    assert init["baseline, argument"].startswith("sync_steps: only the Ouroboros ring"), init["baseline, argument"]
+    _assert_one_source(init)
+
+
+def _assert_one_source(init):
+    """Only one of ring= and the object may set the ring's options; the paper's switch takes no
+    mitigation; the 1F1B engine ignores a shared config's object and refuses ring=."""
+    assert init["both"].startswith("ring= and the config's \"ouroboros\" object both set"), init["both"]
+    assert "the paper's update has no staleness mitigation" in init["paper and option"], init["paper and option"]
+    assert init["baseline, object"] is None
+    assert init["baseline, argument"].startswith("ring / replay_plan: only an OuroborosPipelineModule"), \
+        init["baseline, argument"]

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from helpers import (MICRO, SEED, SEQ, VOCAB, batches, ds_config, feed, ring_engine, run_ranks, stage_parameters,
+from helpers import (MICRO, SEED, SEQ, VOCAB, batches, ds_config, feed, paper, ring_engine, run_ranks, stage_parameters,
                      steps_for)
 
 MEM_LEN = 6  # shorter than a segment (SEQ = 8): the memory is truncated, as in real runs
@@ -139,7 +139,7 @@ def test_xl_engine_equals_reference(tmp_path, G):
     K, steps = G + 1, steps_for(G)
     for key in (*Ms, "stash"):
         M, replay = (4, "stash") if key == "stash" else (key, "recompute")
-        ref = Reference(xl_plan(), G, ds_config(M, steps), lm_loss, seed=SEED, replay=replay)
+        ref = Reference(xl_plan(), G, ds_config(M, steps), lm_loss, seed=SEED, ring=paper(replay=replay))
         ref_losses = [ref.step(b) for b in batches(steps, M)]
         torch.testing.assert_close(torch.tensor(ranks[0][key]["losses"], dtype=torch.float64),
                                    torch.tensor(ref_losses, dtype=torch.float64), rtol=1e-6, atol=0)
@@ -165,12 +165,12 @@ def test_xl_engine_equals_reference(tmp_path, G):
             assert abs(chained_eval(ref, K, mem=False) - want) > 1e-4  # not blind: memory matters
 
     # the baseline at initialization: the same evaluation (its stages hold the same layers)
-    init = Reference(xl_plan(), G, ds_config(4, steps), lm_loss, seed=SEED)
+    init = Reference(xl_plan(), G, ds_config(4, steps), lm_loss, seed=SEED, ring=paper())
     for r in ranks:
         assert r["baseline_eval"] == pytest.approx(chained_eval(init, K), rel=1e-5, abs=0)
 
     # the recurrence changes training: without memory the losses differ (not blind)
-    ref0 = Reference(xl_plan(mem_len=0), G, ds_config(4, steps), lm_loss, seed=SEED)
+    ref0 = Reference(xl_plan(mem_len=0), G, ds_config(4, steps), lm_loss, seed=SEED, ring=paper())
     no_mem = [ref0.step(b) for b in batches(steps, 4)]
     assert no_mem[-1] != pytest.approx(ranks[0][4]["losses"][-1], rel=1e-6, abs=0)
 

@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from helpers import SEED, VOCAB, batches, ds_config
+from helpers import SEED, VOCAB, batches, ds_config, paper
 
 INIT_SEED = 7
 SEQ = 8
@@ -182,7 +182,7 @@ def test_synchronous_ring_trains_like_the_transformers_model(tied):
     G, M, steps = 2, 4, 4
     cfg_ds = {**ds_config(M, steps), "gradient_clipping": 0.0}  # the Reference clips per stage
     plan = llama_plan(tied, dropout=0.0)
-    ref = Reference(plan, G, cfg_ds, lm_loss, seed=SEED, synchronous=True)
+    ref = Reference(plan, G, cfg_ds, lm_loss, seed=SEED, synchronous=True, ring=paper())
     model = AutoModelForCausalLM.from_config(plan.config)
     mine = hf.local_named_tensors(_as_pipeline(ref.layers), plan.config)
     with torch.no_grad():

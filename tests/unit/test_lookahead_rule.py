@@ -1,4 +1,4 @@
-"""Module K's look-ahead (``lookahead``, ``ouroboros_ds/ring/stash.py`` ``look_ahead``), pinned against its
+"""Module K's look-ahead (``lookahead``, ``ouroboros_ds/ring/prediction.py`` ``look_ahead``), pinned against its
 closed form on the single-process Reference (single process, a few seconds).
 
 - During step t, module K's forwards, losses and backwards run at ``w + L (w - w_before)``, where
@@ -16,8 +16,8 @@ import copy
 import pytest
 import torch
 
-from helpers import SEED, batches, ds_config, model_plan
-from ouroboros_ds.ring import stash as W
+from helpers import SEED, batches, ds_config, model_plan, paper
+from ouroboros_ds.ring import prediction as W
 from ouroboros_ds.models.context import dropout_key
 from ouroboros_ds.models.gpt2 import lm_loss
 from ouroboros_ds.ring.reference import Reference
@@ -65,7 +65,8 @@ def _module_k_copy(ref: Reference, weights: list):
 def test_the_fresh_module_looks_one_update_ahead(G, M, L):
     steps, check_at = G + 3, G + 2  # module K has moved (from step 0), and so have the stale modules
     data = batches(steps, M)
-    ref = Reference(model_plan(), G, _no_clip(M, steps), lm_loss, seed=SEED, weight_prediction=1.0, lookahead=L)
+    ref = Reference(model_plan(), G, _no_clip(M, steps), lm_loss, seed=SEED,
+                    ring=paper(weight_prediction=1.0, lookahead=L))
     K, own = ref.K, _own(ref)
     tied = ref.layers[0].wte.weight  # module 1's; module K's head reads it through a functional layer
     assert all(p is not tied for p in own)
@@ -154,24 +155,25 @@ def test_look_back_restores_the_weights_bitwise():
 
 
 def test_synchronous_limit_and_bad_horizon():
-    ref = Reference(model_plan(), 2, ds_config(1, 4), lm_loss, seed=SEED, synchronous=True, lookahead=1.0)
+    ref = Reference(model_plan(), 2, ds_config(1, 4), lm_loss, seed=SEED, synchronous=True, ring=paper(lookahead=1.0))
     assert ref.k_update is None
     for bad in (-1, "far", True, None):
         with pytest.raises(ValueError, match="lookahead: must be 'auto' \\(2G - 1 updates\\) or a number >= 0"):
-            Reference(model_plan(), 2, ds_config(1, 4), lm_loss, lookahead=bad)
+            Reference(model_plan(), 2, ds_config(1, 4), lm_loss, ring=paper(lookahead=bad))
 
 
 @pytest.mark.parametrize("G", [1, 2, 3, 4])
 def test_auto_horizon_is_one_update_per_module_of_the_ring(G):
-    assert W.check_lookahead("auto", G) == 2 * G - 1 == len(range(1, 2 * G))
-    assert W.check_lookahead(2, G) == 2.0 and isinstance(W.check_lookahead(2, G), float)
+    assert paper(lookahead="auto").lookahead_updates(G) == 2 * G - 1 == len(range(1, 2 * G))
+    assert paper(lookahead=2).lookahead_updates(G) == 2.0 and isinstance(paper(lookahead=2).lookahead_updates(G), float)
 
 
 def test_auto_is_the_same_update_as_its_number():
     steps, G, M = 4, 3, 4
     runs = []
     for L in ("auto", 5.0):
-        ref = Reference(model_plan(), G, _no_clip(M, steps), lm_loss, seed=SEED, weight_prediction=1.0, lookahead=L)
+        ref = Reference(model_plan(), G, _no_clip(M, steps), lm_loss, seed=SEED,
+                        ring=paper(weight_prediction=1.0, lookahead=L))
         losses = [ref.step(mbs) for mbs in batches(steps, M)]
         runs.append((ref.lookahead, losses, [p.detach().clone() for p in _own(ref)]))
     assert runs[0][0] == 5.0

@@ -19,7 +19,10 @@ from torch.func import functional_call
 
 from ouroboros_ds.models.context import dropout_key
 from ouroboros_ds.models.gpt2 import gpt2_config, gpt2_layer_specs, lm_loss
+from ouroboros_ds.ring.config import FIELDS, RingConfig
 from ouroboros_ds.ring.reference import Reference, make_optimizer, make_scheduler
+
+from helpers import paper
 
 SEED, INIT_SEED = 5, 11
 VOCAB, SEQ, MICRO, N_LAYER = 64, 8, 2, 4
@@ -221,7 +224,7 @@ def test_m1_is_the_papers_update(G):
     cfg = config(clip, steps)
     data = batches(steps, 1)
     expected, expected_losses, norms = _independent_update(G, cfg, data)
-    ref = Reference(plan(), G, cfg, lm_loss, seed=SEED, blocks_per_module=BLOCKS[G])
+    ref = Reference(plan(), G, cfg, lm_loss, seed=SEED, blocks_per_module=BLOCKS[G], ring=paper())
     losses = [ref.step(b) for b in data]
     worst = _assert_same(_reference_params(ref, G), expected, f"G={G}")
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-6, atol=0)
@@ -237,7 +240,7 @@ def test_m1_with_weight_prediction_in_recompute_mode(G):
     cfg = config(clip, steps)
     data = batches(steps, 1)
     expected, expected_losses, _ = _independent_update(G, cfg, data, prediction=h)
-    ref = Reference(plan(), G, cfg, lm_loss, seed=SEED, blocks_per_module=BLOCKS[G], weight_prediction=h)
+    ref = Reference(plan(), G, cfg, lm_loss, seed=SEED, blocks_per_module=BLOCKS[G], ring=paper(weight_prediction=h))
     losses = [ref.step(b) for b in data]
     worst = _assert_same(_reference_params(ref, G), expected, f"G={G}")
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-6, atol=0)
@@ -246,12 +249,10 @@ def test_m1_with_weight_prediction_in_recompute_mode(G):
     print(f"G={G}: Reference with prediction vs transcription, max |diff| = {worst:.3g}")
 
 
-def _the_default() -> dict:
+def _the_default(replay: str) -> RingConfig:
     """The whole default (prediction, look-ahead, split clip) on the test's block split, with the
     switch from synchronous steps to the ring inside the run."""
-    from ouroboros_ds.train.config import DEFAULT_MITIGATION
-
-    return {**{k: v for k, v in DEFAULT_MITIGATION.items() if k != "partition"}, "sync_steps": 2}
+    return RingConfig(replay=replay, sync_steps=2)
 
 
 @pytest.mark.parametrize("options", ("prediction", "default"))
@@ -261,13 +262,12 @@ def test_prediction_is_the_same_update_in_both_replay_modes(G, M, options):
     """With weight prediction, features replay recomputes at the weights the stash mode keeps, with
     the same dropout masks: the same update, bit for bit, without keeping activations. With the
     whole default too, so stash replay reaches any loss in the default's steps."""
-    opts = {"weight_prediction": 1.0} if options == "prediction" else _the_default()
     steps = G + 5
     data = batches(steps, M, seed=3)
     runs = {}
     for replay in ("stash", "recompute"):
-        ref = Reference(plan(), G, config(0.5, steps), lm_loss, seed=SEED, blocks_per_module=BLOCKS[G],
-                        replay=replay, **opts)
+        ring = paper(replay=replay, weight_prediction=1.0) if options == "prediction" else _the_default(replay)
+        ref = Reference(plan(), G, config(0.5, steps), lm_loss, seed=SEED, blocks_per_module=BLOCKS[G], ring=ring)
         runs[replay] = ([ref.step(b) for b in data], dict(ref.named_parameters()))
     (ls, ps), (lr_, pr) = runs["stash"], runs["recompute"]
     assert ls == lr_
@@ -284,7 +284,7 @@ def test_synchronous_limit_is_ordinary_training(G, M, clip):
     cfg = config(clip, steps)
     data = batches(steps, M, seed=1)
     ref = Reference(plan(), G, cfg, lm_loss, seed=SEED, blocks_per_module=BLOCKS[G], synchronous=True,
-                    global_clip=True)
+                    global_clip=True, ring=paper())
     ref_losses = [ref.step(b) for b in data]
 
     net = Net(G).train()  # its module split does not matter here: all of it runs in order
@@ -322,7 +322,7 @@ def test_warm_up(G, M):
     of 0 whatever its warmup_min_ratio (it sets the LR of "before the first step"), so nothing
     would move at step 0."""
     K, steps = G + 1, G + 2
-    ref = Reference(plan(), G, config(1.0, None), lm_loss, seed=SEED, blocks_per_module=BLOCKS[G])
+    ref = Reference(plan(), G, config(1.0, None), lm_loss, seed=SEED, blocks_per_module=BLOCKS[G], ring=paper())
     layers = module_layers(G)
     tied = "0.wte.weight"
 
@@ -349,7 +349,9 @@ MITIGATED = dict(weight_prediction=1.0, lookahead=3.0, stage_clip="split")  # th
 
 
 def _run(G, M, steps, **options):
-    ref = Reference(plan(), G, config(0.5, steps), lm_loss, seed=SEED, blocks_per_module=BLOCKS[G], **options)
+    ring = paper(**{k: options.pop(k) for k in list(options) if k in FIELDS})  # the rest: the Reference's own
+    ref = Reference(plan(), G, config(0.5, steps), lm_loss, seed=SEED, blocks_per_module=BLOCKS[G], ring=ring,
+                    **options)
     return [ref.step(b) for b in batches(steps, M, seed=4)], dict(ref.named_parameters()), ref
 
 
@@ -386,8 +388,8 @@ def test_sync_steps_then_the_ring(G):
     Constant LR (step 0 of WarmupCosineLR has LR 0). The run differs from both limits."""
     K, S, M = G + 1, 2, 2
     steps = S + G + 2
-    ref = Reference(plan(), G, config(1.0, None), lm_loss, seed=SEED, blocks_per_module=BLOCKS[G],
-                    sync_steps=S, **MITIGATED)
+    ref = Reference(plan(), G, config(1.0, None), lm_loss, seed=SEED, blocks_per_module=BLOCKS[G], 
+                    ring=paper(sync_steps=S, **MITIGATED))
     layers, tied = module_layers(G), "0.wte.weight"
     module_of = {n: K if n == tied else next(k for k, r in layers.items() if int(n.split(".")[0]) in r)
                  for n, _ in ref.named_parameters()}
@@ -418,7 +420,7 @@ def test_sync_steps_then_the_ring(G):
 @pytest.mark.parametrize("bad", (-1, 1.5, True, "2"))
 def test_sync_steps_must_be_a_count(bad):
     with pytest.raises(ValueError, match="sync_steps: must be an integer >= 0"):
-        Reference(plan(), 2, config(0.5, 4), lm_loss, sync_steps=bad)
+        Reference(plan(), 2, config(0.5, 4), lm_loss, ring=paper(sync_steps=bad))
 
 
 # ---------------------------------------------------------------- the per-stage clip threshold (stage_clip)
@@ -431,7 +433,7 @@ def test_split_clip_bounds_the_whole_models_norm(G):
 
     def norms(mode):
         ref = Reference(plan(), G, config(clip, steps), lm_loss, seed=SEED, blocks_per_module=BLOCKS[G],
-                        stage_clip=mode)
+                        ring=paper(stage_clip=mode))
         seen = []  # per step: each stage's norm as its optimizer saw it (None: no gradient yet)
         for s, (opt, params) in enumerate(zip(ref.optimizers, ref.stage_params)):
             def hook(_opt, _args, _kwargs, s=s, params=params):
@@ -448,7 +450,7 @@ def test_split_clip_bounds_the_whole_models_norm(G):
     whole = [n for _, n in norms("whole") if n is not None]
     assert whole and all(n == pytest.approx(clip, rel=1e-5) for n in whole)
     with pytest.raises(ValueError, match="stage_clip: must be 'split'"):
-        Reference(plan(), G, config(clip, steps), lm_loss, stage_clip="global")
+        Reference(plan(), G, config(clip, steps), lm_loss, ring=paper(stage_clip="global"))
 
 
 def test_stage_clip_threshold():

@@ -1,13 +1,15 @@
-"""The staleness mitigation is the default; the paper's exact update is one switch away.
+"""One RingConfig: the staleness mitigation is the default everywhere; the paper's exact update is
+one switch away.
 
-- train.py's defaults (and ``ds_configs/ouroboros.json``'s ``"ouroboros"`` object): weight
-  prediction H = 1, module K's look-ahead L = 3, the fresh partition, 100 synchronous first steps,
-  each stage clipped at gradient_clipping / sqrt(G); ``--paper`` or ``ds_configs/paper.json``: no
-  prediction, no look-ahead, no synchronous steps, the balanced partition, each stage clipped at
-  gradient_clipping (the update the paper's rule is tested against: docs/ring.md); the 1F1B
-  baseline gets neither; a flag on the command line beats the config's object.
-- ``initialize`` reads the same object (and DeepSpeed never sees it).
-- Contradictions fail with one line naming the flags.
+- ``RingConfig()``, train.py's defaults, ``ds_configs/ouroboros.json``'s ``"ouroboros"`` object and
+  ``initialize`` without one are the same: weight prediction H = 1, module K's look-ahead L = 2G - 1,
+  the fresh partition, 100 synchronous first steps, each stage clipped at gradient_clipping /
+  sqrt(G); ``RingConfig.paper()``, ``--paper`` and ``ds_configs/paper.json``: no prediction, no
+  look-ahead, no synchronous steps, the balanced partition, each stage clipped at gradient_clipping
+  (the update the paper's rule is tested against: docs/ring.md); the 1F1B baseline runs no ring; a
+  flag on the command line beats the config's object. (``initialize`` itself: the "initialize"
+  results of tests/multirank/test_sync_steps.py, test_lookahead.py and test_stage_clip.py.)
+- Every check lives in RingConfig; contradictions fail with one line naming the flag or the key.
 """
 from __future__ import annotations
 
@@ -16,7 +18,11 @@ import os
 
 import pytest
 
-from ouroboros_ds.train.config import DEFAULT_MITIGATION, PAPER, load_deepspeed_config, parse_config
+from ouroboros_ds.ring.config import RingConfig
+from ouroboros_ds.train.config import load_deepspeed_config, parse_config
+
+DEFAULT_MITIGATION = {k: getattr(RingConfig(), k) for k in RingConfig.PAPER}
+PAPER = RingConfig.PAPER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,7 +31,7 @@ def ring(argv):
     c = parse_config(argv)
     ds = load_deepspeed_config(c)
     assert "ouroboros" not in ds  # ours, not DeepSpeed's
-    return c.ring.weight_prediction, c.ring.lookahead, c.ring.partition, c.ring.paper
+    return c.ring.weight_prediction, c.ring.lookahead, c.ring.partition, c.ring.is_paper
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -33,13 +39,13 @@ def ring(argv):
           False)),
     (["--paper"], (PAPER["weight_prediction"], PAPER["lookahead"], PAPER["partition"], True)),
     (["--deepspeed_config", "ds_configs/paper.json"], (0.0, 0.0, "balanced", True)),
-    (["--schedule", "1f1b"], (0.0, 0.0, "balanced", False)),
     (["--deepspeed_config", "ds_configs/paper.json", "--schedule", "1f1b"], (0.0, 0.0, "balanced", True)),
+    (["--schedule", "1f1b"], (0.0, 0.0, "balanced", True)),  # no ring: nothing to mitigate
     (["--weight-prediction", "2"], (2.0, DEFAULT_MITIGATION["lookahead"], "fresh", False)),
     (["--lookahead", "0.5"], (1.0, 0.5, "fresh", False)),
     (["--partition", "balanced"], (1.0, DEFAULT_MITIGATION["lookahead"], "balanced", False)),
-    (["--weight-prediction", "0", "--lookahead", "0", "--partition", "balanced"],
-     (0.0, 0.0, "balanced", False)),  # = --paper's update
+    (["--weight-prediction", "0", "--lookahead", "0", "--partition", "balanced", "--sync-steps", "0",
+      "--stage-clip", "whole"], (0.0, 0.0, "balanced", True)),  # = --paper's update
 ], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
 def test_defaults_and_the_paper_switch(argv, expected):
     assert ring(argv) == expected
@@ -51,10 +57,36 @@ def test_the_default_looks_ahead_and_the_paper_does_not():
 
 
 def test_the_shipped_configs_say_it():
-    assert json.load(open(os.path.join(ROOT, "ds_configs", "ouroboros.json")))["ouroboros"] == DEFAULT_MITIGATION
-    assert json.load(open(os.path.join(ROOT, "ds_configs", "ouroboros_bf16_zero1.json")))["ouroboros"] == \
-        DEFAULT_MITIGATION
-    assert json.load(open(os.path.join(ROOT, "ds_configs", "paper.json")))["ouroboros"] == {"paper": True}
+    for name in ("ouroboros.json", "ouroboros_bf16_zero1.json"):
+        section = json.load(open(os.path.join(ROOT, "ds_configs", name)))["ouroboros"]
+        assert RingConfig.from_section(section) == RingConfig() == RingConfig.from_section(None)
+    paper = json.load(open(os.path.join(ROOT, "ds_configs", "paper.json")))["ouroboros"]
+    assert paper == {"paper": True} and RingConfig.from_section(paper) == RingConfig.paper()
+
+
+def test_library_and_command_line_share_the_default():
+    """initialize's default (no object: RingConfig()) is train.py's default job's."""
+    c = parse_config([])
+    load_deepspeed_config(c)
+    assert c.ring == RingConfig() and not RingConfig().is_paper and RingConfig.paper().is_paper
+    assert RingConfig.paper(sync_steps=5).sync_steps == 5  # the paper's update with one change
+    assert RingConfig().replace(sync_steps=0) == RingConfig(sync_steps=0)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"paper": True, "sync_steps": 5}, "'ouroboros'.paper: the paper's update has no staleness mitigation, but "
+                                       "sync_steps set one"),
+    ({"weight_predictoin": 1}, "'ouroboros': unknown option\\(s\\) \\['weight_predictoin'\\]"),
+    ({"replay": "copy"}, "replay: expected one of"),
+    ({"activation_budget": "1f1b"}, "activation_budget: bounds replay 'stash'"),
+    ({"replay": "stash", "activation_budget": "lots"}, "--activation-budget 'lots': expected '1f1b'"),
+    ({"partition": "budget"}, "partition: 'budget' needs replay 'stash'"),
+    ({"stale_lr_scale": -1}, "stale_lr_scale: must be a number >= 0"),
+])
+def test_ring_config_checks_name_the_key(section, message):
+    with pytest.raises(ValueError, match=message):
+        RingConfig.from_section(section)
+    assert RingConfig.from_section({"paper": True, "sync_steps": 0}) == RingConfig.paper()  # the paper's own value
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -62,11 +94,15 @@ def test_the_shipped_configs_say_it():
     (["--paper", "--partition", "fresh"], "--paper: the paper's update has no staleness mitigation"),
     (["--paper", "--lookahead", "1"], "--paper: the paper's update has no staleness mitigation; drop "
                                       "--weight-prediction, --lookahead"),
-    (["--schedule", "1f1b", "--lookahead", "1"], "--lookahead: only the ouroboros schedule"),
+    (["--schedule", "1f1b", "--lookahead", "1"], "--lookahead: only the ouroboros schedule has a ring"),
     (["--lookahead", "-1"], "--lookahead: must be .auto. \\(2G - 1 updates\\) or a number >= 0"),
     (["--schedule", "1f1b", "--weight-prediction", "1"], "--weight-prediction: only the ouroboros schedule"),
-    (["--schedule", "1f1b", "--partition", "fresh"], "--replay/--partition apply to --schedule ouroboros only"),
-    (["--weight-prediction", "-1"], "--weight-prediction: must be >= 0"),
+    (["--schedule", "1f1b", "--partition", "fresh"], "--partition: only the ouroboros schedule"),
+    (["--schedule", "dualpipev", "--replay", "stash"], "--replay: only the ouroboros schedule"),
+    (["--weight-prediction", "-1"], "--weight-prediction: must be a number >= 0"),
+    (["--activation-budget", "1f1b"], "--activation-budget: bounds replay 'stash'"),
+    (["--partition", "budget"], "--partition: 'budget' needs replay 'stash'"),
+    (["--schedule", "ouroboros", "--activation-checkpointing"], "--activation-checkpointing applies to --schedule 1f1b"),
 ])
 def test_contradictions_name_the_flags(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -103,7 +139,7 @@ def test_a_config_object_with_a_typo_fails(tmp_path):
     cfg["ouroboros"] = {"weight_predictoin": 1}
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="unknown ouroboros option"):
+    with pytest.raises(ValueError, match="--deepspeed_config .*: 'ouroboros': unknown option"):
         load_deepspeed_config(parse_config(["--deepspeed_config", str(path)]))
 
 
@@ -112,7 +148,7 @@ def test_initialize_reads_the_object_and_hides_it_from_deepspeed(tmp_path):
 
     path = os.path.join(ROOT, "ds_configs", "ouroboros.json")
     config, section = _ring_section(path)
-    assert section == DEFAULT_MITIGATION and "ouroboros" not in config
+    assert RingConfig.from_section(section) == RingConfig() and "ouroboros" not in config
     assert _ring_section(os.path.join(ROOT, "ds_configs", "paper.json"))[1] == {"paper": True}
     plain = {"train_micro_batch_size_per_gpu": 1}
     assert _ring_section(plain) == (plain, {})
@@ -153,6 +189,7 @@ def test_sync_steps_default_and_the_paper(argv, expected):
     (["--paper", "--sync-steps", "5"], "--paper: the paper's update has no staleness mitigation; drop "
                                        "--weight-prediction, --lookahead, --sync-steps"),
     (["--schedule", "1f1b", "--sync-steps", "5"], "--sync-steps: only the ouroboros schedule"),
+    (["--schedule", "1f1b", "--stage-clip", "whole"], "--stage-clip: only the ouroboros schedule"),
 ])
 def test_sync_steps_refusals_name_the_flag(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -198,7 +235,7 @@ def test_stage_clip_default_and_the_paper(argv, expected):
 
 @pytest.mark.parametrize("argv, message", [
     (["--paper", "--stage-clip", "split"], "--paper: the paper's update has no staleness mitigation"),
-    (["--schedule", "1f1b", "--stage-clip", "split"], "--stage-clip: only the ouroboros schedule clips each stage"),
+    (["--schedule", "1f1b", "--stage-clip", "split"], "--stage-clip: only the ouroboros schedule"),
 ])
 def test_stage_clip_refusals_name_the_flag(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -210,5 +247,5 @@ def test_a_config_object_with_a_bad_stage_clip(tmp_path):
     cfg["ouroboros"] = {"stage_clip": "global"}
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="--stage-clip: must be 'split' or 'whole', got 'global'"):
+    with pytest.raises(ValueError, match="--stage-clip: must be 'split' .* or 'whole' .*, got 'global'"):
         stage_clip(["--deepspeed_config", str(path)])
