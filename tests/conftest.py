@@ -25,11 +25,12 @@ def _ds_shm_files() -> set:
         return set()
 
 
-def pytest_configure():  # before collection; pluggy passes only the arguments a hook names
-    """Also builds DeepSpeed's comm op here, once, if the install did not: a rank that a test ends
-    on purpose (a timeout, a killed peer) must never be the one building it."""
+def pytest_configure(config):
+    """Registers the ``full`` marker; also builds DeepSpeed's comm op here, once, if the install did
+    not: a rank that a test ends on purpose (a timeout, a killed peer) must never be the one building it."""
     from ouroboros_ds.pipe.launch import build_comm_op
 
+    _register_markers(config)
     _shm_before.update(_ds_shm_files())
     build_comm_op()
 
@@ -50,8 +51,25 @@ def pytest_unconfigure():
 
 def pytest_addoption(parser):
     parser.addoption("--full", action="store_true", default=False,
-                     help="run the full grids (e.g. the transport check over G 1-16 x M 1-32) instead of a "
-                          "representative point per case")
+                     help="run the full grids (e.g. the transport check over G 1-16 x M 1-32) and the tests "
+                          "marked 'full' instead of a representative point per case")
+
+
+def _register_markers(config):
+    config.addinivalue_line("markers", "full: runs only with --full (another point of a grid, or a path a quick "
+                                       "test also takes; its comment names that test)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --full, the tests marked ``full`` are deselected (reported as such, never silently)."""
+    if config.getoption("--full"):
+        return
+    kept, dropped = [], []
+    for item in items:
+        (dropped if item.get_closest_marker("full") else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 def pytest_generate_tests(metafunc):

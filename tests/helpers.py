@@ -23,10 +23,20 @@ import torch.multiprocessing as mp
 from ouroboros_ds.ring.utils import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Runs only with `pytest --full` (tests/conftest.py): another point of a grid whose quick point
+# stays, or a path a quick test also takes (the comment at each use names that test).
+FULL = pytest.mark.full
+
+
+def full(*values, id=None):
+    """A parametrize value that runs only with ``--full``."""
+    return pytest.param(*values, marks=FULL, id=id)
+
 TRAIN = os.path.join(ROOT, "train.py")
 NCCL_SITE = os.path.join(ROOT, "tests", "nccl_site")  # its sitecustomize.py: tests/nccl_emulation.py in train.py
 
-__all__ = ["ROOT", "TRAIN", "free_port", "run_ranks", "run_once", "close_pools", "SEED", "INIT_SEED", "VOCAB",
+__all__ = ["FULL", "full", "ROOT", "TRAIN", "free_port", "run_ranks", "run_once", "close_pools", "SEED", "INIT_SEED", "VOCAB",
            "SEQ", "MICRO", "CLIP", "steps_for", "ds_config", "batches", "model_plan", "ring_engine", "feed",
            "stage_parameters", "reference_run", "pipeline_logits", "ApiRecorder", "C10dRecorder", "P2P_OPS",
            "train_env", "launch_train", "run_train", "run_train_single"]

@@ -178,8 +178,9 @@ def install(timeout: float | None = None) -> None:
 
 
 def _end_streams() -> None:
-    """At exit, end the idle workers (see :func:`destroy_process_group`)."""
-    _retire(lambda st: not st.pending, 0.0, join=1.0)
+    """At exit, end the workers and wait for them (see :func:`destroy_process_group`): the idle
+    ones at once, a busy one after its operation ends (up to 2 s, then 5 s for its worker)."""
+    _retire(lambda st: True, 2.0, join=5.0)
 
 
 def _retire(select, settle: float, join: float = 0.0) -> None:
@@ -223,7 +224,8 @@ def destroy_process_group(group=None) -> None:
     everything = group is None or group is c10d.GroupMember.WORLD
     # workers joined, not left running: a worker thread that used torch and is still alive when
     # the process exits can abort it ("terminate called without an active exception")
-    _retire(lambda st: everything or st.group is group, _current_timeout(), join=5.0)
+    # (on a loaded machine a worker can take seconds to wake: join for the whole timeout)
+    _retire(lambda st: everything or st.group is group, _current_timeout(), join=_current_timeout())
     return _originals["destroy_process_group"](group)
 
 

@@ -104,11 +104,8 @@ class OuroborosPipelineModule(TiedSyncWithoutGraph, PipelineModule):
             super().load_state_dir(*args, **kwargs)
 
     def describe(self) -> list[str]:
-        """One line per local module: its layers and parameter count (for the start-up summary);
-        with ``stage_costs`` set (e.g. by train.py's balanced partition), the modelled per-stage work."""
+        """One line per local module: its layers and parameter count (for the start-up summary)."""
         lines = []
-        if getattr(self, "partition_note", None):
-            lines.append(self.partition_note)
         for k in self.local_modules:
             start, stop = self.module_bounds[k - 1]
             n = sum(p.numel() for p in self.module_parameters(k))

@@ -34,36 +34,49 @@ class Trainer:
 
     # ------------------------------------------------------------------ build
     def build(self) -> None:
-        """Everything that can be wrong with the input is checked before the process group starts
-        (a bad launch ends at once, on every rank, with the same line)."""
+        """One pass: check every input, start the process group, build the module and the engine,
+        say what runs, resume. The checks come before the process group, so a bad launch ends at
+        once, on every rank, with the same line."""
+        pretrained = self._check_inputs()
+        self._start_process_group()
+        model, replay_plan, notes = self._module()
+        self.engine = self._engine(model, replay_plan, pretrained)
+        self._batches()
+        self._announce(pretrained, notes)
+        self._resume()
+
+    def _check_inputs(self) -> bool:
+        """The DeepSpeed config, the data and the model checked against each other; returns whether
+        --model is a Hugging Face directory."""
         from ouroboros_ds.train import data as D
 
         c = self.config
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        ds = load_deepspeed_config(c)
+        self.ds = ds = load_deepspeed_config(c)
         c.pipeline.stages(world)
-        self.tok = tok = D.load_token_data(c.data.name, c.data.tokenizer, max_bytes=c.data.max_bytes)
-        self.mcfg, pretrained = model_config(c, tok.vocab_size)
-        mcfg = self.mcfg
-        mb = ds["train_micro_batch_size_per_gpu"]  # the engine's too: the config must name it
-        check_model(c, mcfg, tok, mb, world)
-        recurrent = getattr(mcfg, "arch", "gpt2") == "transfo-xl"  # memory needs each row to continue its text
-        self.val = D.eval_batches(tok.val, c.training.seq_len, mb, max_batches=c.training.eval_batches,
-                                  ordered=recurrent)
-        if c.pipeline.schedule == "dualpipev":  # before the process group: the same line on every rank
+        self.tok = D.load_token_data(c.data.name, c.data.tokenizer, max_bytes=c.data.max_bytes)
+        self.mcfg, pretrained = model_config(c, self.tok.vocab_size)
+        check_model(c, self.mcfg, self.tok, ds["train_micro_batch_size_per_gpu"], world)
+        # Transformer-XL's memory needs each row to continue its own text
+        self.recurrent = getattr(self.mcfg, "arch", "gpt2") == "transfo-xl"
+        self.val = D.eval_batches(self.tok.val, c.training.seq_len, ds["train_micro_batch_size_per_gpu"],
+                                  max_batches=c.training.eval_batches, ordered=self.recurrent)
+        if c.pipeline.schedule == "dualpipev":
             from ouroboros_ds.pipe.baseline import check_dualpipev
             check_dualpipev(ds["gradient_accumulation_steps"], c.pipeline.stages(world), len(self.val))
+        return pretrained
 
+    def _start_process_group(self) -> None:
         import datetime
 
         import torch
         from deepspeed.accelerator import get_accelerator
 
-        from ouroboros_ds.train import hf, runlog
-        from ouroboros_ds import initialize
         from ouroboros_ds.pipe.launch import init_distributed
+        from ouroboros_ds.train import runlog
 
-        runlog.wandb_mode_default(ds)  # before initialize: DeepSpeed's monitor calls wandb.init
+        c = self.config
+        runlog.wandb_mode_default(self.ds)  # before initialize: DeepSpeed's monitor calls wandb.init
         if get_accelerator().device_name() == "cpu":
             # Ranks share the cores; oversubscribed threads make steps 2-4x slower and erratic.
             local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
@@ -79,60 +92,76 @@ class Trainer:
         self.G = c.pipeline.stages(self.world)
         self.log = self.rank == 0
 
-        model = self._module()
+    def _engine(self, model, replay_plan, pretrained: bool):
+        from ouroboros_ds import initialize
+        from ouroboros_ds.train import hf
+
+        c = self.config
         if pretrained and hf.has_weights(c.model.name):
-            hf.load_pretrained_weights(model, c.model.name, mcfg)  # before initialize: fp16/ZeRO copy them
+            hf.load_pretrained_weights(model, c.model.name, self.mcfg)  # before initialize: fp16/ZeRO copy them
         params = [p for p in model.parameters() if p.requires_grad]
         if c.ring.stale_lr_scale:
             from ouroboros_ds.ring.staleness import pipeline_groups
-            params = pipeline_groups(model, ds.get("optimizer", {}).get("params", {}).get("lr", 1e-3),
+            params = pipeline_groups(model, self.ds.get("optimizer", {}).get("params", {}).get("lr", 1e-3),
                                      c.ring.stale_lr_scale)
-        self.engine, *_ = initialize(model=model, model_parameters=params, config=ds, seed=c.training.seed,
-                                     ring=c.ring if c.pipeline.schedule == "ouroboros" else None,
-                                     replay_plan=getattr(model, "replay_plan", None))
-        engine = self.engine
+        engine, *_ = initialize(model=model, model_parameters=params, config=self.ds, seed=c.training.seed,
+                                ring=c.ring if c.pipeline.schedule == "ouroboros" else None, replay_plan=replay_plan)
+        return engine
 
+    def _batches(self) -> None:
+        """The training stream of this replica, and where the metrics go."""
+        from ouroboros_ds.train import data as D
+
+        c, engine = self.config, self.engine
         mb, M = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
         dp, dp_rank = engine.dp_world_size, engine.mpu.get_data_parallel_rank()
-        seq_len = c.training.seq_len
-        self.stream = D.BatchStream(tok.train, seq_len, mb, M, dp_rank=dp_rank, dp_size=dp, seed=c.training.seed,
-                                    ordered=recurrent)
-        self.tokens_per_step = mb * M * dp * seq_len
+        self.stream = D.BatchStream(self.tok.train, c.training.seq_len, mb, M, dp_rank=dp_rank, dp_size=dp,
+                                    seed=c.training.seed, ordered=self.recurrent)
+        self.tokens_per_step = mb * M * dp * c.training.seq_len
         self.out = open(c.logging.metrics, "a") if (self.log and c.logging.metrics) else None
 
+    def _announce(self, pretrained: bool, notes: list) -> None:
+        """Rank 0 prints the run's settings and every stage's summary (a collective: every rank
+        reports), and writes the delays to the metrics."""
+        from ouroboros_ds.train import hf, runlog
+
+        c, engine, tok = self.config, self.engine, self.tok
         runlog.track_waits(engine)  # per-stage utilization for --stage-stats-every
         self.peak = runlog.PeakMemory(engine)  # per-stage peak memory for --stage-stats-every
-        summary = runlog.startup_summary(engine)  # collective: every rank reports its stage
-        dims = hf.dims(mcfg)
-        if self.log:
-            print(f"ouroboros-ds: schedule={c.pipeline.schedule} "
-                  f"replay={c.ring.replay if c.pipeline.schedule == 'ouroboros' else '-'} "
-                  f"weight_prediction={c.ring.weight_prediction} lookahead={getattr(engine, 'lookahead', c.ring.lookahead)} "
-                  f"sync_steps={c.ring.sync_steps} stage_clip={c.ring.stage_clip} "
-                  f"activation_checkpointing={c.pipeline.activation_checkpointing} G={self.G} dp={dp} M={M} "
-                  f"micro-batch={mb} seq={seq_len} vocab={tok.vocab_size} layers={dims['n_layer']} d={dims['n_embd']} "
-                  f"train_tokens={len(tok.train):,} unigram_entropy={tok.unigram_entropy_bits:.3f} bits/token",
-                  flush=True)
-            if "model_type" in dims:
-                print(f"  model: {dims['model_type']} ({'tied' if dims['tied'] else 'untied'} head, "
-                      f"{dims['n_head']} heads / {dims['n_kv_head']} key-value heads, vocab_size={dims['vocab_size']})",
-                      flush=True)
-                if seq_len > dims["n_positions"]:
-                    print(f"  note: --seq-len {seq_len} > max_position_embeddings={dims['n_positions']}: rotary "
-                          "positions beyond the model's configured context", flush=True)
-            if pretrained:
-                print(f"  initialized from {c.model.name}" if hf.has_weights(c.model.name)
-                      else f"  config from {c.model.name} (no weights there: random init)", flush=True)
-            if getattr(model, "partition_note", None):
-                print(f"  {model.partition_note}", flush=True)
-            if getattr(model, "plan_note", None):
-                print(f"  {model.plan_note}", flush=True)
-            for line in summary:
-                print(line, flush=True)
-            self.emit({"step": 0, "delays": runlog.delays(engine)})
-
-        self.first = 0
+        summary = runlog.startup_summary(engine)
+        dims = hf.dims(self.mcfg)
         self.ckpt_meta = {"model": dims}
+        if not self.log:
+            return
+        ring = c.pipeline.schedule == "ouroboros"
+        seq_len = c.training.seq_len
+        print(f"ouroboros-ds: schedule={c.pipeline.schedule} "
+              + (f"replay={c.ring.replay} weight_prediction={c.ring.weight_prediction} lookahead={engine.lookahead} "
+                 f"sync_steps={c.ring.sync_steps} stage_clip={c.ring.stage_clip} " if ring else
+                 f"activation_checkpointing={c.pipeline.activation_checkpointing} ")
+              + f"G={self.G} dp={engine.dp_world_size} M={engine.gradient_accumulation_steps()} "
+              f"micro-batch={engine.train_micro_batch_size_per_gpu()} seq={seq_len} vocab={tok.vocab_size} "
+              f"layers={dims['n_layer']} d={dims['n_embd']} train_tokens={len(tok.train):,} "
+              f"unigram_entropy={tok.unigram_entropy_bits:.3f} bits/token", flush=True)
+        if "model_type" in dims:
+            print(f"  model: {dims['model_type']} ({'tied' if dims['tied'] else 'untied'} head, "
+                  f"{dims['n_head']} heads / {dims['n_kv_head']} key-value heads, vocab_size={dims['vocab_size']})",
+                  flush=True)
+            if seq_len > dims["n_positions"]:
+                print(f"  note: --seq-len {seq_len} > max_position_embeddings={dims['n_positions']}: rotary "
+                      "positions beyond the model's configured context", flush=True)
+        if pretrained:
+            print(f"  initialized from {c.model.name}" if hf.has_weights(c.model.name)
+                  else f"  config from {c.model.name} (no weights there: random init)", flush=True)
+        for line in notes:
+            print(f"  {line}", flush=True)
+        for line in summary:
+            print(line, flush=True)
+        self.emit({"step": 0, "delays": runlog.delays(engine)})
+
+    def _resume(self) -> None:
+        c, engine = self.config, self.engine
+        self.first = 0
         load = c.checkpoint.load
         # `--save DIR --load DIR` on every launch of a requeued job: the first launch finds no save yet.
         if load and not c.checkpoint.has_save():
@@ -146,8 +175,8 @@ class Trainer:
                 print(f"resumed from {load} at step {self.first}", flush=True)
 
     def _module(self):
-        """The pipeline module: the Ouroboros ring (its partition printed at start-up) or, for the
-        baseline, DeepSpeed's PipelineModule over the same layers."""
+        """(the pipeline module, its replay plan or None, lines that describe its split): the
+        Ouroboros ring or, for the baseline, DeepSpeed's PipelineModule over the same layers."""
         from ouroboros_ds.train import hf
         from ouroboros_ds.models import families as models_hf
         from ouroboros_ds.models.gpt2 import lm_loss
@@ -157,49 +186,49 @@ class Trainer:
         if c.pipeline.schedule == "ouroboros":
             from ouroboros_ds.core.partition import balanced_blocks_per_module, stage_costs_of
             from ouroboros_ds.pipe.module import OuroborosPipelineModule
-            bpm, note, chosen = None, None, None
+            bpm, notes, chosen = None, [], None
             if c.ring.partition == "budget":  # blocks and kept graphs chosen together
                 bpm, chosen = self._budget_partition(plan)
-                note = f"partition budget: blocks of modules 1..K {bpm}"
+                notes.append(f"partition budget: blocks of modules 1..K {bpm}")
             if c.ring.partition in ("balanced", "fresh"):
                 costs = hf.layer_costs_of(mcfg, self.tok.vocab_size, c.training.seq_len)
                 bpm = balanced_blocks_per_module(len(plan.block_indices), G, costs, c.ring.replay,
                                                  fresh=c.ring.partition == "fresh")
                 work = stage_costs_of(bpm, costs, c.ring.replay)
-                note = (f"partition {c.ring.partition}: blocks of modules 1..K {bpm}; modelled work per stage "
-                        f"(block forwards per micro-batch) " + ", ".join(f"{w / costs['block']:.2f}" for w in work))
+                notes.append(f"partition {c.ring.partition}: blocks of modules 1..K {bpm}; modelled work per stage "
+                             f"(block forwards per micro-batch) " + ", ".join(f"{w / costs['block']:.2f}" for w in work))
             model = OuroborosPipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss,
                                             block_indices=plan.block_indices, blocks_per_module=bpm)
-            model.partition_note = note
-            if c.ring.replay == "stash":  # the memory-bounded replay: which forwards keep their graph
-                if chosen is None:  # the plan for the partition this run uses
-                    from ouroboros_ds.ring.memory import plan_replay
-                    from ouroboros_ds.ring.reference import build_layers
-                    chosen = plan_replay(build_layers(plan), plan.block_indices, self._sample(), G,
-                                         self._micro_batches(), model.module_bounds, self._budget())
-                model.replay_plan, model.plan_note = chosen.plan, chosen.describe()
-            return model
+            if c.ring.replay != "stash":
+                return model, None, notes
+            if chosen is None:  # the memory-bounded replay: which forwards keep their graph, for this partition
+                from ouroboros_ds.ring.memory import plan_replay
+                from ouroboros_ds.ring.reference import build_layers
+                chosen = plan_replay(build_layers(plan), plan.block_indices, self._sample(), G,
+                                     self._micro_batches(), model.module_bounds, self._budget())
+            return model, chosen.plan, [*notes, chosen.describe()]
         if c.pipeline.schedule == "dualpipev":
             from ouroboros_ds.pipe.baseline import BaselineDualPipeVModule
-            return BaselineDualPipeVModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block")
+            return BaselineDualPipeVModule(plan.specs, num_stages=G, loss_fn=lm_loss,
+                                           partition_method="type:Block"), None, []
         from ouroboros_ds.pipe.baseline import BaselinePipelineModule
         return BaselinePipelineModule(plan.specs, num_stages=G, loss_fn=lm_loss, partition_method="type:Block",
                                       activation_checkpoint_interval=1 if c.pipeline.activation_checkpointing else 0,
                                       # only the blocks: reentrant checkpointing of the embedding (integer
                                       # input) would cut it off from autograd
-                                      checkpointable_layers=["Block", "XLBlock", models_hf.BLOCK_CLASS])
+                                      checkpointable_layers=["Block", "XLBlock", models_hf.BLOCK_CLASS]), None, []
 
     def _budget(self) -> str:
         return self.config.ring.activation_budget or "1f1b"
 
     def _micro_batches(self) -> int:
-        return load_deepspeed_config(self.config)["gradient_accumulation_steps"]
+        return self.ds["gradient_accumulation_steps"]
 
     def _sample(self):
         """One micro-batch of token ids: what the replay planner measures the layers on."""
         import torch
 
-        mb = load_deepspeed_config(self.config)["train_micro_batch_size_per_gpu"]
+        mb = self.ds["train_micro_batch_size_per_gpu"]
         g = torch.Generator().manual_seed(0)
         return torch.randint(0, self.tok.vocab_size, (mb, self.config.training.seq_len), generator=g)
 

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from helpers import run_train, run_train_single, train_env
+from helpers import FULL, run_train, run_train_single, train_env
 
 
+@FULL  # every configuration of the table also runs, on one process, in test_gpu_check
 def test_bench_one_command_table(tmp_path):
     """The benchmark runs every configuration in one invocation and prints one table (tiny model),
     its ranks under the emulation of NCCL's point-to-point rules."""
@@ -40,14 +41,15 @@ def test_train_flags_replay_stash_and_activation_checkpointing(tmp_path):
     common = ["--steps", "2", "--seq-len", "32", "--model", "tiny", "--eval-batches", "1", "--eval-every", "0",
               "--max-bytes", "200000", "--no-progress"]
     firsts = []
-    for extra in (["--replay", "stash"], ["--schedule", "1f1b", "--activation-checkpointing"]):
+    for extra in (["--replay", "stash", "--sync-steps", "1"], ["--schedule", "1f1b", "--activation-checkpointing"]):
         m = tmp_path / f"{extra[1]}.jsonl"
         r = run_train(common + extra + ["--metrics", str(m)], nproc=1 if extra[0] == "--schedule" else 2)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         firsts.append(next(x for x in map(json.loads, m.read_text().splitlines()) if "loss" in x)["loss"])
         if extra[0] == "--replay":
             assert "replay=stash" in r.stdout and "partition fresh: blocks of modules 1..K" in r.stdout
-            assert "weight_prediction=1.0 lookahead=3.0 sync_steps=100 stage_clip=split" in r.stdout  # the default
+            # the default's mitigations, with one synchronous step so that step 1 runs the ring
+            assert "weight_prediction=1.0 lookahead=3.0 sync_steps=1 stage_clip=split" in r.stdout
         else:
             assert "activation_checkpointing=True" in r.stdout
     assert firsts[0] == pytest.approx(firsts[1], rel=1e-5)  # same weights, data and dropout masks
@@ -59,13 +61,15 @@ def test_train_flag_mismatch_is_one_clear_line():
     assert "Traceback" not in r.stderr
 
 
+@FULL  # DualPipeV through train.py: test_train_dualpipev_evaluates_any_count_of_validation_batches;
+# stash through train.py: test_train_flags_replay_stash_and_activation_checkpointing
 def test_train_dualpipev_same_first_loss_and_peak_memory(tmp_path):
     """--schedule dualpipev (DeepSpeed's DualPipeV, keyed dropout) starts from the same loss as the
     ring on the same seed; both write measured per-stage peak memory into the stage-stats records."""
     common = ["--steps", "2", "--seq-len", "32", "--model", "tiny", "--eval-batches", "4", "--eval-every", "0",
               "--max-bytes", "200000", "--no-progress", "--stage-stats-every", "1"]
     firsts = []
-    for extra in (["--schedule", "dualpipev"], ["--replay", "stash"]):
+    for extra in (["--schedule", "dualpipev"], ["--replay", "stash", "--sync-steps", "1"]):
         m = tmp_path / f"{extra[1]}.jsonl"
         r = run_train(common + extra + ["--metrics", str(m)], nproc=2)
         assert r.returncode == 0, r.stderr[-3000:]

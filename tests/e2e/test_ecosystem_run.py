@@ -72,7 +72,8 @@ def test_hf_model_wandb_offline_export_end_to_end(tmp_path):
     env.update(WANDB_DIR=str(tmp_path), HOME=str(tmp_path), WANDB_SILENT="true")
     steps = 10
     r = run_train(["--model", str(src), "--wandb", "ouroboros-test", "--export", str(out), "--metrics", str(metrics),
-                   "--steps", str(steps), "--seq-len", "32", "--max-bytes", "100000", "--eval-every", "5",
+                   "--steps", str(steps), "--sync-steps", "3", "--seq-len", "32", "--max-bytes", "100000",
+                   "--eval-every", "5",
                    "--eval-batches", "2", "--stage-stats-every", "5"], env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT
+from helpers import FULL, ROOT
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import staleness as E  # noqa: E402
 
@@ -20,6 +20,7 @@ def test_at_time_and_flatness():
     assert E.last_quarter_drop(r) == pytest.approx(3.5 - 3.4)  # from step 30 (75% of 40) to the end
 
 
+@FULL  # the tool's runs under --out and their reuse: test_run_names
 def test_grid_runs_tables_and_reuses(tmp_path):
     out = tmp_path / "s"
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "staleness.py"), "--out", str(out), "--data", "shakespeare",

@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from helpers import ROOT, run_train
+from helpers import FULL, full, ROOT, run_train
 
 SEQ = 32
 
@@ -56,7 +56,7 @@ def _save(kind: str, path: str):
     return type(model)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", full("qwen2", id="qwen2")])  # qwen2: --full
 def test_train_py_loads_trains_and_exports(tmp_path, kind):
     from transformers import AutoModelForCausalLM
 
@@ -67,8 +67,8 @@ def test_train_py_loads_trains_and_exports(tmp_path, kind):
     cls = _save(kind, src)
     text = _text(tmp_path)
     r = run_train(["--model", src, "--export", out, "--data", text, "--deepspeed_config", _ds_config(tmp_path),
-              "--steps", "6", "--seq-len", str(SEQ), "--eval-every", "0", "--eval-batches", "3", "--no-progress",
-              "--metrics", str(metrics)])
+              "--steps", "6", "--sync-steps", "2", "--seq-len", str(SEQ), "--eval-every", "0", "--eval-batches", "3",
+              "--no-progress", "--metrics", str(metrics)])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Warning:" not in r.stderr + r.stdout, (r.stderr + r.stdout)[-3000:]
     assert f"initialized from {src}" in r.stdout and f"exported to {out}" in r.stdout
@@ -91,6 +91,7 @@ def test_train_py_loads_trains_and_exports(tmp_path, kind):
     assert abs(loss - val["val_loss"]) <= 1e-5 * val["val_loss"], (loss, val)
 
 
+@FULL  # 1F1B with activation checkpointing through train.py: test_bench_and_flags
 def test_train_py_named_llama_with_1f1b_and_checkpointing(tmp_path):
     r = run_train(["--model", "llama-tiny-untied", "--schedule", "1f1b", "--activation-checkpointing",
               "--data", _text(tmp_path), "--deepspeed_config", _ds_config(tmp_path), "--steps", "3",

@@ -5,9 +5,8 @@ import os
 import subprocess
 import sys
 
-import pytest
 
-from helpers import ROOT
+from helpers import FULL, ROOT
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import parity as P  # noqa: E402
 
@@ -68,6 +67,7 @@ def test_stash_column_only_where_stash_is_the_same_update():
     assert not P.stash_is_same_update(g3, P.variant_options("default"))
 
 
+@FULL  # parity.py's runs under --raw and their reuse: test_run_names
 def test_protocol_runs_tables_and_reuses(tmp_path):
     out, raw = tmp_path / "out", tmp_path / "raw"
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "parity.py"), "--out", str(out), "--raw", str(raw),

@@ -16,7 +16,7 @@ import pytest
 
 from slurm_cluster import LocalSlurm, missing_binaries
 
-from helpers import ROOT
+from helpers import FULL, ROOT
 STEPS = 24
 
 
@@ -47,6 +47,7 @@ def _segments(path):
     return segs
 
 
+@FULL  # needs a Slurm; .ci/run installs one and runs --full
 def test_sbatch_trains_writes_metrics_and_requeues_on_usr1(slurm, tmp_path):
     run_dir = tmp_path / "run"
     env = dict(slurm.env, PYTHON=sys.executable, OUROBOROS_DIR=ROOT, RUN_DIR=str(run_dir), OMP_NUM_THREADS="1",
@@ -58,7 +59,8 @@ def test_sbatch_trains_writes_metrics_and_requeues_on_usr1(slurm, tmp_path):
     # 2 tasks, even on a 2-core node; -O (overcommit) so a busy machine does not leave it pending.
     sub = slurm.run(["sbatch", "--parsable", "-O", "--chdir", str(tmp_path), "--output", str(tmp_path / "job.out"),
                      os.path.join(ROOT, "launch_scripts", "ouroboros.sbatch"),
-                     "--steps", str(STEPS), "--seq-len", "32", "--max-bytes", "200000", "--eval-every", "12",
+                     "--steps", str(STEPS), "--sync-steps", "2", "--seq-len", "32", "--max-bytes", "200000",
+                     "--eval-every", "12",
                      "--eval-batches", "2", "--stage-stats-every", "12"], env=env)
     job = sub.stdout.strip().split(";")[0]
     metrics = run_dir / "metrics.jsonl"

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from helpers import run_train, run_train_single
+from helpers import FULL, run_train, run_train_single
 
 
+@FULL  # a quality check of 100+ steps; every path it takes runs in the quick e2e runs
 def test_short_run_learns_well_below_unigram_entropy(tmp_path):
     metrics = tmp_path / "m.jsonl"
     r = run_train(["--steps", "300", "--seq-len", "64", "--lr", "1e-3", "--eval-every", "150",

@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import (SEED, VOCAB, batches, ds_config, paper, pipeline_logits, reference_run, run_once, run_ranks,
+from helpers import (FULL, full, SEED, VOCAB, batches, ds_config, paper, pipeline_logits, reference_run, run_once, run_ranks,
                      stage_parameters, steps_for)
 
 SEQ = 8  # the length of helpers.batches
@@ -164,8 +164,12 @@ def ring_run(tmp_path_factory):
                               prepare=_save_llamas if G == 2 else None)
 
 
-@pytest.mark.parametrize("case", [(G, *c) for G in (2, 3) for c in CASES[G]],
-                         ids=lambda c: f"G{c[0]}-{'tied' if c[1] else 'untied'}-M{c[2]}-{c[3]}")
+QUICK = {(2, True, 1, "recompute"), (2, False, 4, "stash"), RESUME}  # the other cases: --full
+
+
+@pytest.mark.parametrize("case", [pytest.param((G, *c), marks=() if (G, *c) in QUICK else FULL,
+                                               id=f"G{G}-{'tied' if c[0] else 'untied'}-M{c[1]}-{c[2]}")
+                                  for G in (2, 3) for c in CASES[G]])
 def test_llama_engine_equals_reference_bitwise(ring_run, case):
     G, tied, M, replay = case
     ranks = [r[(tied, M, replay)] for r in ring_run(G)[1]]
@@ -196,6 +200,7 @@ def _reference_init(tied):
                     yield f"{i}.{n}", p.detach()
 
 
+@FULL  # resume: test_resilience_checkpoint (GPT-2); the Llama state is the same engine state
 def test_llama_resume_is_bitwise(ring_run, tmp_path):
     out, ranks = ring_run(2)
     run_ranks(resume_worker, 2, out, tmpdir=str(tmp_path), timeout=300, fresh=True)
@@ -217,7 +222,7 @@ def test_stock_1f1b_runs_the_same_llama(ring_run):
     assert all(abs(g["loss"] - ours) <= 1e-6 * abs(ours) for g in got), (got, ours)
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("tied", [pytest.param(True, id="tied"), full(False, id="untied")])
 def test_llama_load_train_export_through_the_ring(ring_run, tied):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
@@ -274,6 +279,7 @@ def dp_worker(rank, out):
     torch.save(results, os.path.join(out, f"dp{rank}.pt"))
 
 
+@FULL  # ZeRO-1 + bf16 on 2 x 2: test_scale_out (GPT-2)
 def test_llama_zero1_and_bf16_on_two_replicas(tmp_path):
     run_ranks(dp_worker, 4, str(tmp_path), tmpdir=str(tmp_path), timeout=600)
     ranks = [torch.load(tmp_path / f"dp{r}.pt") for r in range(4)]

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from helpers import P2P_OPS, C10dRecorder, run_ranks, run_train, train_env
+from helpers import FULL, P2P_OPS, C10dRecorder, run_ranks, run_train, train_env
 
 DEADLOCK_WAIT = 2.0  # seconds a wait() may block in the deadlock tests before the emulation reports it
 SCRATCH_TIMEOUT = 5  # gloo's timeout of a group a test deadlocks on purpose: its stuck operations end then
@@ -286,6 +286,7 @@ def test_stock_pipeline_trains_the_same_under_the_emulation(tmp_path, schedule):
         assert {op.op for op in data} == {"send", "recv"}
 
 
+@FULL  # the control in-process: test_stock_pipeline_trains_the_same_under_the_emulation[1f1b]
 def test_train_py_1f1b_runs_under_the_emulation(tmp_path):
     log = tmp_path / "emulation.log"
     r = run_train(["--schedule", "1f1b", "--steps", "3", "--seq-len", "32", "--max-bytes", "100000",

@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 
-from helpers import SEED, batches, ds_config, model_plan, paper, ring_engine, run_ranks, stage_parameters
+from helpers import full, SEED, batches, ds_config, model_plan, paper, ring_engine, run_ranks, stage_parameters
 
 H = 1.0  # horizon, as a multiple of each module's delay
 T, SAVE_AT = 6, 3
@@ -105,7 +105,8 @@ def _check_equals_reference(G, M, full, replay):
     assert any(not torch.equal(ref[n], plain[n]) for n in ref), "prediction changed nothing: the test is blind"
 
 
-@pytest.mark.parametrize("replay", ("stash", "recompute"))
+# stash with prediction: test_sync_steps (G = 2, M = 4) and test_replay_plan run it too
+@pytest.mark.parametrize("replay", (full("stash", id="stash"), "recompute"))
 def test_engine_with_prediction_equals_reference_and_resumes_bitwise(tmp_path, replay):
     G, M = 2, 4
     ckpt = str(tmp_path / "ckpt")
@@ -122,7 +123,8 @@ def test_engine_with_prediction_equals_reference_and_resumes_bitwise(tmp_path, r
             assert torch.equal(p, res["params"][name]), f"rank {r} {name}: resumed != uninterrupted"
 
 
-@pytest.mark.parametrize("replay", ("stash", "recompute"))
+# stash with prediction: test_sync_steps (G = 2, M = 4) and test_replay_plan run it too
+@pytest.mark.parametrize("replay", (full("stash", id="stash"), "recompute"))
 def test_engine_with_prediction_equals_reference_g3_m1(tmp_path, replay):
     G, M = 3, 1
     run_ranks(worker, G, G, M, "", str(tmp_path), False, replay, tmpdir=str(tmp_path), timeout=300)

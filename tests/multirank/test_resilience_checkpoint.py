@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from helpers import batches, ds_config, model_plan, ring_engine, run_once, stage_parameters
+from helpers import full, batches, ds_config, model_plan, ring_engine, run_once, stage_parameters
 
 M_VALUES = (1, 4)
 MODEL_META = {"model": {"n_layer": 4, "n_embd": 16}}
@@ -144,7 +144,7 @@ def runs(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("G", (2, 3), ids=lambda g: f"G{g}")
+@pytest.mark.parametrize("G", [pytest.param(2, id="G2"), full(3, id="G3")])  # G = 3: --full
 def test_resume_is_bitwise_exact(runs, G):
     run = runs(G)
     for M in M_VALUES:
@@ -168,7 +168,7 @@ def test_resume_is_bitwise_exact(runs, G):
             assert any(not torch.equal(p, full["params_at_save"][n]) for n, p in full["params"].items())
 
 
-@pytest.mark.parametrize("G", (2, 3), ids=lambda g: f"G{g}")
+@pytest.mark.parametrize("G", [pytest.param(2, id="G2"), full(3, id="G3")])  # G = 3: --full
 def test_crash_mid_save_keeps_previous_and_mismatch_errors(runs, G):
     run = runs(G)
     T = total_steps(G)

@@ -25,7 +25,7 @@ import os
 import pytest
 import torch
 
-from helpers import (batches, ds_config, initialize_reads, reference_run, ring_engine, run_once, run_ranks,
+from helpers import (FULL, full, batches, ds_config, initialize_reads, reference_run, ring_engine, run_once, run_ranks,
                      stage_parameters)
 
 # Three synchronous steps: step 0's LR is 0 (WarmupCosineLR), so step 2 is the first with a last
@@ -135,7 +135,8 @@ def _reference(G, M, replay, sync_steps):
                          stage_clip=CLIP)
 
 
-@pytest.mark.parametrize("G", G_VALUES, ids=lambda g: f"G{g}")
+# quick: G = 2 (its stash run at M = 4 included); G = 1 and 3 with --full
+@pytest.mark.parametrize("G", [full(G, id=f"G{G}") if G != 2 else pytest.param(G, id=f"G{G}") for G in G_VALUES])
 def test_engine_with_sync_steps_equals_reference(ring_run, G):
     _, ranks = ring_run(G)
     for replay, M in _cases(G):
@@ -187,6 +188,7 @@ def test_zero1_keeps_module_1_still_after_the_synchronous_steps(ring_run):
             torch.testing.assert_close(p, ref[name].detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+@FULL  # a save after the synchronous steps, resumed in the ring: test_resilience_train's preemption test
 def test_resume_with_sync_steps_is_bitwise(ring_run, tmp_path):
     out, full = ring_run(RESUME_G)
     ckpt = os.path.join(out, "ckpt")
