@@ -33,10 +33,16 @@ def full(*values, id=None):
     """A parametrize value that runs only with ``--full``."""
     return pytest.param(*values, marks=FULL, id=id)
 
+
+def quick_points(values, quick, id):
+    """Parametrize values of a grid: those in ``quick`` always run, the others with ``--full``.
+    ``values``: tuples; ``id(*value)``: each one's test id."""
+    return [pytest.param(*v, id=id(*v), marks=() if v in quick else FULL) for v in values]
+
 TRAIN = os.path.join(ROOT, "train.py")
 NCCL_SITE = os.path.join(ROOT, "tests", "nccl_site")  # its sitecustomize.py: tests/nccl_emulation.py in train.py
 
-__all__ = ["FULL", "full", "ROOT", "TRAIN", "free_port", "run_ranks", "run_once", "close_pools", "SEED", "INIT_SEED", "VOCAB",
+__all__ = ["FULL", "full", "quick_points", "ROOT", "TRAIN", "free_port", "run_ranks", "run_once", "close_pools", "SEED", "INIT_SEED", "VOCAB",
            "SEQ", "MICRO", "CLIP", "steps_for", "ds_config", "batches", "model_plan", "ring_engine", "feed",
            "stage_parameters", "reference_run", "pipeline_logits", "ApiRecorder", "C10dRecorder", "P2P_OPS",
            "train_env", "launch_train", "run_train", "run_train_single"]

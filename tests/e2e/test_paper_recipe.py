@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from helpers import ROOT
+from helpers import FULL, ROOT
 
 
+@FULL  # the paper's update through the flags: test_ring_config; Transformer-XL in the ring: test_xl
 def test_paper_recipe_runs_with_the_papers_schedule(tmp_path):
     cfg = json.load(open(os.path.join(ROOT, "ds_configs", "paper.json")))
     opt = cfg["optimizer"]["params"]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, launch_train
+from helpers import FULL, ROOT, launch_train
 TINY = '{"n_layer": 2, "n_embd": 16, "n_head": 2, "n_positions": 32}'
 
 
@@ -227,6 +227,7 @@ def _hung_worker(rank, out):
     os._exit(0)
 
 
+@FULL  # a lost peer: test_killed_rank_ends_the_job_with_a_clear_error; a stuck step: test_watchdog_ends_a_stuck_step
 def test_hung_rank_times_out(tmp_path):
     """A silent peer: the ring's receive fails after the process-group timeout (3 s here), which
     train.py sets from --comm-timeout and turns into one 'lost a peer' line (see the kill test)."""

@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 
-from helpers import full, SEED, batches, ds_config, model_plan, paper, ring_engine, run_ranks, stage_parameters
+from helpers import FULL, full, SEED, batches, ds_config, model_plan, paper, ring_engine, run_ranks, stage_parameters
 
 H = 1.0  # horizon, as a multiple of each module's delay
 T, SAVE_AT = 6, 3
@@ -105,8 +105,10 @@ def _check_equals_reference(G, M, full, replay):
     assert any(not torch.equal(ref[n], plain[n]) for n in ref), "prediction changed nothing: the test is blind"
 
 
-# stash with prediction: test_sync_steps (G = 2, M = 4) and test_replay_plan run it too
-@pytest.mark.parametrize("replay", (full("stash", id="stash"), "recompute"))
+# with --full: the engine with prediction equals the Reference in test_engine_with_prediction_equals_reference_g3_m1
+# and test_sync_steps (the default's mitigations); a resume with prediction: test_resilience_train's preemption test
+@FULL
+@pytest.mark.parametrize("replay", ("stash", "recompute"))
 def test_engine_with_prediction_equals_reference_and_resumes_bitwise(tmp_path, replay):
     G, M = 2, 4
     ckpt = str(tmp_path / "ckpt")
@@ -123,7 +125,7 @@ def test_engine_with_prediction_equals_reference_and_resumes_bitwise(tmp_path, r
             assert torch.equal(p, res["params"][name]), f"rank {r} {name}: resumed != uninterrupted"
 
 
-# stash with prediction: test_sync_steps (G = 2, M = 4) and test_replay_plan run it too
+# stash with prediction: test_sync_steps (G = 2, M = 4) runs it in the quick set
 @pytest.mark.parametrize("replay", (full("stash", id="stash"), "recompute"))
 def test_engine_with_prediction_equals_reference_g3_m1(tmp_path, replay):
     G, M = 3, 1

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from helpers import (full, SEED, batches, ds_config, feed, model_plan, paper, ring_engine, run_ranks, stage_parameters,
+from helpers import (FULL, full, SEED, batches, ds_config, feed, model_plan, paper, ring_engine, run_ranks, stage_parameters,
                      steps_for)
 
 # per G: the plans run (a module missing from a plan keeps every graph)
@@ -129,6 +129,7 @@ def resume_worker(rank, ckpt, out, resume):
                os.path.join(out, f"{'resume' if resume else 'full'}{rank}.pt"))
 
 
+@FULL  # a stash-mode resume: test_stash_resume; every plan's update: test_every_plan_equals_stash_reference_bitwise
 def test_mixed_plan_resume_is_bitwise(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     run_ranks(resume_worker, G_RES, ckpt, str(tmp_path), False, tmpdir=str(tmp_path), timeout=300, fresh=True)

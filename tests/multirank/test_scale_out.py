@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 
-from helpers import (MICRO, SEED, SEQ, VOCAB, ApiRecorder, batches, ds_config, model_plan, paper, reference_run,
+from helpers import (full, MICRO, SEED, SEQ, VOCAB, ApiRecorder, batches, ds_config, model_plan, paper, reference_run,
                      ring_engine, run_once, stage_parameters)
 
 G, GLOBAL_MB, STEPS, EVAL_AT = 2, 4, 7, 3  # GLOBAL_MB micro-batches of 2 sequences per global batch
@@ -116,10 +116,16 @@ RUNS = {  # name -> (world, [(engine run, (M, ZeRO stage, bf16, eval before step
 }
 
 
+FULL_ONLY = {("2x2", "zero0"), ("2x1", "bf16_zero1")}  # the runs only --full's tests read
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, request):
+    every = request.config.getoption("--full")
+
     def get(name: str) -> list:
         world, runs = RUNS[name]
+        runs = [r for r in runs if every or (name, r[0]) not in FULL_ONLY]
         return run_once(tmp_path_factory, f"scale_{name}", worker, world, timeout=600, args=(runs,))[1]
     return get
 
@@ -166,7 +172,8 @@ def _assert_params_close(got: dict, want: dict, atol, rtol, what):
     return worst
 
 
-@pytest.mark.parametrize("name,optimizer", [("zero1", "DeepSpeedZeroOptimizer"), ("zero0", "AdamW")])
+# ZeRO-0 (DeepSpeed's plain data-parallel all-reduce): --full
+@pytest.mark.parametrize("name,optimizer", [("zero1", "DeepSpeedZeroOptimizer"), full("zero0", "AdamW", id="zero0-AdamW")])
 def test_2x2_equals_reference(run, name, optimizer):
     """G = 2, D = 2, ZeRO-1 (and 0), fp32 equals the single-process Reference on the full global batch."""
     ranks = [r[name] for r in run("2x2")]
@@ -189,7 +196,7 @@ def test_2x2_equals_reference(run, name, optimizer):
           f"{max(abs(a - b) / b for a, b in zip(ranks[0]['losses'], ref_losses)):.3g}")
 
 
-@pytest.mark.parametrize("name", ["zero1", "zero0", "bf16_zero1"])
+@pytest.mark.parametrize("name", ["zero1", full("zero0", id="zero0"), "bf16_zero1"])
 def test_2x2_collectives_stay_in_data_parallel_group(run, name):
     """During train_batch() the only collectives are over the rank's data-parallel group (its stage)."""
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
@@ -231,7 +238,8 @@ def test_eval_mid_training_leaves_training_bitwise_unchanged(run):
 
 
 @pytest.mark.parametrize("topology,name,optimizer", [("2x1", "bf16", "BF16_Optimizer"),
-                                                     ("2x1", "bf16_zero1", "DeepSpeedZeroOptimizer"),
+                                                     full("2x1", "bf16_zero1", "DeepSpeedZeroOptimizer",
+                                                          id="2x1-bf16_zero1-DeepSpeedZeroOptimizer"),
                                                      ("2x2", "bf16_zero1", "DeepSpeedZeroOptimizer")])
 def test_bf16_close_to_fp32(run, topology, name, optimizer):
     """bf16 working precision with DeepSpeed's fp32 master weights: finite and close to fp32."""

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from helpers import FULL, batches, ds_config, ring_engine, run_ranks, stage_parameters
+from helpers import batches, ds_config, ring_engine, run_ranks, stage_parameters
 
 G, M, T, SAVE_AT = 2, 4, 6, 3
 
@@ -42,7 +42,6 @@ def worker(rank, ckpt, out, resume):
                os.path.join(out, f"{'resume' if resume else 'full'}{rank}.pt"))
 
 
-@FULL  # stash modules resumed bitwise: test_replay_plan's test_mixed_plan_resume_is_bitwise
 def test_stash_mode_resume_is_bitwise(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     run_ranks(worker, G, ckpt, str(tmp_path), False, tmpdir=str(tmp_path), timeout=300)

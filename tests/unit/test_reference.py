@@ -17,6 +17,7 @@ import torch
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch.func import functional_call
 
+from helpers import quick_points
 from ouroboros_ds.models.context import dropout_key
 from ouroboros_ds.models.gpt2 import gpt2_config, gpt2_layer_specs, lm_loss
 from ouroboros_ds.ring.config import FIELDS, RingConfig
@@ -255,9 +256,9 @@ def _the_default(replay: str) -> RingConfig:
     return RingConfig(replay=replay, sync_steps=2)
 
 
-@pytest.mark.parametrize("options", ("prediction", "default"))
-@pytest.mark.parametrize("M", (1, 4), ids=lambda m: f"M{m}")
-@pytest.mark.parametrize("G", (1, 2, 3), ids=lambda g: f"G{g}")
+@pytest.mark.parametrize("G,M,options", quick_points(
+    [(G, M, o) for G in (1, 2, 3) for M in (1, 4) for o in ("prediction", "default")],
+    quick={(1, 4, "default"), (2, 4, "default"), (3, 1, "prediction")}, id=lambda G, M, o: f"G{G}-M{M}-{o}"))
 def test_prediction_is_the_same_update_in_both_replay_modes(G, M, options):
     """With weight prediction, features replay recomputes at the weights the stash mode keeps, with
     the same dropout masks: the same update, bit for bit, without keeping activations. With the
@@ -359,9 +360,9 @@ def _equal(a, b) -> bool:
     return a[0] == b[0] and all(torch.equal(a[1][n], b[1][n]) for n in a[1])
 
 
-@pytest.mark.parametrize("replay", ("recompute", "stash"))
-@pytest.mark.parametrize("M", (1, 3), ids=lambda m: f"M{m}")
-@pytest.mark.parametrize("G", (1, 2, 3), ids=lambda g: f"G{g}")
+@pytest.mark.parametrize("G,M,replay", quick_points(
+    [(G, M, r) for G in (1, 2, 3) for M in (1, 3) for r in ("recompute", "stash")],
+    quick={(1, 3, "recompute"), (2, 3, "stash"), (3, 1, "recompute")}, id=lambda G, M, r: f"G{G}-M{M}-{r}"))
 def test_sync_steps_over_the_whole_run_is_the_synchronous_reference(G, M, replay):
     """Every step synchronous: no delay, no look-ahead, no prediction ahead (delay 0), the per-stage clip."""
     steps = G + 3
