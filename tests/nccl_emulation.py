@@ -178,27 +178,29 @@ def install(timeout: float | None = None) -> None:
 
 
 def _end_streams() -> None:
-    """At exit, end the workers and wait for them (see :func:`destroy_process_group`): the idle
-    ones at once, a busy one after its operation ends (up to 2 s, then 5 s for its worker)."""
+    """At exit, end the workers (see :func:`destroy_process_group`): each one's operations get up
+    to 2 s in all to end, then the idle workers up to 5 s in all to return."""
     _retire(lambda st: True, 2.0, join=5.0)
 
 
 def _retire(select, settle: float, join: float = 0.0) -> None:
-    """Forget this process's streams that ``select(stream)`` picks, each after waiting (up to
-    ``settle`` seconds in all) for its operations to end, and end its worker (``join``: wait up to
-    that many seconds for it)."""
-    deadline = time.monotonic() + settle
+    """Forget this process's streams that ``select(stream)`` picks and end their workers: first
+    wait (up to ``settle`` seconds in all) for their operations to end, then wait (up to ``join``
+    seconds in all) for the workers whose stream is idle to return. A worker still inside an
+    operation is left to end with its group's timeout."""
     with _lock:
-        mine = [k for k, st in _streams.items() if select(st)]
-    for key in mine:
-        st = _streams.get(key)
-        if st is None:
-            continue
+        keys = [k for k, st in _streams.items() if select(st)]
+        mine = [_streams.pop(k) for k in keys]
+    deadline = time.monotonic() + settle
+    for st in mine:
         while st.pending and time.monotonic() < deadline:
             time.sleep(0.01)
-        with _lock:
-            _streams.pop(key, None)
-        st.close(join=join)
+    for st in mine:
+        st.close()
+    deadline = time.monotonic() + join
+    for st in mine:
+        if not st.pending:
+            st.join(max(0.0, deadline - time.monotonic()))
 
 
 def uninstall() -> None:
@@ -509,11 +511,13 @@ class _Stream:
             self.pending.append(item)
         self._queue.put(item)
 
-    def close(self, join: float = 0.0) -> None:
-        """End the worker; ``join``: wait up to that many seconds for it to end."""
+    def close(self) -> None:
+        """End the worker once it has run what was issued before."""
         self._queue.put(None)
-        if join and self._thread is not threading.current_thread():
-            self._thread.join(join)
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def _loop(self):
         while True:

@@ -130,14 +130,14 @@ def resume_worker(rank, G, ckpt, other_ckpt, out):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    def full(G):
+    def uninterrupted(G):
         """(checkpoint folder, per-rank results) of the uninterrupted G-rank run."""
         out, results = run_once(tmp_path_factory, f"checkpoint_full_g{G}", full_worker, G)
         return os.path.join(out, "ckpt"), results
 
     def get(G):
-        ckpt, results = full(G)
-        other = full(2)[0] if G == 3 else None  # a checkpoint of another G, which G = 3 must refuse
+        ckpt, results = uninterrupted(G)
+        other = uninterrupted(2)[0] if G == 3 else None  # a checkpoint of another G, which G = 3 must refuse
         _, resume = run_once(tmp_path_factory, f"checkpoint_resume_g{G}", resume_worker, G, args=(ckpt, other),
                              fresh=True)
         return {"ckpt": ckpt, "full": results, "resume": resume}

@@ -188,7 +188,9 @@ def test_zero1_keeps_module_1_still_after_the_synchronous_steps(ring_run):
             torch.testing.assert_close(p, ref[name].detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-@FULL  # a save after the synchronous steps, resumed in the ring: test_resilience_train's preemption test
+# a save after the synchronous steps, resumed in the ring: test_resilience_train's preemption test;
+# a save inside them: this test, with --full
+@FULL
 def test_resume_with_sync_steps_is_bitwise(ring_run, tmp_path):
     out, full = ring_run(RESUME_G)
     ckpt = os.path.join(out, "ckpt")
