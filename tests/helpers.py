@@ -183,6 +183,22 @@ def run_ranks(fn, world: int, *args, tmpdir: str, timeout: float = 600, fresh: b
     if errors:
         _POOLS.pop(world).close(kill=True)
         raise RuntimeError("\n".join(errors))
+    if max(_threads(p.pid) for p in _POOLS[world].procs) > POOL_THREADS:
+        _POOLS.pop(world).close()
+
+
+# Every engine a pooled rank builds leaves its process groups behind, each with gloo's threads
+# polling: past this many threads in a rank its pool is replaced (hundreds of idle groups slow
+# every later test, on the ranks and off them).
+POOL_THREADS = 300
+
+
+def _threads(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
 
 
 _RUNS: dict = {}  # name -> (out, per-rank results); None: that run failed
