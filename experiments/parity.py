@@ -82,6 +82,9 @@ def parse_args(argv=None):
                    help="JSON {config: step seconds} of one benchmark run (the default: docs/benchmarks.md, G = 2, M = 4)")
     p.add_argument("--bench", nargs="*", default=[],
                    help="benchmark JSONs (python -m ouroboros_ds.tools.bench --out ...): step times per (G, M), over --step-times")
+    p.add_argument("--speed-map", default=None,
+                   help="a speed map's points (python -m ouroboros_ds.tools.speed_map --json ...): simulated step "
+                        "times per (G, M), synchronous steps included, over --step-times and --bench")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--device", default="cpu", help="where the Reference runs (cuda: fp32 with TF32 matmuls)")
     p.add_argument("--max-seconds", type=float, default=0,
@@ -259,6 +262,18 @@ def bench_step_times(paths) -> dict:
     return out
 
 
+def map_step_times(path) -> dict:
+    """{(G, M): {config: step seconds}} from a speed map's points, with the ring's synchronous step
+    (features replay's, ``sync_step_time``) as ``ouro-sync``."""
+    out: dict = {}
+    for p in json.load(open(path)) if path else []:
+        times = out.setdefault((p["G"], p["M"]), {})
+        times[p["schedule"]] = p["step_time"]
+        if p["schedule"] == "ouro-recompute" and p.get("sync_step_time"):
+            times["ouro-sync"] = p["sync_step_time"]
+    return out
+
+
 def bench_config(opts: dict, times: dict) -> str:
     """The benchmark configuration whose step time a variant's ring steps take: with weight
     prediction the `-pred` one (fresh partition, prediction's weight copies) where measured."""
@@ -270,13 +285,14 @@ def run_time(n: float, opts: dict, times: dict) -> float:
     """Seconds a run of the variant needs for its first n steps, from benchmark step times.
 
     A ring step costs the variant's own step time. Its first ``sync_steps`` steps are synchronous:
-    each fills and drains the pipeline and, with features replay, recomputes every forward, as 1F1B
-    with activation checkpointing does, so they are counted at that schedule's step time (stash
-    mode keeps its graphs: stock 1F1B's)."""
+    each fills and drains the pipeline; with features replay they take ``ouro-sync``'s step time
+    where one was measured or simulated (their forwards keep the graphs 1F1B's memory allows), else
+    1F1B with activation checkpointing's (every forward recomputed, an upper bound); stash mode
+    keeps its graphs: stock 1F1B's."""
     if opts.get("synchronous"):
         return n * times["1f1b"]
     sync = min(n, opts.get("sync_steps", 0))
-    sync_cfg = "1f1b" if opts.get("replay") == "stash" else "1f1b+ckpt"
+    sync_cfg = "1f1b" if opts.get("replay") == "stash" else "ouro-sync" if "ouro-sync" in times else "1f1b+ckpt"
     return sync * times[sync_cfg] + (n - sync) * times[bench_config(opts, times)]
 
 
@@ -300,6 +316,8 @@ def steps_to(steps, bpb, target):
 
 def summarize(args, results: dict):
     bench = bench_step_times(args.bench)
+    for gm, t in map_step_times(args.speed_map).items():
+        bench[gm] = {**t, **bench.get(gm, {})}  # a measured step time over a simulated one
     default_times = json.loads(args.step_times)
     groups: dict = {}  # (data, G, M, variant) -> {lr: [runs]}
     if any("stopped_at" in r for r in results.values()):  # --max-seconds: compare at the steps all reached
@@ -314,8 +332,9 @@ def summarize(args, results: dict):
     rows, curves = [], {}
     lines = [f"`python experiments/parity.py {' '.join(sys.argv[1:])}`", "",
              "| data | G | M | schedule | lr sweep: final val bpb (mean of seeds) | best lr | final val bpb (spread) "
-             "| vs 1F1B best | steps to 1F1B's final | time vs 1F1B | time vs 1F1B+ckpt | time vs 1F1B, stash replay |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| vs 1F1B best | steps to 1F1B's final | time vs 1F1B | time vs 1F1B+ckpt | time vs DualPipeV "
+             "| time vs 1F1B, stash replay |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for data in args.data:
         for G in args.stages:
             for M in args.micro_batches:
@@ -342,7 +361,7 @@ def summarize(args, results: dict):
                                        else f"{statistics.fmean(r['bpb'][-1] for r in rs):.4f}")
                         for lr, rs in sorted(by_lr.items()))
                     if v not in best:
-                        lines.append(f"| {data} | {G} | {M} | {v} | {sweep_txt} | - | - | - | - | - | - | - |")
+                        lines.append(f"| {data} | {G} | {M} | {v} | {sweep_txt} | - | - | - | - | - | - | - | - |")
                         continue
                     lr, rs = best[v]
                     steps, curve = mean_curve(rs)
@@ -352,7 +371,7 @@ def summarize(args, results: dict):
                     opts = variant_options(v)
                     base_n = steps_to(base_steps, base_curve, target)
                     t = {b: (run_time(n, opts, times) / (base_n * times[b]) if n is not None else None)
-                         for b in ("1f1b", "1f1b+ckpt") if b in times and bench_config(opts, times) in times}
+                         for b in ("1f1b", "1f1b+ckpt", "dualpipev") if b in times and bench_config(opts, times) in times}
                     # The same update with stash replay (equal bit for bit by test): same steps, its step time.
                     stash = None
                     if n is not None and "ouro-stash" in times and stash_is_same_update(rs[0]["job"], opts):
@@ -361,14 +380,17 @@ def summarize(args, results: dict):
                     lines.append(
                         f"| {data} | {G} | {M} | {v} | {sweep_txt} | {lr:g} | {curve[-1]:.4f} (±{(max(finals) - min(finals)) / 2:.4f}) "
                         f"| {gap:+.2f}% | {'-' if n is None else f'{n:.0f}'} | {fmt(t.get('1f1b'))} | {fmt(t.get('1f1b+ckpt'))} "
-                        f"| {fmt(stash)} |")
+                        f"| {fmt(t.get('dualpipev'))} | {fmt(stash)} |")
                     rows.append(dict(data=data, G=G, M=M, variant=v, lr=lr, final=curve[-1], gap=gap, steps_to=n,
-                                     time_vs_1f1b=t.get("1f1b"), time_vs_ckpt=t.get("1f1b+ckpt"), time_vs_1f1b_stash=stash,
+                                     time_vs_1f1b=t.get("1f1b"), time_vs_ckpt=t.get("1f1b+ckpt"),
+                                     time_vs_dualpipev=t.get("dualpipev"), time_vs_1f1b_stash=stash,
                                      spread=(max(finals) - min(finals)) / 2))
                     curves[(data, G, M, v)] = (lr, steps, curve)
-    lines += ["", "Step-time ratios to 1F1B (benchmark): " + "; ".join(
+    cells = [(None, default_times)] + [(gm, t) for gm, t in bench.items()
+                                       if gm[0] in args.stages and gm[1] in args.micro_batches]
+    lines += ["", "Step-time ratios to 1F1B (measured, or simulated with --speed-map): " + "; ".join(
         f"{'G=%d M=%d' % gm if gm else 'all cells'}: " + ", ".join(f"{c} {s / t['1f1b']:.3f}" for c, s in t.items())
-        for gm, t in [(None, default_times)] + list(bench.items()) if "1f1b" in t)]
+        for gm, t in cells if "1f1b" in t)]
     return "\n".join(lines), rows, curves
 
 

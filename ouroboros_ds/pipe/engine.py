@@ -22,7 +22,10 @@ What changes against the stock engine, and why (the algorithm: docs/ring.md):
 - ``stage_clip``: each stage clips its own gradient norm, at ``gradient_clipping`` ("whole") or
   at that over sqrt(G) ("split": the whole model's norm stays within it, as DeepSpeed's clip).
 - ``sync_steps``: the first steps run synchronously (every delay 0, the schedule's synchronous
-  list); the step's delays are decided once, at its start (``step_synchronous``).
+  list); the step's delays are decided once, at its start (``step_synchronous``). Its error
+  gradients come back within the step, so with features replay its forwards keep their graphs
+  where stock 1F1B's memory allows (:func:`~ouroboros_ds.ring.memory.synchronous_kept`): 1F1B's work,
+  not features replay's extra forward, and the same update.
 - A non-finite loss or gradient is dropped batch by batch around the ring, with no collective.
 """
 from __future__ import annotations
@@ -41,6 +44,7 @@ from ..models.context import dropout_key, recurrent_memory
 from ..ring import prediction as WP
 from ..ring import stash as W
 from ..ring.config import RingConfig
+from ..ring.memory import synchronous_kept
 from . import p2p as P
 from .checkpoint import RingCheckpointing
 from .evaluation import RingEvaluation
@@ -90,6 +94,9 @@ class OuroborosEngine(RingEvaluation, StageOptimizer, RingCheckpointing, Pipelin
                              "forward; set it to 0")
         self.seed = seed
         self.K = S.num_modules(self.num_stages)
+        # features replay: which forwards of a synchronous step keep their graph (stash mode keeps its own)
+        self.sync_kept = synchronous_kept(self.module.blocks_per_module(), self.micro_batches) \
+            if self.replay == "recompute" else {}
         self.local_modules = S.modules_of(self.stage_id, self.num_stages)
         self.stash: dict = {}      # (k, batch, mb) -> stashed input of the forward
         self.grads_in: dict = {}   # (k, batch, mb) -> dL/d(output): tensor or p2p.PendingRecv
@@ -211,6 +218,14 @@ class OuroborosEngine(RingEvaluation, StageOptimizer, RingCheckpointing, Pipelin
                 # synchronous step predicts nothing and takes none, as the Reference)
                 with torch.no_grad():
                     y = self._stash_graph(k, t, mb, keep=False)[1]
+            elif self.step_synchronous and mb < self.sync_kept.get(k, 0):
+                # the replay backprops this forward within the step, at these weights: keep the graph
+                # (1F1B's work) instead of recomputing it there (ring/memory.synchronous_kept)
+                x_in = x.detach().requires_grad_() if x.is_floating_point() else x
+                with dropout_key(self.seed, t, self._global_mb(mb)):
+                    kept = self.module.forward_module(k, x_in)
+                self.graphs[(k, t, mb)] = (x_in, kept)
+                y = kept.detach()
             else:
                 with torch.no_grad(), dropout_key(self.seed, t, self._global_mb(mb)):
                     y = self.module.forward_module(k, x)
@@ -262,11 +277,15 @@ class OuroborosEngine(RingEvaluation, StageOptimizer, RingCheckpointing, Pipelin
         if self.replay == "stash" or (k, b) in self.weight_stash:  # prediction: recompute at the snapshot
             return self._stash_replay(k, b, mb, g)
         x = self.stash.pop((k, b, mb))
-        if x.is_floating_point():
-            x = x.detach().requires_grad_()
         mem = self.stash_mems.pop((k, b, mb), None)
-        with dropout_key(self.seed, b, self._global_mb(mb)), recurrent_memory(mem):
-            y = self.module.forward_module(k, x)
+        kept = self.graphs.pop((k, b, mb), None)  # a synchronous step's forward kept its graph
+        if kept is not None:
+            x, y = kept
+        else:
+            if x.is_floating_point():
+                x = x.detach().requires_grad_()
+            with dropout_key(self.seed, b, self._global_mb(mb)), recurrent_memory(mem):
+                y = self.module.forward_module(k, x)
         torch.autograd.backward(y, g)
         if k > 1:
             self.outbox[(S.SEND_B, k, mb)] = x.grad

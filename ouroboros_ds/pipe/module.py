@@ -68,6 +68,11 @@ class OuroborosPipelineModule(TiedSyncWithoutGraph, PipelineModule):
             self.module_funcs[k] = self.forward_funcs
         self.activate_module(self.local_modules[0])
 
+    def blocks_per_module(self) -> list[int]:
+        """Transformer blocks in each of modules 1..K."""
+        blocks = self._block_indices if self._block_indices is not None else list(range(1, len(self._layer_specs) - 1))
+        return [sum(1 for i in blocks if start <= i < stop) for start, stop in self.module_bounds]
+
     def stage_owner(self, layer_idx):
         for k, (start, stop) in enumerate(self.module_bounds, start=1):
             if start <= layer_idx < stop:

@@ -104,6 +104,41 @@ def plan_for_budget(G: int, M: int, mems: dict, loss_graph: float, budget: float
     return ReplayPlan(kept)
 
 
+def synchronous_kept(blocks_per_module: list[int], micro_batches: int) -> dict:
+    """Per module k < K, how many micro-batches of a synchronous step (the ``sync_steps`` warm-up)
+    keep the graph of their forward, so that the step does stock 1F1B's work within its memory.
+
+    A synchronous step's error gradients come back within the step, at the weights of the
+    forward, so the replay can backprop the forward's own graph instead of recomputing it: the
+    same update, bit for bit, without the extra forward. The step runs every forward before the
+    replays, so the kept graphs are alive at once; module k keeps the first n micro-batches' (the
+    others are recomputed at their replay, after the kept ones are released). Counted in blocks
+    (identical blocks save identical bytes): stock 1F1B's busiest stage holds min(M, G)
+    micro-batches of ceil(L / G) blocks; module k keeps the most n with n x blocks(k) within that,
+    and on stage 0 module K's loss graph (blocks(K), alive during each loss) comes on top of module
+    1's kept graphs. A module without blocks keeps every graph (the embedding's is a few bytes)."""
+    K, M = len(blocks_per_module), micro_batches
+    G, L = K - 1, sum(blocks_per_module)
+    budget = min(M, G) * -(-L // G)
+    kept = {}
+    for k in range(1, K):
+        n = blocks_per_module[k - 1]
+        room = budget - (blocks_per_module[-1] if stage_of(k, G) == 0 else 0)
+        kept[k] = M if n == 0 else max(0, min(M, room // n))
+    return kept
+
+
+def synchronous_peaks(G: int, M: int, mems: dict, loss_graph: float, kept: dict) -> list[float]:
+    """Per stage, the peak activation bytes of a synchronous step whose module k keeps ``kept[k]``
+    graphs (:func:`synchronous_kept`): the kept graphs and the step's stashed inputs, all alive
+    after the forwards; on stage 0 module K's loss graph on top."""
+    out = [0.0] * G
+    for k in range(1, num_modules(G)):
+        out[stage_of(k, G)] += kept.get(k, M) * mems[k].graph + M * mems[k].inputs
+    out[0] += loss_graph
+    return out
+
+
 def onef1b_peaks(G: int, M: int, stage_graph: list[float]) -> list[float]:
     """Stock 1F1B (``TrainSchedule``): stage s keeps ``min(G - s, M)`` micro-batch graphs
     (``num_pipe_buffers``) of its own layers (``stage_graph[s]`` bytes each)."""

@@ -22,10 +22,11 @@ import statistics
 from dataclasses import asdict, dataclass
 
 from . import rivals
-from ..ring.memory import LayerCost, ModuleMemory, ReplayPlan, choose_partition, stage_peaks
+from ..ring.memory import (LayerCost, ModuleMemory, ReplayPlan, choose_partition, stage_peaks, synchronous_kept,
+                           synchronous_peaks)
 from ..core.partition import balanced_blocks_per_module
 from ..core.schedule import num_modules, ouroboros_schedule, stage_of
-from ..core.simulate import Costs, simulate, steady_steps
+from ..core.simulate import Costs, simulate, steady_steps, synchronous_cost
 
 SCHEDULES = ("1f1b", "1f1b+ckpt", "dualpipev", "ouro-recompute", "ouro-stash", "ouro-bounded")
 
@@ -103,6 +104,9 @@ class Point:
     tokens_per_s: float
     peak: float          # max over stages, bytes
     utilization: float   # of the most loaded stage (mean over stages for the rivals)
+    # the ring only: a step of the synchronous warm-up (``sync_steps``) on the same partition, whose
+    # replays wait for their own step's error gradients
+    sync_step_time: float | None = None
 
 
 def rival_point(name: str, c: BlockCosts, L: int, G: int, M: int) -> Point | None:
@@ -159,14 +163,20 @@ def ring_point(name: str, c: BlockCosts, L: int, G: int, M: int, budget="1f1b") 
     tl = simulate(ouroboros_schedule(G, M), Costs(forward=fwd, replay=rep, loss=loss, step=step), steps=window.stop)
     period = max(tl.period(s, window) for s in range(G))
     util = min(tl.steady_utilization(window))
+    # a synchronous step: features replay keeps the graphs 1F1B's memory allows, stash mode its plan's
+    sync_kept = synchronous_kept(bpm, M) if replay == "recompute" else {k: M for k in range(1, K)}
+    sync_rep = {(k, j): n * (c.b + (0.0 if j < sync_kept[k] else c.f))
+                for k, n in enumerate(bpm[:-1], start=1) for j in range(M)} if replay == "recompute" else rep
+    sync = synchronous_cost(G, M, Costs(forward=fwd, replay=sync_rep, loss=loss, step=step))[1]
     mems = {k: ModuleMemory(graph=bpm[k - 1] * c.graph, inputs=c.inputs,
                             snapshot=bpm[k - 1] * c.params if replay == "stash" else 0.0) for k in range(1, K)}
     loss_graph = bpm[-1] * c.graph + c.head_graph
-    if replay == "recompute":
-        peaks = stage_peaks(G, M, mems, loss_graph, ReplayPlan({k: 0 for k in range(1, K)}))
+    if replay == "recompute":  # the run's peak: its ring steps' or its synchronous steps'
+        peaks = [max(a, b) for a, b in zip(stage_peaks(G, M, mems, loss_graph, ReplayPlan({k: 0 for k in range(1, K)})),
+                                           synchronous_peaks(G, M, mems, loss_graph, sync_kept))]
     else:
         peaks = stage_peaks(G, M, mems, loss_graph, plan)
-    return Point(name, G, M, period, M * c.tokens / period, max(peaks), util), bpm, plan
+    return Point(name, G, M, period, M * c.tokens / period, max(peaks), util, sync), bpm, plan
 
 
 def build_map(c: BlockCosts, L: int, Gs, Ms, budget="1f1b") -> list[Point]:

@@ -49,9 +49,32 @@ def test_each_schedule_is_judged_at_its_own_best_lr():
     assert by[SYNC][8] == "3" and by[SYNC][9] == f"{sync_time:.2f}x" and by[SYNC][9] != by[PRED][9]
     # the same update with stash replay (tiny model, G = 2: the same split in both modes): its step times
     stash_time = (2 * P.STEP_TIMES["1f1b"] + 1 * P.STEP_TIMES["ouro-stash"]) / (4 * P.STEP_TIMES["1f1b"])
-    assert by[SYNC][11] == f"{stash_time:.2f}x" and by[PRED][11] == f"{3 * P.STEP_TIMES['ouro-stash'] / (4 * P.STEP_TIMES['1f1b']):.2f}x"
-    assert by["1f1b"][11] == "-" and by["default"][11] == "-"  # synchronous; never reaches 1F1B's final
+    assert by[SYNC][12] == f"{stash_time:.2f}x" and by[PRED][12] == f"{3 * P.STEP_TIMES['ouro-stash'] / (4 * P.STEP_TIMES['1f1b']):.2f}x"
+    assert by["1f1b"][12] == "-" and by["default"][12] == "-"  # synchronous; never reaches 1F1B's final
+    assert by[PRED][11] == "-"  # no DualPipeV step time given
     assert [r["G"] for r in rows] == [2, 2, 2, 2]  # G = 3: no ring variant ran, so no cell (1F1B alone is no comparison)
+
+
+def test_speed_map_step_times_price_the_synchronous_steps(tmp_path):
+    """--speed-map: simulated step times per (G, M), the ring's synchronous step (``ouro-sync``)
+    included, over the defaults; DualPipeV's time where it runs."""
+    import json
+
+    points = [dict(schedule="1f1b", G=2, M=4, step_time=10.0), dict(schedule="dualpipev", G=2, M=4, step_time=8.0),
+              dict(schedule="1f1b+ckpt", G=2, M=4, step_time=15.0),
+              dict(schedule="ouro-recompute", G=2, M=4, step_time=5.0, sync_step_time=11.0),
+              dict(schedule="ouro-recompute", G=4, M=4, step_time=1.0, sync_step_time=2.0)]
+    (tmp_path / "map.json").write_text(json.dumps(points))
+    assert P.map_step_times(str(tmp_path / "map.json"))[(2, 4)]["ouro-sync"] == 11.0
+    args = P.parse_args(["--out", "x", "--data", "shakespeare", "--stages", "2", "--micro-batches", "4",
+                         "--variants", "1f1b", SYNC, "--lrs", "2e-3", "--steps", "4", "--speed-map",
+                         str(tmp_path / "map.json")])
+    results = dict([_run("1f1b", 2e-3, 0, [4.0, 2.8]), _run(SYNC, 2e-3, 0, [3.4, 2.4])])
+    table, _, _ = P.summarize(args, results)
+    by = _rows(table)
+    # 3.2 steps to 1F1B's final: 2 synchronous at 11 s, 1.2 ring steps at 5 s; against 4 x 10 s (1F1B), 4 x 8 s (DualPipeV)
+    assert by[SYNC][8] == "3" and by[SYNC][9] == f"{28 / 40:.2f}x" and by[SYNC][11] == f"{28 / 32:.2f}x"
+    assert "G=2 M=4" in table and "G=4 M=4" not in table  # the ratios of the table's cells only
 
 
 def test_stash_column_only_where_stash_is_the_same_update():

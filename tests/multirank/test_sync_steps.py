@@ -8,6 +8,8 @@ on by default, 50 steps; the rule is pinned on the Reference in tests/unit/test_
   paused after the synchronous steps (delay(k) steps, as at the start of a run) and stepped again.
   The Reference without the warm-up differs (the test is not blind).
 - After a synchronous step no state is held between steps (every replay ran in its own step).
+- With features replay a synchronous step backprops the graphs its forwards kept (as many as
+  stock 1F1B's memory allows) and recomputes only the others.
 - ZeRO-1: the warm-up hook keeps module 1 still during the pause after the synchronous steps, as
   the plain optimizer does, and the run follows the Reference.
 - Resume: saves after step 1 (inside the synchronous steps) and after the last synchronous step
@@ -72,17 +74,33 @@ def _train(G, M, replay, ckpt=None, zero=0):
     module1 = [p for g in ring_param_groups(mod) if g[FIRST_STEP] == G for p in g["params"]] \
         if engine.stage_id == 0 else []
     it, losses, held, synchronous, moved = _feed(engine, G, M, 0), [], [], [], []
+    forwards, res_forwards = _count_forwards(mod), {}
     for _ in range(steps_of(G)):
+        forwards.clear()
         before = [p.detach().clone() for p in module1]
         loss = engine.train_batch(it)
         losses.append(None if loss is None else loss.item())
         synchronous.append(engine.step_synchronous)
         held.append(_held(engine))
+        if engine.global_steps == 2:  # a synchronous step with a last update: module k's forwards in it
+            res_forwards = dict(forwards)
         moved.append(any(not torch.equal(a, p) for a, p in zip(before, module1)))
         if ckpt and engine.global_steps in SAVES:
             engine.save_ring_checkpoint(os.path.join(ckpt, f"at{engine.global_steps}"))
     return {"losses": losses, "params": stage_parameters(mod), "stage": engine.stage_id, "held": held,
-            "synchronous": synchronous, "module1_moved": moved, "optimizer": type(engine.optimizer).__name__}
+            "synchronous": synchronous, "module1_moved": moved, "optimizer": type(engine.optimizer).__name__,
+            "forwards": res_forwards, "sync_kept": engine.sync_kept, "blocks": mod.blocks_per_module()}
+
+
+def _count_forwards(mod) -> dict:
+    """Counts module k's forward passes (each forward and each recomputation) in ``{k: n}``."""
+    calls, inner = {}, mod.forward_module
+
+    def counted(k, x):
+        calls[k] = calls.get(k, 0) + 1
+        return inner(k, x)
+    mod.forward_module = counted
+    return calls
 
 
 def worker(rank, G, out):
@@ -152,6 +170,26 @@ def test_engine_with_sync_steps_equals_reference(ring_run, G):
         assert ring_losses[:1] == ref_losses[:1]  # step 0: the same loss, whatever comes next
         assert ring_losses != ref_losses and any(not torch.equal(ref[n], ring[n]) for n in ref), \
             f"{what}: sync_steps changed nothing: the test is blind"
+
+
+def test_a_synchronous_step_keeps_its_graphs_within_1f1b_memory(ring_run):
+    """Features replay: a synchronous step's replay backprops the forward's own graph where stock
+    1F1B's memory allows (``synchronous_kept``), and recomputes only the other micro-batches; the
+    update stays the Reference's (test_engine_with_sync_steps_equals_reference)."""
+    from ouroboros_ds.ring.memory import synchronous_kept
+
+    _, ranks = ring_run(2)
+    for M in M_VALUES:
+        for r in ranks:
+            run = r[("recompute", M)]
+            kept = synchronous_kept(run["blocks"], M)
+            assert run["sync_kept"] == kept
+            local = [k for k in run["forwards"] if k < len(run["blocks"])]  # module K runs its losses once
+            assert local and all(run["forwards"][k] == 2 * M - kept[k] for k in local), (M, run["forwards"], kept)
+    # the test model (blocks [1, 2, 1]) at M = 4 keeps some graphs and recomputes others
+    assert synchronous_kept([1, 2, 1], 4) == {1: 3, 2: 2}
+    # stash replay keeps its own graphs
+    assert ranks[0][("stash", 4)]["sync_kept"] == {}
 
 
 def _module1_moves(G) -> list:

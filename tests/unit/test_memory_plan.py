@@ -43,3 +43,27 @@ def test_budget_option():
     assert str(ReplayPlan.parse("1:2 3:0")) == "1:2 3:0"
     with pytest.raises(ValueError, match="k:n"):
         ReplayPlan.parse("1=2")
+
+
+@pytest.mark.parametrize("bpm,M,expected", [
+    ([0, 3, 5], 4, {1: 4, 2: 2}),        # G = 2: 1F1B's stage 0 holds 2 x 4 blocks; module 2 keeps 2 of 3 blocks each
+    ([1, 2, 1], 4, {1: 3, 2: 2}),        # module 1 shares stage 0 with module K's loss graph
+    ([0, 8, 8, 8, 8], 4, {1: 4, 2: 4, 3: 4, 4: 4}),  # G = 4, M = G: every graph fits
+    ([0, 8, 8, 8, 8], 8, {1: 8, 2: 4, 3: 4, 4: 4}),  # M = 2G: half of them
+    ([2, 2], 3, {1: 1}),                 # G = 1: one graph of the whole model, as 1F1B
+    ([4, 1, 1, 2], 1, {1: 0, 2: 1, 3: 1}),  # module 1 alone is over 1F1B's peak: it recomputes
+])
+def test_synchronous_kept_stays_within_1f1b_memory(bpm, M, expected):
+    from ouroboros_ds.core.schedule import stage_of
+    from ouroboros_ds.ring.memory import synchronous_kept
+
+    kept = synchronous_kept(bpm, M)
+    assert kept == expected
+    G, L = len(bpm) - 1, sum(bpm)
+    budget = min(M, G) * -(-L // G)  # blocks of stock 1F1B's busiest stage's graphs
+    for k, n in kept.items():
+        assert 0 <= n <= M
+        held = n * bpm[k - 1] + (bpm[-1] if stage_of(k, G) == 0 else 0)
+        assert held <= budget or n == 0, (k, n)
+        if n < M and bpm[k - 1]:  # one more would not fit
+            assert held + bpm[k - 1] > budget, (k, n)
