@@ -221,11 +221,8 @@ class OuroborosEngine(RingEvaluation, StageOptimizer, RingCheckpointing, Pipelin
             elif self.step_synchronous and mb < self.sync_kept.get(k, 0):
                 # the replay backprops this forward within the step, at these weights: keep the graph
                 # (1F1B's work) instead of recomputing it there (ring/memory.synchronous_kept)
-                x_in = x.detach().requires_grad_() if x.is_floating_point() else x
-                with dropout_key(self.seed, t, self._global_mb(mb)):
-                    kept = self.module.forward_module(k, x_in)
-                self.graphs[(k, t, mb)] = (x_in, kept)
-                y = kept.detach()
+                self.graphs[(k, t, mb)] = self._graph_forward(k, t, mb, x)
+                y = self.graphs[(k, t, mb)][1].detach()
             else:
                 with torch.no_grad(), dropout_key(self.seed, t, self._global_mb(mb)):
                     y = self.module.forward_module(k, x)
@@ -279,16 +276,21 @@ class OuroborosEngine(RingEvaluation, StageOptimizer, RingCheckpointing, Pipelin
         x = self.stash.pop((k, b, mb))
         mem = self.stash_mems.pop((k, b, mb), None)
         kept = self.graphs.pop((k, b, mb), None)  # a synchronous step's forward kept its graph
-        if kept is not None:
-            x, y = kept
-        else:
-            if x.is_floating_point():
-                x = x.detach().requires_grad_()
-            with dropout_key(self.seed, b, self._global_mb(mb)), recurrent_memory(mem):
-                y = self.module.forward_module(k, x)
+        if kept is None:
+            with recurrent_memory(mem):
+                kept = self._graph_forward(k, b, mb, x)
+        x, y = kept
         torch.autograd.backward(y, g)
         if k > 1:
             self.outbox[(S.SEND_B, k, mb)] = x.grad
+
+    def _graph_forward(self, k, b, mb, x):
+        """Module k's forward of (batch b, mb) with a graph, under the forward's dropout key:
+        ``(input, output)``, the input a leaf that requires grad (when floating point) for dL/d(input)."""
+        if x.is_floating_point():
+            x = x.detach().requires_grad_()
+        with dropout_key(self.seed, b, self._global_mb(mb)):
+            return x, self.module.forward_module(k, x)
 
     def _stash_graph(self, k, b, mb, keep=True):
         """The kept graph of (k, batch b, mb): run (or, after a restore or for a micro-batch the

@@ -53,6 +53,7 @@ class OuroborosPipelineModule(TiedSyncWithoutGraph, PipelineModule):
         G = self.num_stages
         stage = self._topo.get_coord(self.global_rank).pipe
         blocks = self._block_indices if self._block_indices is not None else list(range(1, len(self._layer_specs) - 1))
+        self.block_indices = blocks
         self.module_bounds = ring_partition(len(self._layer_specs), blocks, G, self._blocks_per_module)
         self.parts = [b[0] for b in self.module_bounds] + [len(self._layer_specs)]
         self.local_modules = modules_of(stage, G)
@@ -70,8 +71,7 @@ class OuroborosPipelineModule(TiedSyncWithoutGraph, PipelineModule):
 
     def blocks_per_module(self) -> list[int]:
         """Transformer blocks in each of modules 1..K."""
-        blocks = self._block_indices if self._block_indices is not None else list(range(1, len(self._layer_specs) - 1))
-        return [sum(1 for i in blocks if start <= i < stop) for start, stop in self.module_bounds]
+        return [sum(1 for i in self.block_indices if start <= i < stop) for start, stop in self.module_bounds]
 
     def stage_owner(self, layer_idx):
         for k, (start, stop) in enumerate(self.module_bounds, start=1):

@@ -361,8 +361,7 @@ def _rank_main(rank, args, outdir):
         if getattr(eng, "plan_note", None):
             res[name]["plan"] = eng.plan_note
         if hasattr(eng.module, "module_bounds"):
-            res[name]["blocks_per_module"] = [
-                sum(1 for i in plan.block_indices if a <= i < b) for a, b in eng.module.module_bounds]
+            res[name]["blocks_per_module"] = eng.module.blocks_per_module()
     res["_rank"] = {"rank": rank, "threads": threads, "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                     "device": "cuda" if cuda else "cpu"}
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:

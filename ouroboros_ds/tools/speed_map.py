@@ -164,9 +164,11 @@ def ring_point(name: str, c: BlockCosts, L: int, G: int, M: int, budget="1f1b") 
     period = max(tl.period(s, window) for s in range(G))
     util = min(tl.steady_utilization(window))
     # a synchronous step: features replay keeps the graphs 1F1B's memory allows, stash mode its plan's
-    sync_kept = synchronous_kept(bpm, M) if replay == "recompute" else {k: M for k in range(1, K)}
-    sync_rep = {(k, j): n * (c.b + (0.0 if j < sync_kept[k] else c.f))
-                for k, n in enumerate(bpm[:-1], start=1) for j in range(M)} if replay == "recompute" else rep
+    sync_rep = rep
+    if replay == "recompute":
+        sync_kept = synchronous_kept(bpm, M)
+        sync_rep = {(k, j): n * (c.b + (0.0 if j < sync_kept[k] else c.f))
+                    for k, n in enumerate(bpm[:-1], start=1) for j in range(M)}
     sync = synchronous_cost(G, M, Costs(forward=fwd, replay=sync_rep, loss=loss, step=step))[1]
     mems = {k: ModuleMemory(graph=bpm[k - 1] * c.graph, inputs=c.inputs,
                             snapshot=bpm[k - 1] * c.params if replay == "stash" else 0.0) for k in range(1, K)}
