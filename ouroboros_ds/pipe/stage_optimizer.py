@@ -6,17 +6,18 @@ import torch
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from ..ring import optim as O
+from ..ring.staleness import delay_scaled_lr
 
 
 class StageOptimizer:
     """Mixin of :class:`ouroboros_ds.pipe.engine.OuroborosEngine`, placed before ``PipelineEngine``:
     the overrides of DeepSpeed's optimizer construction, clip and gradient reduction. Uses the
-    engine's ``_stages``, ``stage_clip``, ``sync_steps`` and ``batch_id``."""
+    engine's ``_stages``, ``ring``, ``stage_clip``, ``sync_steps`` and ``batch_id``."""
 
     # Overridden, to keep DeepSpeed's optimizer wrappers (ZeRO-1, bf16) as they are and change only
     # what they are given (ouroboros_ds/ring/optim.py): one param group per first-gradient step, a step
-    # pre-hook that keeps a group in warm-up still, and a grid whose model-parallel group is this
-    # stage (per-stage clip, no cross-stage collective).
+    # pre-hook that keeps a group in warm-up still, the delay-scaled lr's hooks (ring/staleness.py),
+    # and a grid whose model-parallel group is this stage (per-stage clip, no cross-stage collective).
     def _configure_optimizer(self, client_optimizer, model_parameters):
         model_parameters = O.ring_optimizer_groups(self.module, model_parameters)
         mpu, self.mpu = self.mpu, O.StageGrid(self.mpu)
@@ -25,6 +26,8 @@ class StageOptimizer:
         finally:
             self.mpu = mpu
         self.basic_optimizer.register_step_pre_hook(O.warmup_hook(lambda: self.batch_id, self.sync_steps))
+        # the delay-scaled lr (off at 0) as step hooks, so DeepSpeed's LR schedule keeps owning the lrs
+        delay_scaled_lr(self.basic_optimizer, lambda: self.batch_id, self.ring.stale_lr_scale, self.sync_steps)
 
     # Overridden: every clip (the fp32 path below, ZeRO's and BF16_Optimizer's, which read it when
     # they are built) takes its threshold from here, and the ring's is per stage (stage_clip).

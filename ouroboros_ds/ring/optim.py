@@ -26,7 +26,7 @@ from .warmup import FIRST_STEP, has_gradient, ring_param_groups
 def ring_optimizer_groups(module, model_parameters) -> list[dict]:
     """The param groups to build the stage's optimizer from: :func:`ring_param_groups` when the
     caller passes None or this stage's plain parameters; the caller's groups when each carries
-    ``FIRST_STEP`` (e.g. :func:`ouroboros_ds.ring.staleness.pipeline_groups`)."""
+    ``FIRST_STEP`` (e.g. :func:`ouroboros_ds.ring.warmup.ring_param_groups`)."""
     if model_parameters is None or all(torch.is_tensor(p) for p in model_parameters):
         given = None if model_parameters is None else {id(p) for p in model_parameters}
         groups = ring_param_groups(module)

@@ -37,7 +37,7 @@ from ..models.gpt2 import LayerPlan
 from ..core.partition import ring_partition
 from .config import RingConfig
 from .optim import stage_clip_threshold
-from .staleness import scaled_by_delay, stale_momentum
+from .staleness import delay_scaled_lr, stale_momentum
 from .utils import layer_modules, unique_parameters
 from ..core.schedule import replays_batch
 from .warmup import FIRST_STEP, stage_param_groups
@@ -115,15 +115,13 @@ class Reference:
             params = unique_parameters(layer for k in mods for layer in self.module_layers[k])
             # the engine's own groups: one per first-gradient step
             groups = stage_param_groups({k: self.module_layers[k] for k in mods}, stages, tied_attrs)
-            if stale_lr_scale:  # the optional mitigation scales them by delay
-                lr = ds_config.get("optimizer", {}).get("params", {}).get("lr", 1e-3)
-                scaled = scaled_by_delay([(g[FIRST_STEP], g["params"]) for g in groups], lr, stale_lr_scale)
-                groups = [{**g, **sg} for g, sg in zip(groups, scaled)]
             if stale_beta1 and not synchronous:  # delay-aware momentum for the stale groups
                 betas = ds_config.get("optimizer", {}).get("params", {}).get("betas", (0.9, 0.999))
                 moment = stale_momentum([(g[FIRST_STEP], g["params"]) for g in groups], betas, stale_beta1)
                 groups = [{**g, **mg} for g, mg in zip(groups, moment)]
             opt = make_optimizer(groups, ds_config)
+            if stale_lr_scale and not synchronous:  # in ring steps, each group's lr scaled by its delay
+                delay_scaled_lr(opt, lambda: self.t, stale_lr_scale, self.sync_steps)
             self.stage_params.append(params)
             self.optimizers.append(opt)
             self.schedulers.append(make_scheduler(opt, ds_config))

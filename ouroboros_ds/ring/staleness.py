@@ -1,38 +1,56 @@
-"""Staleness mitigation beyond the paper (off by default): learning rate scaled down by delay.
+"""Staleness mitigation beyond the paper: a learning rate scaled down by the module's delay.
 
 Module k applies a gradient that is ``delay(k) = K - k`` steps old. With Adam every weight moves
 by about ``lr`` per step whatever the gradient's size, so a stale gradient's error grows with
-``lr x delay``; the cure that costs nothing is a smaller step for the stale modules:
+``lr x delay``, and the largest stable step shrinks with the delay (docs/staleness.md: about
+1 / delay of the synchronous one on a quadratic). In a ring step module k steps at
 
     lr_k = lr / (1 + c * delay(k))          (c = 0: the paper's update, unchanged)
 
-Module K (delay 0) keeps ``lr``. The tied embedding keeps ``lr`` too: it sits in module 1 (the
-stalest) *and* in module K, and most of its gradient is module K's fresh output-projection
-gradient; scaling it with module 1 slows the whole model down (measured: docs/staleness.md).
+A synchronous step has every delay 0, so every module keeps ``lr`` there. Module K (delay 0)
+keeps ``lr``; so does the tied embedding: it sits in module 1 (the stalest) *and* in module K,
+and most of its gradient is module K's fresh output-projection gradient.
 
-The rule is a list of optimizer parameter groups, so DeepSpeed's optimizer and its LR schedules
-apply it unchanged (``WarmupCosineLR`` scales each group's own initial ``lr``). The engine
-(``train.py --stale-lr-scale c``) and :class:`ouroboros_ds.ring.reference.Reference` build their groups
-with the same two functions (:func:`ouroboros_ds.ring.warmup.stage_param_groups`, :func:`scaled_by_delay`),
-so they stay equal.
+The rule is a pair of optimizer step hooks (:func:`delay_scaled_lr`): before the step each stale
+param group's ``lr`` is divided, after it the group's own value is put back. DeepSpeed's LR
+schedule keeps owning the groups' ``lr``, its wrappers (ZeRO, bf16) step the same groups, and the
+engine and :class:`ouroboros_ds.ring.reference.Reference` register the same hooks, so they stay
+equal bit for bit.
 """
 from __future__ import annotations
 
-from .warmup import FIRST_STEP, ring_param_groups
+from .warmup import FIRST_STEP
 
 
-def scaled_by_delay(groups: list[tuple[int, list]], lr: float, c: float) -> list[dict]:
-    """``[{"params", "lr": lr / (1 + c * step)}]`` for ``[(first-gradient step, params)]`` groups."""
+def lr_factor(delay: int, c: float) -> float:
+    """What a module ``delay`` steps stale multiplies its lr by in a ring step."""
+    return 1.0 / (1.0 + c * delay)
+
+
+def delay_scaled_lr(optimizer, current_step, c: float, sync_steps: int = 0) -> None:
+    """Register the delay-scaled lr on a torch optimizer whose param groups carry ``FIRST_STEP``
+    (the group's delay: the step its first gradient comes, :mod:`ouroboros_ds.ring.warmup`).
+    ``current_step()`` is the step t being run; steps before ``sync_steps`` are synchronous."""
     if c < 0:
         raise ValueError(f"stale_lr_scale: must be >= 0 (0 turns the mitigation off), got {c}")
-    return [{"params": params, "lr": lr / (1.0 + c * step)} for step, params in groups]
+    saved: dict = {}
 
+    def before(opt, args, kwargs):
+        if current_step() < sync_steps:
+            return
+        for i, group in enumerate(opt.param_groups):
+            if group[FIRST_STEP]:
+                saved[i] = group["lr"]
+                group["lr"] = group["lr"] * lr_factor(group[FIRST_STEP], c)
 
-def pipeline_groups(model, lr: float, c: float) -> list[dict]:
-    """The rule for this rank's stage of an ``OuroborosPipelineModule``: the engine's own param
-    groups (:func:`ouroboros_ds.ring.warmup.ring_param_groups`, one per first-gradient step) with their lrs scaled."""
-    groups = ring_param_groups(model)
-    return [{**g, **s} for g, s in zip(groups, scaled_by_delay([(g[FIRST_STEP], g["params"]) for g in groups], lr, c))]
+    def after(opt, args, kwargs):
+        for i, lr in saved.items():
+            opt.param_groups[i]["lr"] = lr
+        saved.clear()
+
+    if c:
+        optimizer.register_step_pre_hook(before)
+        optimizer.register_step_post_hook(after)
 
 
 def stale_momentum(groups: list[tuple[int, list]], betas, beta1: float) -> list[dict]:

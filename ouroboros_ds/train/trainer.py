@@ -100,10 +100,6 @@ class Trainer:
         if pretrained and hf.has_weights(c.model.name):
             hf.load_pretrained_weights(model, c.model.name, self.mcfg)  # before initialize: fp16/ZeRO copy them
         params = [p for p in model.parameters() if p.requires_grad]
-        if c.ring.stale_lr_scale:
-            from ouroboros_ds.ring.staleness import pipeline_groups
-            params = pipeline_groups(model, self.ds.get("optimizer", {}).get("params", {}).get("lr", 1e-3),
-                                     c.ring.stale_lr_scale)
         engine, *_ = initialize(model=model, model_parameters=params, config=self.ds, seed=c.training.seed,
                                 ring=c.ring if c.pipeline.schedule == "ouroboros" else None, replay_plan=replay_plan)
         return engine

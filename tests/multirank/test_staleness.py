@@ -1,7 +1,8 @@
-"""The optional staleness mitigation (``ouroboros_ds/ring/staleness.py``): delay-scaled learning rates.
+"""The delay-scaled learning rate (``ouroboros_ds/ring/staleness.py``).
 
-The group rule is checked directly; then the engine, given the groups by the same function as
-train.py builds them, still equals the single-process Reference with the same rule, bit for bit.
+The hooks are checked on a plain torch optimizer; then the engine, given the option through
+``initialize`` as any user gives it, equals the single-process Reference with the same option,
+bit for bit, across the end of the synchronous steps.
 """
 from __future__ import annotations
 
@@ -14,44 +15,49 @@ import torch
 from helpers import (SEED, batches, ds_config, feed, model_plan, paper, ring_engine, run_ranks, stage_parameters,
                      steps_for)
 
-LR = 3e-3  # test_equivalence.ds_config's lr
 C = 1.5
+SYNC = 2  # the test's ring starts with two synchronous steps: no scaling there
 
 
-def test_groups_scale_by_delay_and_keep_the_tied_weight_fresh():
-    from ouroboros_ds.ring.staleness import scaled_by_delay
-    from ouroboros_ds.ring.warmup import first_gradient_groups
+def test_ring_steps_scale_each_group_by_its_delay_and_put_the_lr_back():
+    from ouroboros_ds.ring.staleness import delay_scaled_lr
+    from ouroboros_ds.ring.warmup import FIRST_STEP
 
-    a, b, tied, d, unused = (torch.nn.Parameter(torch.zeros(1)) for _ in range(5))
-    # stage 0 of G = 3: modules 1 (delay 3) and 4 (delay 0); the tied parameter is used by both, so
-    # its first (and every) gradient is module 4's fresh one; a parameter no forward uses goes
-    # with the module that holds it
-    groups = first_gradient_groups(used={1: [tied, a], 4: [b, tied]}, owned={1: [tied, a, unused], 4: [b]},
-                                   num_stages=3)
-    assert [(step, [id(p) for p in ps]) for step, ps in groups] == [(0, [id(tied), id(b)]), (3, [id(a), id(unused)])]
-    assert [g["lr"] for g in scaled_by_delay(groups, lr=1.0, c=C)] == [1.0, 1.0 / (1 + 3 * C)]
-    # stage 2 of G = 3: module 3 (delay 1) alone
-    one = first_gradient_groups({3: [d]}, {3: [d]}, 3)
-    assert [g["lr"] for g in scaled_by_delay(one, lr=2.0, c=C)] == [2.0 / (1 + C)]
-    # c = 0 is the paper's rule: every lr unchanged
-    assert {g["lr"] for g in scaled_by_delay(groups, lr=1.0, c=0.0)} == {1.0}
+    fresh, stale = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [fresh], FIRST_STEP: 0}, {"params": [stale], FIRST_STEP: 3}], lr=1.0)
+    t = {"now": 0}
+    delay_scaled_lr(opt, lambda: t["now"], C, sync_steps=1)
+
+    def step():
+        fresh.grad, stale.grad = torch.ones(1), torch.ones(1)
+        before = fresh.item(), stale.item()
+        opt.step()
+        return before[0] - fresh.item(), before[1] - stale.item()
+
+    assert step() == (1.0, 1.0)  # a synchronous step: every delay is 0
+    t["now"] = 1
+    assert step() == (1.0, pytest.approx(1.0 / (1 + 3 * C)))  # a ring step: the stale group at lr / (1 + 3C)
+    assert [g["lr"] for g in opt.param_groups] == [1.0, 1.0]  # the schedule's values, put back
+    plain = torch.optim.SGD([{"params": [stale], FIRST_STEP: 3}], lr=1.0)
+    delay_scaled_lr(plain, lambda: 5, 0.0)  # c = 0: the paper's update, no hook at all
+    assert not plain._optimizer_step_pre_hooks
     with pytest.raises(ValueError, match="stale_lr_scale"):
-        scaled_by_delay(one, lr=1.0, c=-1.0)
+        delay_scaled_lr(plain, lambda: 0, -1.0)
 
 
 def worker(rank: int, G: int, M: int, out: str) -> None:
     import deepspeed
 
-    from ouroboros_ds.ring.staleness import pipeline_groups
-
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
-    steps = steps_for(G)
-    engine, mod = ring_engine(G, ds_config(M, steps), model_parameters=lambda mod: pipeline_groups(mod, LR, C))
-    opt = engine.optimizer
+    steps = steps_for(G) + SYNC
+    # the option as a user sets it: the DeepSpeed JSON's "ouroboros" object, plain parameters
+    ring = {**paper(stale_lr_scale=C, sync_steps=SYNC).__dict__, "activation_budget": None}
+    config = {**ds_config(M, steps), "ouroboros": {k: v for k, v in ring.items() if v is not None}}
+    engine, mod = ring_engine(G, config)
     it = feed(engine, batches(steps, M))
     losses = [engine.train_batch(it) for _ in range(steps)]
     torch.save({"losses": [None if x is None else x.item() for x in losses], "params": stage_parameters(mod),
-                "lrs": sorted(g["lr"] for g in opt.param_groups)}, os.path.join(out, f"rank{rank}.pt"))
+                "lrs": [g["lr"] for g in engine.optimizer.param_groups]}, os.path.join(out, f"rank{rank}.pt"))
 
 
 @pytest.mark.parametrize("G,M", [(2, 4)])
@@ -62,19 +68,22 @@ def test_engine_with_delay_scaled_lr_equals_reference(tmp_path, G, M):
     run_ranks(worker, G, G, M, str(tmp_path), tmpdir=str(tmp_path), timeout=300)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(G)]
     torch.set_num_threads(1)
-    ref = Reference(model_plan(), G, ds_config(M, steps_for(G)), lm_loss, seed=SEED, ring=paper(stale_lr_scale=C))
-    ref_losses = [ref.step(b) for b in batches(steps_for(G), M)]
-    plain = Reference(model_plan(), G, ds_config(M, steps_for(G)), lm_loss, seed=SEED, ring=paper())
-    plain_losses = [plain.step(b) for b in batches(steps_for(G), M)]
+    steps = steps_for(G) + SYNC
+    ref = Reference(model_plan(), G, ds_config(M, steps), lm_loss, seed=SEED,
+                    ring=paper(stale_lr_scale=C, sync_steps=SYNC))
+    ref_losses = [ref.step(b) for b in batches(steps, M)]
+    plain = Reference(model_plan(), G, ds_config(M, steps), lm_loss, seed=SEED, ring=paper(sync_steps=SYNC))
+    plain_losses = [plain.step(b) for b in batches(steps, M)]
 
-    # the groups reached DeepSpeed's optimizer (the scheduler rescales them; their ratios stay)
-    lrs = ranks[0]["lrs"]  # stage 0 of G = 2: module 1 (delay 2); fresh: module 3 and the tied weight
-    assert len(lrs) == 2 and lrs[0] == pytest.approx(lrs[1] / (1 + 2 * C))
-    torch.testing.assert_close(torch.tensor(ranks[0]["losses"], dtype=torch.float64),
-                               torch.tensor(ref_losses, dtype=torch.float64), rtol=1e-6, atol=0)
+    # stage 0 of G = 2: module 1's group (delay 2) and the fresh one (module 3, the tied weight);
+    # after the step the optimizer holds the schedule's lr for both, the scaling is the step's alone
+    lrs = ranks[0]["lrs"]
+    assert len(lrs) == 2 and lrs[0] == lrs[1]
+    assert ranks[0]["losses"] == ref_losses  # bit for bit
     ref_params = dict(ref.named_parameters())
     for r in ranks:
         for name, p in r["params"].items():
-            torch.testing.assert_close(p, ref_params[name].detach(), atol=1e-6, rtol=1e-5)
-    # and the rule changed the training (this test is not blind to a no-op)
+            assert torch.equal(p, ref_params[name].detach()), name
+    # the synchronous steps are untouched; the ring steps are not (the test is not blind to a no-op)
+    assert ref_losses[:SYNC + 1] == plain_losses[:SYNC + 1]
     assert ranks[0]["losses"][-1] != pytest.approx(plain_losses[-1], rel=1e-6, abs=0)
