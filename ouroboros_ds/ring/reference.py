@@ -120,8 +120,8 @@ class Reference:
                 moment = stale_momentum([(g[FIRST_STEP], g["params"]) for g in groups], betas, stale_beta1)
                 groups = [{**g, **mg} for g, mg in zip(groups, moment)]
             opt = make_optimizer(groups, ds_config)
-            if stale_lr_scale and not synchronous:  # in ring steps, each group's lr scaled by its delay
-                delay_scaled_lr(opt, lambda: self.t, stale_lr_scale, self.sync_steps)
+            if stale_lr_scale and not synchronous:  # each group's lr scaled by its delay in the ring
+                delay_scaled_lr(opt, stale_lr_scale)
             self.stage_params.append(params)
             self.optimizers.append(opt)
             self.schedulers.append(make_scheduler(opt, ds_config))

@@ -3,19 +3,22 @@
 Module k applies a gradient that is ``delay(k) = K - k`` steps old. With Adam every weight moves
 by about ``lr`` per step whatever the gradient's size, so a stale gradient's error grows with
 ``lr x delay``, and the largest stable step shrinks with the delay (docs/staleness.md: about
-1 / delay of the synchronous one on a quadratic). In a ring step module k steps at
+1 / delay of the synchronous one on a quadratic). Module k steps at
 
     lr_k = lr / (1 + c * delay(k))          (c = 0: the paper's update, unchanged)
 
-A synchronous step has every delay 0, so every module keeps ``lr`` there. Module K (delay 0)
-keeps ``lr``; so does the tied embedding: it sits in module 1 (the stalest) *and* in module K,
-and most of its gradient is module K's fresh output-projection gradient.
+with ``delay(k)`` its delay in the ring, in every step: also during the synchronous first steps,
+which then train the stale modules at the step they will keep in the ring (measured better than
+scaling from the switch on: docs/parity.md). Module K (delay 0) keeps ``lr``; so does the tied
+embedding: it sits in module 1 (the stalest) *and* in module K, and most of its gradient is
+module K's fresh output-projection gradient.
 
 The rule is a pair of optimizer step hooks (:func:`delay_scaled_lr`): before the step each stale
-param group's ``lr`` is divided, after it the group's own value is put back. DeepSpeed's LR
-schedule keeps owning the groups' ``lr``, its wrappers (ZeRO, bf16) step the same groups, and the
-engine and :class:`ouroboros_ds.ring.reference.Reference` register the same hooks, so they stay
-equal bit for bit.
+param group's ``lr`` is multiplied, after it the group's own value is put back. So whatever
+DeepSpeed LR schedule owns the groups' ``lr`` (WarmupLR and OneCycle set every group to the same
+absolute value, which would undo a scaled ``lr`` given to the group), its wrappers (ZeRO, bf16)
+step the scaled value, and the engine and :class:`ouroboros_ds.ring.reference.Reference` register
+the same hooks, so they stay equal bit for bit.
 """
 from __future__ import annotations
 
@@ -23,21 +26,18 @@ from .warmup import FIRST_STEP
 
 
 def lr_factor(delay: int, c: float) -> float:
-    """What a module ``delay`` steps stale multiplies its lr by in a ring step."""
+    """What a module ``delay`` steps stale in the ring multiplies its lr by."""
     return 1.0 / (1.0 + c * delay)
 
 
-def delay_scaled_lr(optimizer, current_step, c: float, sync_steps: int = 0) -> None:
+def delay_scaled_lr(optimizer, c: float) -> None:
     """Register the delay-scaled lr on a torch optimizer whose param groups carry ``FIRST_STEP``
-    (the group's delay: the step its first gradient comes, :mod:`ouroboros_ds.ring.warmup`).
-    ``current_step()`` is the step t being run; steps before ``sync_steps`` are synchronous."""
+    (the group's delay in the ring: the step its first gradient comes, :mod:`ouroboros_ds.ring.warmup`)."""
     if c < 0:
         raise ValueError(f"stale_lr_scale: must be >= 0 (0 turns the mitigation off), got {c}")
     saved: dict = {}
 
     def before(opt, args, kwargs):
-        if current_step() < sync_steps:
-            return
         for i, group in enumerate(opt.param_groups):
             if group[FIRST_STEP]:
                 saved[i] = group["lr"]
