@@ -44,6 +44,7 @@ class RingCheckpointing:
                 "micro_batch": self.train_micro_batch_size_per_gpu(), "dp": self.dp_world_size,
                 "seed": self.seed, "replay": self.replay, "weight_prediction": self.weight_prediction,
                 "lookahead": self.lookahead, "sync_steps": self.sync_steps, "stage_clip": self.stage_clip,
+                "stale_lr_scale": self.stale_lr_scale,
                 "num_layers": len(self.module._layer_specs),
                 "module_bounds": [list(b) for b in self.module.module_bounds]}
 
@@ -145,6 +146,7 @@ class RingCheckpointing:
         saved.setdefault("lookahead", 0.0)  # saved before the option existed: a run without look-ahead
         saved.setdefault("sync_steps", 0)  # likewise: no synchronous warm-up
         saved.setdefault("stage_clip", "whole")  # likewise: each stage clipped at gradient_clipping
+        saved.setdefault("stale_lr_scale", 0.0)  # likewise: no delay-scaled lr
         mine = {**self.ring_meta(), **(meta or {}), "world": dist.get_world_size()}
         diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in mine.items() if saved.get(k) != v]
         if diffs:

@@ -71,6 +71,7 @@ class OuroborosEngine(RingEvaluation, StageOptimizer, RingCheckpointing, Pipelin
         self.replay, self.stage_clip, self.sync_steps = self.ring.replay, self.ring.stage_clip, self.ring.sync_steps
         self.weight_prediction = float(self.ring.weight_prediction)
         self.lookahead = self.ring.lookahead_updates(self._stages)
+        self.stale_lr_scale = self.ring.stale_lr_for(self._stages)
         self.step_synchronous = False  # whether the step being run is one of the sync_steps
         if replay_plan is not None and self.replay != "stash":
             raise ValueError("replay_plan / --activation-budget: needs replay='stash' (the plan chooses which stashed "

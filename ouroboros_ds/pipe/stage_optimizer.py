@@ -27,7 +27,7 @@ class StageOptimizer:
             self.mpu = mpu
         self.basic_optimizer.register_step_pre_hook(O.warmup_hook(lambda: self.batch_id, self.sync_steps))
         # the delay-scaled lr (off at 0) as step hooks, so DeepSpeed's LR schedule keeps owning the lrs
-        delay_scaled_lr(self.basic_optimizer, self.ring.stale_lr_scale)
+        delay_scaled_lr(self.basic_optimizer, self.stale_lr_scale)
 
     # Overridden: every clip (the fp32 path below, ZeRO's and BF16_Optimizer's, which read it when
     # they are built) takes its threshold from here, and the ring's is per stage (stage_clip).

@@ -23,6 +23,8 @@ REPLAY_MODES = ("recompute", "stash")
 STAGE_CLIPS = ("split", "whole")
 PARTITIONS = ("fresh", "balanced", "authors", "budget")
 LOOKAHEAD_AUTO = "auto"
+STALE_LR_AUTO = "auto"
+STALE_LR_AUTO_FROM = 4  # 'auto' scales the lr from this many stages on (docs/parity.md measures G = 2, 3, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,9 @@ class RingConfig:
     """the norm each stage clips its own gradient at, with no collective across stages: 'split' the
     config's gradient_clipping / sqrt(G), so the whole model's norm never exceeds gradient_clipping
     as with DeepSpeed's clip; 'whole' gradient_clipping on every stage, the paper's rule"""
-    stale_lr_scale: float = 0.0
-    """staleness mitigation C (0: off): module k's lr / (1 + C x delay(k)); see
-    ouroboros_ds/ring/staleness.py"""
+    stale_lr_scale: float | str = STALE_LR_AUTO
+    """staleness mitigation C ('auto': 1 from G = 4 stages on, 0 below; 0: off, the paper's): module
+    k's lr / (1 + C x delay(k)), in every step; see ouroboros_ds/ring/staleness.py"""
     partition: Literal["fresh", "balanced", "authors", "budget"] = "fresh"
     """how train.py splits the blocks into modules 1..K (a library user builds the module with
     his own split): 'fresh' (by modelled per-stage cost, stage 0's blocks in module K: fewer stale
@@ -110,6 +112,15 @@ class RingConfig:
         up to K - 1 steps; docs/parity.md measures 3 at G = 2, and 5 against 3 at G = 3)."""
         return float(2 * stages - 1) if self.lookahead == LOOKAHEAD_AUTO else float(self.lookahead)
 
+    def stale_lr_for(self, stages: int) -> float:
+        """C of the delay-scaled lr for a ring of ``stages`` stages: the number given, or 'auto': 1
+        (module k at lr / (1 + delay(k))) from STALE_LR_AUTO_FROM stages on, where the delays are
+        long enough for it to pay (docs/parity.md: at G = 4 and 8 it closes part of the gap to 1F1B,
+        at G = 2 it costs accuracy), 0 below."""
+        if self.stale_lr_scale == STALE_LR_AUTO:
+            return 1.0 if stages >= STALE_LR_AUTO_FROM else 0.0
+        return float(self.stale_lr_scale)
+
 
 FIELDS = tuple(f.name for f in dataclasses.fields(RingConfig))
 
@@ -137,8 +148,9 @@ def _check(c: RingConfig) -> None:
     if c.stage_clip not in STAGE_CLIPS:
         raise ValueError(f"stage_clip: must be 'split' (each stage at gradient_clipping / sqrt(G)) or 'whole' (each "
                          f"stage at gradient_clipping, the paper's rule), got {c.stage_clip!r}")
-    if not _number(c.stale_lr_scale) or c.stale_lr_scale < 0:
-        raise ValueError(f"stale_lr_scale: must be a number >= 0 (0: off), got {c.stale_lr_scale!r}")
+    if c.stale_lr_scale != STALE_LR_AUTO and (not _number(c.stale_lr_scale) or c.stale_lr_scale < 0):
+        raise ValueError(f"stale_lr_scale: must be 'auto' (1 from {STALE_LR_AUTO_FROM} stages on, else 0) or a number "
+                         f">= 0 (0: off; C: module k's lr / (1 + C x delay)), got {c.stale_lr_scale!r}")
     if c.partition not in PARTITIONS:
         raise ValueError(f"partition: expected one of {PARTITIONS}, got {c.partition!r}")
     if c.partition == "budget" and c.replay != "stash":

@@ -96,7 +96,7 @@ class Reference:
         self.ring = ring
         self.replay, self.sync_steps = ring.replay, ring.sync_steps
         self.weight_prediction = float(ring.weight_prediction)
-        stage_clip, stale_lr_scale = ring.stage_clip, ring.stale_lr_scale
+        stage_clip, stale_lr_scale = ring.stage_clip, ring.stale_lr_for(stages)
         self.G, self.K = stages, S.num_modules(stages)
         self.seed, self.loss_fn, self.always_synchronous = seed, loss_fn, synchronous
         self.layers = build_layers(plan)

@@ -51,8 +51,8 @@ class ModelConfig:
     """after training, write the model where AutoModelForCausalLM.from_pretrained loads it"""
 
 
-def lookahead_value(text: str):
-    """--lookahead's argument: "auto" or a number."""
+def auto_or_number(text: str):
+    """The argument of --lookahead and --stale-lr-scale: "auto" or a number."""
     if text == "auto":
         return text
     try:
@@ -263,7 +263,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     for name, cls in _groups():
         _add_fields(p.add_argument_group(name), cls, name + ".")
     _add_fields(p.add_argument_group("ring (default: the DeepSpeed JSON's \"ouroboros\" object, else RingConfig's)"),
-                RingConfig, "ring.", unset=True, types={"lookahead": lookahead_value})
+                RingConfig, "ring.", unset=True, types={"lookahead": auto_or_number, "stale_lr_scale": auto_or_number})
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p
 

@@ -133,7 +133,8 @@ class Trainer:
         seq_len = c.training.seq_len
         print(f"ouroboros-ds: schedule={c.pipeline.schedule} "
               + (f"replay={c.ring.replay} weight_prediction={c.ring.weight_prediction} lookahead={engine.lookahead} "
-                 f"sync_steps={c.ring.sync_steps} stage_clip={c.ring.stage_clip} " if ring else
+                 f"sync_steps={c.ring.sync_steps} stage_clip={c.ring.stage_clip} stale_lr_scale={engine.stale_lr_scale:g} "
+                 if ring else
                  f"activation_checkpointing={c.pipeline.activation_checkpointing} ")
               + f"G={self.G} dp={engine.dp_world_size} M={engine.gradient_accumulation_steps()} "
               f"micro-batch={engine.train_micro_batch_size_per_gpu()} seq={seq_len} vocab={tok.vocab_size} "
