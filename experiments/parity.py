@@ -67,7 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--micro-batches", nargs="+", type=int, default=[1, 4],
                    help="M; the global batch stays --batch sequences (M = 1: one micro-batch of all)")
     p.add_argument("--variants", nargs="+", default=["1f1b", "paper", "default"],
-                   help=f"schedules: {', '.join(VARIANTS)}, or a JSON object of Reference options")
+                   help=f"schedules: {', '.join(VARIANTS)}, default, default-no-stale-lr, or a JSON object of "
+                        "Reference options")
     p.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 2e-3, 4e-3])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--steps", type=int, default=400)
@@ -99,15 +100,17 @@ def parse_args(argv=None):
 def variant_options(name: str) -> dict:
     if name in VARIANTS:
         return dict(VARIANTS[name])
-    if name == "default":
+    if name in ("default", "default-no-stale-lr"):
         import dataclasses
 
         from ouroboros_ds.ring.config import RingConfig
-        return dataclasses.asdict(RingConfig())
+        # default-no-stale-lr: the default without the delay-scaled lr (at G >= 4, the default before it)
+        return dataclasses.asdict(RingConfig(**({"stale_lr_scale": 0.0} if name != "default" else {})))
     try:
         return json.loads(name)
     except json.JSONDecodeError:
-        raise SystemExit(f"--variants: {name!r} is neither one of {', '.join(VARIANTS)}, 'default', nor JSON") from None
+        raise SystemExit(f"--variants: {name!r} is neither one of {', '.join(VARIANTS)}, 'default', "
+                         "'default-no-stale-lr', nor JSON") from None
 
 
 def run_key(data, G, M, variant, lr, seed, steps):

@@ -75,7 +75,7 @@ class RingConfig:
     @classmethod
     def paper(cls, **changes) -> RingConfig:
         """The paper's exact update (no weight prediction, no look-ahead, no synchronous steps, each
-        stage clipped at the whole threshold, the balanced partition), with ``changes``."""
+        stage clipped at the whole threshold, no delay-scaled lr, the balanced partition), with ``changes``."""
         return cls(**{**cls.PAPER, **changes})
 
     @classmethod

@@ -90,6 +90,18 @@ def test_stash_column_only_where_stash_is_the_same_update():
     assert not P.stash_is_same_update(g3, P.variant_options("default"))
 
 
+def test_the_default_and_the_default_without_the_delay_scaled_lr():
+    """'default' is RingConfig()'s options (the delay-scaled lr 'auto'); 'default-no-stale-lr' differs in
+    that option alone, so the two compare it with everything else equal."""
+    import dataclasses
+
+    from ouroboros_ds.ring.config import RingConfig
+
+    default, without = P.variant_options("default"), P.variant_options("default-no-stale-lr")
+    assert default == dataclasses.asdict(RingConfig()) and default["stale_lr_scale"] == "auto"
+    assert {k for k in default if default[k] != without[k]} == {"stale_lr_scale"} and without["stale_lr_scale"] == 0
+
+
 @FULL  # parity.py's runs under --raw and their reuse: test_run_names
 def test_protocol_runs_tables_and_reuses(tmp_path):
     out, raw = tmp_path / "out", tmp_path / "raw"
