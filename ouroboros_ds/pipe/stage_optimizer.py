@@ -12,7 +12,7 @@ from ..ring.staleness import delay_scaled_lr
 class StageOptimizer:
     """Mixin of :class:`ouroboros_ds.pipe.engine.OuroborosEngine`, placed before ``PipelineEngine``:
     the overrides of DeepSpeed's optimizer construction, clip and gradient reduction. Uses the
-    engine's ``_stages``, ``ring``, ``stage_clip``, ``sync_steps`` and ``batch_id``."""
+    engine's ``_stages``, ``stage_clip``, ``stale_lr_scale``, ``sync_steps`` and ``batch_id``."""
 
     # Overridden, to keep DeepSpeed's optimizer wrappers (ZeRO-1, bf16) as they are and change only
     # what they are given (ouroboros_ds/ring/optim.py): one param group per first-gradient step, a step
