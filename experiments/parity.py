@@ -105,7 +105,7 @@ def variant_options(name: str) -> dict:
 
         from ouroboros_ds.ring.config import RingConfig
         # default-no-stale-lr: the default without the delay-scaled lr (at G >= 4, the default before it)
-        return dataclasses.asdict(RingConfig(**({"stale_lr_scale": 0.0} if name != "default" else {})))
+        return dataclasses.asdict(RingConfig() if name == "default" else RingConfig(stale_lr_scale=0.0))
     try:
         return json.loads(name)
     except json.JSONDecodeError:

@@ -120,7 +120,7 @@ class Reference:
                 moment = stale_momentum([(g[FIRST_STEP], g["params"]) for g in groups], betas, stale_beta1)
                 groups = [{**g, **mg} for g, mg in zip(groups, moment)]
             opt = make_optimizer(groups, ds_config)
-            if stale_lr_scale and not synchronous:  # each group's lr scaled by its delay in the ring
+            if not synchronous:  # each group's lr scaled by its delay in the ring (no hooks at 0)
                 delay_scaled_lr(opt, stale_lr_scale)
             self.stage_params.append(params)
             self.optimizers.append(opt)

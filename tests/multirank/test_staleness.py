@@ -44,11 +44,12 @@ def test_each_group_steps_at_its_delay_scaled_lr_and_the_schedule_keeps_its_lr()
 def worker(rank: int, G: int, M: int, out: str) -> None:
     import deepspeed
 
+    from ouroboros_ds.ring.config import RingConfig
+
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
     steps = steps_for(G) + SYNC
     # the option as a user sets it: the DeepSpeed JSON's "ouroboros" object, plain parameters
-    ring = {**paper(stale_lr_scale=C, sync_steps=SYNC).__dict__, "activation_budget": None}
-    config = {**ds_config(M, steps), "ouroboros": {k: v for k, v in ring.items() if v is not None}}
+    config = {**ds_config(M, steps), "ouroboros": {**RingConfig.PAPER, "stale_lr_scale": C, "sync_steps": SYNC}}
     engine, mod = ring_engine(G, config)
     it = feed(engine, batches(steps, M))
     losses = [engine.train_batch(it) for _ in range(steps)]
@@ -81,5 +82,4 @@ def test_engine_with_delay_scaled_lr_equals_reference(tmp_path, G, M):
         for name, p in r["params"].items():
             assert torch.equal(p, ref_params[name].detach()), name
     # the rule changed the training (the test is not blind to a no-op)
-    assert ref_losses[-1] != plain_losses[-1]
     assert ranks[0]["losses"][-1] != pytest.approx(plain_losses[-1], rel=1e-6, abs=0)
