@@ -37,7 +37,7 @@ from ..models.gpt2 import LayerPlan
 from ..core.partition import ring_partition
 from .config import RingConfig
 from .optim import stage_clip_threshold
-from .staleness import delay_scaled_lr, stale_momentum
+from .staleness import compensate, delay_scaled_lr, stale_momentum
 from .utils import layer_modules, unique_parameters
 from ..core.schedule import replays_batch
 from .warmup import FIRST_STEP, stage_param_groups
@@ -89,9 +89,15 @@ class Reference:
 
     def __init__(self, plan: LayerPlan, stages: int, ds_config: dict, loss_fn, seed: int = 0,
                  ring: RingConfig | None = None, blocks_per_module=None, synchronous: bool = False,
-                 global_clip: bool = False, stale_beta1: float = 0.0, lookahead_synchronous: bool = False):
+                 global_clip: bool = False, stale_beta1: float = 0.0, lookahead_synchronous: bool = False,
+                 stale_lr_cap: bool = False, compensation: float = 0.0, compensation_kind: str = "adaptive",
+                 tied_stale_scale: float = 1.0):
         # ring: the ring's options, as the engine takes them (None: RingConfig's defaults); the
-        # rest are the Reference's own: synchronous + global_clip is stock 1F1B's update
+        # rest are the Reference's own: synchronous + global_clip is stock 1F1B's update; the
+        # others screen mitigations the engine does not run (docs/parity.md): stale_beta1,
+        # lookahead_synchronous, stale_lr_cap (staleness.delay_scaled_lr's cap), compensation and
+        # compensation_kind (staleness.compensate), tied_stale_scale (the tied embedding's stale
+        # input-side gradient times this, before module K adds its fresh one)
         ring = RingConfig() if ring is None else ring
         self.ring = ring
         self.replay, self.sync_steps = ring.replay, ring.sync_steps
@@ -121,7 +127,7 @@ class Reference:
                 groups = [{**g, **mg} for g, mg in zip(groups, moment)]
             opt = make_optimizer(groups, ds_config)
             if not synchronous:  # each group's lr scaled by its delay in the ring (no hooks at 0)
-                delay_scaled_lr(opt, stale_lr_scale)
+                delay_scaled_lr(opt, stale_lr_scale, ds_config["optimizer"]["params"]["lr"] if stale_lr_cap else None)
             self.stage_params.append(params)
             self.optimizers.append(opt)
             self.schedulers.append(make_scheduler(opt, ds_config))
@@ -134,6 +140,9 @@ class Reference:
         self.lookahead_synchronous = lookahead_synchronous
         self.k_update = WP.LastUpdate(WP.own_parameters(self.module_layers[self.K])) \
             if self.lookahead and (not synchronous or lookahead_synchronous) else None
+        self.compensation, self.compensation_kind = float(compensation), compensation_kind
+        self.compensated: list = []  # (live parameter, the weights its stale gradient was taken at)
+        self.tied_stale_scale = float(tied_stale_scale)
         self.t = 0
         self.stash: dict = {}    # (module, batch, mb) -> input
         self.pending: dict = {}  # (module, batch, mb) -> dL/d(output of module)
@@ -217,6 +226,11 @@ class Reference:
         #    (the engine's stage 0 also replays module 1 before module K's losses: same order here)
         if not self.synchronous:
             self._replays(range(K - 1, 0, -1))
+            if self.tied_stale_scale != 1.0:
+                shared = {id(p) for p in unique_parameters(self.module_layers[K])}
+                for p in unique_parameters(self.module_layers[1]):
+                    if id(p) in shared and p.grad is not None:
+                        p.grad.mul_(self.tied_stale_scale)
         # 3. module K: forward, loss and backward of batch t
         losses = []
         # no look-ahead in a synchronous step: module K's error gradients are applied in this step
@@ -239,6 +253,9 @@ class Reference:
         for update in (self.last_update, self.k_update):
             if update is not None:
                 update.record()
+        if self.compensated:
+            compensate(self.compensated, self.optimizers, self.compensation, self.compensation_kind)
+            self.compensated = []
         if self.global_clip and self.clip > 0:
             torch.nn.utils.clip_grad_norm_([p for params in self.stage_params for p in params if p.grad is not None],
                                            self.clip)
@@ -276,6 +293,9 @@ class Reference:
                         self.pending[(k - 1, b, j)] = dx
                     j += 1
                     if (k, b, j) not in self.stash:
+                        if self.compensation:
+                            shared = {id(p) for p in unique_parameters(self.module_layers[self.K])}
+                            self.compensated += [(p, c.detach()) for c, p in snap.live if id(p) not in shared]
                         del self.weight_stash[(k, b)]
                     continue
                 if x.is_floating_point():

@@ -22,6 +22,8 @@ the same hooks, so they stay equal bit for bit.
 """
 from __future__ import annotations
 
+import torch
+
 from .warmup import FIRST_STEP
 
 
@@ -30,9 +32,13 @@ def lr_factor(delay: int, c: float) -> float:
     return 1.0 / (1.0 + c * delay)
 
 
-def delay_scaled_lr(optimizer, c: float) -> None:
+def delay_scaled_lr(optimizer, c: float, cap: float | None = None) -> None:
     """Register the delay-scaled lr on a torch optimizer whose param groups carry ``FIRST_STEP``
-    (the group's delay in the ring: the step its first gradient comes, :mod:`ouroboros_ds.ring.warmup`)."""
+    (the group's delay in the ring: the step its first gradient comes, :mod:`ouroboros_ds.ring.warmup`).
+
+    ``cap`` (screening only, the Reference's ``stale_lr_cap``): instead of scaling the schedule's lr,
+    cap it at ``cap x lr_factor``, so a stale module steps at the full schedule once its lr has
+    decayed below that (measured worse: docs/parity.md)."""
     if c < 0:
         raise ValueError(f"stale_lr_scale: must be >= 0 (0 turns the mitigation off), got {c}")
     saved: dict = {}
@@ -41,7 +47,8 @@ def delay_scaled_lr(optimizer, c: float) -> None:
         for i, group in enumerate(opt.param_groups):
             if group[FIRST_STEP]:
                 saved[i] = group["lr"]
-                group["lr"] = group["lr"] * lr_factor(group[FIRST_STEP], c)
+                f = lr_factor(group[FIRST_STEP], c)
+                group["lr"] = group["lr"] * f if cap is None else min(group["lr"], cap * f)
 
     def after(opt, args, kwargs):
         for i, lr in saved.items():
@@ -65,3 +72,30 @@ def stale_momentum(groups: list[tuple[int, list]], betas, beta1: float) -> list[
         raise ValueError(f"stale_beta1: must be in [0, 1) (0 turns it off), got {beta1}")
     beta2 = betas[1]
     return [{"params": params, **({"betas": (beta1, beta2)} if beta1 and step > 0 else {})} for step, params in groups]
+
+
+def compensate(pairs, optimizers, kappa: float, kind: str = "adaptive") -> None:
+    """Delay compensation (screening only, the Reference's ``compensation``; measured to change
+    nothing: docs/parity.md): each stale gradient, taken at weights ``w_then``, corrected to first
+    order towards the current weights, ``g + h (w - w_then)``, with a diagonal curvature estimate
+    ``h`` from Adam's second moment ``v`` (bias-corrected) and the group's lr:
+
+    - ``"adaptive"`` (DC-ASGD-a, Zheng et al. 2017): ``h = kappa g^2 / (sqrt(v) lr)``;
+    - ``"flat"``: ``h = kappa sqrt(v) / lr``, i.e. lr x h / sqrt(v) = kappa for every weight.
+
+    ``pairs``: (live parameter, the weights its gradient was taken at); before the clip and step."""
+    if kind not in ("adaptive", "flat"):
+        raise ValueError(f"compensation_kind: expected 'adaptive' or 'flat', got {kind!r}")
+    where = {id(p): (opt, group) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+    with torch.no_grad():
+        for p, w_then in pairs:
+            opt, group = where[id(p)]
+            st = opt.state.get(p, {})
+            if p.grad is None or "exp_avg_sq" not in st:
+                continue  # no second moment yet: the module's first delayed step
+            v = st["exp_avg_sq"] / (1 - group["betas"][1] ** float(st["step"]))
+            if kind == "adaptive":
+                h = kappa * p.grad * p.grad / ((v.sqrt() + group["eps"]) * group["lr"])
+            else:
+                h = kappa * v.sqrt() / group["lr"]
+            p.grad.add_(h * (p - w_then))

@@ -468,3 +468,38 @@ def test_lookahead_in_synchronous_steps_only_when_asked():
     plain = _run(G, M, steps, synchronous=True)
     assert _equal(_run(G, M, steps, synchronous=True, lookahead=3.0), plain)
     assert not _equal(_run(G, M, steps, synchronous=True, lookahead=3.0, lookahead_synchronous=True), plain)
+
+
+@pytest.mark.parametrize("option,neutral,active", (
+    ("stale_lr_cap", False, True), ("compensation", 0.0, 1.0), ("tied_stale_scale", 1.0, 0.5)))
+def test_screening_options(option, neutral, active):
+    """The Reference's screening-only mitigations (docs/parity.md): each changes the update when on
+    and nothing at its neutral value, so a screening run measures what it says."""
+    G, M, steps = 2, 2, 6
+    ring = dict(weight_prediction=1.0, stale_lr_scale=1.0)
+    plain = _run(G, M, steps, **ring)
+    assert _equal(_run(G, M, steps, **ring, **{option: neutral}), plain)
+    assert not _equal(_run(G, M, steps, **ring, **{option: active}), plain)
+    if option == "compensation":
+        assert not _equal(_run(G, M, steps, **ring, compensation=1.0, compensation_kind="flat"),
+                          _run(G, M, steps, **ring, compensation=1.0))
+
+
+def test_compensate_is_first_order_towards_the_current_weights():
+    from ouroboros_ds.ring.staleness import compensate
+
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = torch.optim.AdamW([p], lr=0.1, betas=(0.9, 0.99), eps=0.0)
+    p.grad = torch.tensor([0.5, -1.0])
+    opt.step()  # one step: Adam's state exists
+    v = opt.state[p]["exp_avg_sq"] / (1 - 0.99)
+    w_then = p.detach() - torch.tensor([0.1, 0.2])
+    g = torch.tensor([0.2, 0.4])
+    p.grad = g.clone()
+    compensate([(p, w_then)], [opt], 2.0, "flat")
+    assert torch.allclose(p.grad, g + 2.0 * v.sqrt() / 0.1 * torch.tensor([0.1, 0.2]))
+    p.grad = g.clone()
+    compensate([(p, w_then)], [opt], 2.0, "adaptive")
+    assert torch.allclose(p.grad, g + 2.0 * g * g / (v.sqrt() * 0.1) * torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="compensation_kind"):
+        compensate([(p, w_then)], [opt], 1.0, "fisher")
