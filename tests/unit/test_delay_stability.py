@@ -53,3 +53,13 @@ def test_prediction_edge_matches_the_update_it_models():
     # it helps with momentum: ~2.7x at delay 1, ~2.4x at delay 2 (H = 1)
     assert 2.5 < max_stable_step(0.9, 1, prediction=1.0) < 2.9
     assert 1.1 < max_stable_step(0.9, 2, prediction=2.0) < 1.3
+
+
+def test_steps_to_tenth():
+    from delay_stability import steps_to_tenth
+
+    # no momentum, no delay: w(t+1) = (1 - a) w(t)
+    assert steps_to_tenth(0.1, 0.0, 0) == pytest.approx(math.log(0.1) / math.log(0.9))
+    assert steps_to_tenth(2.5, 0.0, 0) == float("inf")  # past the edge (2)
+    # a delay with the lr divided by 1 + delay slows a flat direction about (1 + delay)-fold
+    assert steps_to_tenth(0.01 / 8, 0.9, 7, prediction=7) / steps_to_tenth(0.01, 0.9, 0) > 7
