@@ -37,7 +37,7 @@ from ..models.gpt2 import LayerPlan
 from ..core.partition import ring_partition
 from .config import RingConfig
 from .optim import stage_clip_threshold
-from .staleness import compensate, delay_scaled_lr, stale_momentum
+from .staleness import compensate, delay_scaled_lr, stale_momentum, two_timescale_lr
 from .utils import layer_modules, unique_parameters
 from ..core.schedule import replays_batch
 from .warmup import FIRST_STEP, stage_param_groups
@@ -91,13 +91,14 @@ class Reference:
                  ring: RingConfig | None = None, blocks_per_module=None, synchronous: bool = False,
                  global_clip: bool = False, stale_beta1: float = 0.0, lookahead_synchronous: bool = False,
                  stale_lr_cap: bool = False, compensation: float = 0.0, compensation_kind: str = "adaptive",
-                 tied_stale_scale: float = 1.0):
+                 tied_stale_scale: float = 1.0, stale_slow_ema: float = 0.0):
         # ring: the ring's options, as the engine takes them (None: RingConfig's defaults); the
         # rest are the Reference's own: synchronous + global_clip is stock 1F1B's update; the
         # others screen mitigations the engine does not run (docs/parity.md): stale_beta1,
         # lookahead_synchronous, stale_lr_cap (staleness.delay_scaled_lr's cap), compensation and
         # compensation_kind (staleness.compensate), tied_stale_scale (the tied embedding's stale
-        # input-side gradient times this, before module K adds its fresh one)
+        # input-side gradient times this, before module K adds its fresh one), stale_slow_ema
+        # (staleness.two_timescale_lr)
         ring = RingConfig() if ring is None else ring
         self.ring = ring
         self.replay, self.sync_steps = ring.replay, ring.sync_steps
@@ -126,7 +127,9 @@ class Reference:
                 moment = stale_momentum([(g[FIRST_STEP], g["params"]) for g in groups], betas, stale_beta1)
                 groups = [{**g, **mg} for g, mg in zip(groups, moment)]
             opt = make_optimizer(groups, ds_config)
-            if not synchronous:  # each group's lr scaled by its delay in the ring (no hooks at 0)
+            if stale_slow_ema and not synchronous:
+                two_timescale_lr(opt, stale_lr_scale, stale_slow_ema)
+            elif not synchronous:  # each group's lr scaled by its delay in the ring (no hooks at 0)
                 delay_scaled_lr(opt, stale_lr_scale, ds_config["optimizer"]["params"]["lr"] if stale_lr_cap else None)
             self.stage_params.append(params)
             self.optimizers.append(opt)

@@ -99,3 +99,37 @@ def compensate(pairs, optimizers, kappa: float, kind: str = "adaptive") -> None:
             else:
                 h = kappa * v.sqrt() / group["lr"]
             p.grad.add_(h * (p - w_then))
+
+
+def two_timescale_lr(optimizer, c: float, beta_slow: float) -> None:
+    """The delay-scaled lr on the fast part of the update only (screening only, the Reference's
+    ``stale_slow_ema``): a stale group steps ``f U + (1 - f) U_slow``, with ``U`` the optimizer's
+    update at the schedule's lr, ``U_slow`` its EMA (``beta_slow``, from 0) and ``f`` the group's
+    ``lr_factor``. Slowly turning directions (flat ones) come to the full lr, oscillating ones (the
+    ones a delay destabilizes) keep ``f`` (``experiments/delay_stability.py``)."""
+    if not (c > 0 and 0 < beta_slow < 1):
+        raise ValueError(f"two_timescale_lr: needs stale_lr_scale > 0 and 0 < beta_slow < 1, got {c}, {beta_slow}")
+    before: dict = {}
+    slow: dict = {}
+
+    def pre(opt, args, kwargs):
+        for group in opt.param_groups:
+            if group[FIRST_STEP]:
+                for p in group["params"]:
+                    before[p] = p.detach().clone()
+
+    def post(opt, args, kwargs):
+        with torch.no_grad():
+            for group in opt.param_groups:
+                f = lr_factor(group[FIRST_STEP], c)
+                for p in group["params"] if group[FIRST_STEP] else ():
+                    w0 = before.pop(p)
+                    u = p - w0
+                    if not u.any():
+                        continue  # no gradient yet: the module does not move
+                    s = slow.setdefault(p, torch.zeros_like(p))
+                    s.mul_(beta_slow).add_(u, alpha=1 - beta_slow)
+                    p.copy_(w0 + f * u + (1 - f) * s)
+
+    optimizer.register_step_pre_hook(pre)
+    optimizer.register_step_post_hook(post)

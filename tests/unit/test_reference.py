@@ -503,3 +503,25 @@ def test_compensate_is_first_order_towards_the_current_weights():
     assert torch.allclose(p.grad, g + 2.0 * g * g / (v.sqrt() * 0.1) * torch.tensor([0.1, 0.2]))
     with pytest.raises(ValueError, match="compensation_kind"):
         compensate([(p, w_then)], [opt], 1.0, "fisher")
+
+
+def test_two_timescale_lr():
+    """stale_slow_ema (screening): a stale group steps f U + (1 - f) U_slow, U_slow the EMA of the
+    optimizer's own update U; fresh groups step U; the Reference runs it in place of the scaled lr."""
+    from ouroboros_ds.ring.staleness import two_timescale_lr
+    from ouroboros_ds.ring.warmup import FIRST_STEP
+
+    stale, fresh = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([{"params": [stale], FIRST_STEP: 3}, {"params": [fresh], FIRST_STEP: 0}], lr=1.0)
+    two_timescale_lr(opt, 1.0, 0.9)
+    f, slow, w = 1 / (1 + 3), torch.zeros(2), torch.ones(2)
+    for g in (torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.5])):
+        stale.grad, fresh.grad = g.clone(), g.clone()
+        opt.step()
+        slow = 0.9 * slow + 0.1 * -g
+        w = w + f * -g + (1 - f) * slow
+        assert torch.allclose(stale.detach(), w)
+    assert torch.allclose(fresh.detach(), torch.ones(2) - torch.tensor([1.5, -1.5]))
+    G, M, steps = 2, 2, 6
+    ring = dict(weight_prediction=1.0, stale_lr_scale=1.0)
+    assert not _equal(_run(G, M, steps, **ring, stale_slow_ema=0.99), _run(G, M, steps, **ring))
