@@ -25,6 +25,7 @@ PARTITIONS = ("fresh", "balanced", "authors", "budget")
 LOOKAHEAD_AUTO = "auto"
 STALE_LR_AUTO = "auto"
 STALE_LR_AUTO_FROM = 4  # 'auto' scales the lr from this many stages on (docs/parity.md measures G = 2, 3, 4, 8)
+LOOKAHEAD_AUTO_MAX = 5  # 'auto' looks at most this far ahead where the stale lr is scaled (docs/parity.md: G = 4, 8)
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ class RingConfig:
     weights predicted H x delay(k) last updates ahead, in both replay modes; see
     ouroboros_ds/ring/prediction.py LastUpdate and docs/parity.md"""
     lookahead: float | str = LOOKAHEAD_AUTO
-    """staleness mitigation L ('auto': 2G - 1, 3 at G = 2; 0: off, the paper's): module K, the fresh
+    """staleness mitigation L ('auto': 2G - 1, 3 at G = 2, 5 at G = 3, and at most 5 with the
+    delay-scaled lr, 5 at G >= 4 by default; 0: off, the paper's): module K, the fresh
     module, runs each step's losses and backwards at its weights moved L last updates ahead,
     w + L (w - w_before), and steps from its current weights; see ouroboros_ds/ring/prediction.py
     look_ahead"""
@@ -109,8 +111,14 @@ class RingConfig:
     def lookahead_updates(self, stages: int) -> float:
         """The look-ahead horizon for a ring of ``stages`` stages: the number given, or 'auto': one
         update per module of the ring, K = 2G - 1 (module K's error gradients reach modules stale by
-        up to K - 1 steps; docs/parity.md measures 3 at G = 2, and 5 against 3 at G = 3)."""
-        return float(2 * stages - 1) if self.lookahead == LOOKAHEAD_AUTO else float(self.lookahead)
+        up to K - 1 steps; docs/parity.md measures 3 at G = 2, and 5 against 3 at G = 3), at most
+        LOOKAHEAD_AUTO_MAX where the stale modules' lr is scaled down (stale_lr_for > 0): they
+        then move less per step, and at G = 8 a look-ahead of 15 ends 0.05 bits/byte above one of
+        4 to 7 (at G = 4, 4 to 7 are level)."""
+        if self.lookahead != LOOKAHEAD_AUTO:
+            return float(self.lookahead)
+        ring = 2 * stages - 1
+        return float(min(ring, LOOKAHEAD_AUTO_MAX) if self.stale_lr_for(stages) else ring)
 
     def stale_lr_for(self, stages: int) -> float:
         """C of the delay-scaled lr for a ring of ``stages`` stages: the number given, or 'auto': 1
@@ -140,7 +148,8 @@ def _check(c: RingConfig) -> None:
         raise ValueError(f"weight_prediction: must be a number >= 0 (0 turns it off, 1 predicts the weights a "
                          f"delayed gradient is applied to), got {c.weight_prediction!r}")
     if c.lookahead != LOOKAHEAD_AUTO and (not _number(c.lookahead) or c.lookahead < 0):
-        raise ValueError(f"lookahead: must be 'auto' (2G - 1 updates) or a number >= 0 (0 turns it off, L runs the "
+        raise ValueError(f"lookahead: must be 'auto' (2G - 1 updates, at most {LOOKAHEAD_AUTO_MAX} with the delay-scaled "
+                         f"lr) or a number >= 0 (0 turns it off, L runs the "
                          f"fresh module L last updates ahead), got {c.lookahead!r}")
     if isinstance(c.sync_steps, bool) or not isinstance(c.sync_steps, int) or c.sync_steps < 0:
         raise ValueError(f"sync_steps: must be an integer >= 0 (0: none; N: the first N steps are synchronous, "

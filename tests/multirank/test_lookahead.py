@@ -206,4 +206,4 @@ def test_initialize_reads_lookahead_like_weight_prediction(ring_run):
     assert init["baseline, object"] is None  # the ring's default does not reach the 1F1B engine
     assert init["baseline, argument"].startswith("ring / replay_plan: only an OuroborosPipelineModule")
     assert "the paper's update has no staleness mitigation" in init["paper and option"]
-    assert init["bad"].startswith("lookahead: must be 'auto' (2G - 1 updates) or a number >= 0"), init["bad"]
+    assert init["bad"].startswith("lookahead: must be 'auto' (2G - 1 updates, at most 5 with the delay-scaled lr) or a number >= 0"), init["bad"]

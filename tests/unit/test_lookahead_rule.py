@@ -158,7 +158,7 @@ def test_synchronous_limit_and_bad_horizon():
     ref = Reference(model_plan(), 2, ds_config(1, 4), lm_loss, seed=SEED, synchronous=True, ring=paper(lookahead=1.0))
     assert ref.k_update is None
     for bad in (-1, "far", True, None):
-        with pytest.raises(ValueError, match="lookahead: must be 'auto' \\(2G - 1 updates\\) or a number >= 0"):
+        with pytest.raises(ValueError, match="lookahead: must be 'auto' \\(2G - 1 updates, at most 5 with the delay-scaled lr\\) or a number >= 0"):
             Reference(model_plan(), 2, ds_config(1, 4), lm_loss, ring=paper(lookahead=bad))
 
 
@@ -166,6 +166,17 @@ def test_synchronous_limit_and_bad_horizon():
 def test_auto_horizon_is_one_update_per_module_of_the_ring(G):
     assert paper(lookahead="auto").lookahead_updates(G) == 2 * G - 1 == len(range(1, 2 * G))
     assert paper(lookahead=2).lookahead_updates(G) == 2.0 and isinstance(paper(lookahead=2).lookahead_updates(G), float)
+
+
+def test_auto_horizon_is_capped_where_the_stale_lr_is_scaled():
+    from ouroboros_ds.ring.config import LOOKAHEAD_AUTO_MAX, RingConfig
+
+    default = RingConfig()  # the delay-scaled lr from G = 4 on: there the look-ahead stops at 5
+    assert [default.lookahead_updates(G) for G in (1, 2, 3, 4, 8)] == [1.0, 3.0, 5.0, 5.0, 5.0]
+    assert LOOKAHEAD_AUTO_MAX == 5
+    assert RingConfig(stale_lr_scale=0.0).lookahead_updates(8) == 15.0  # unscaled: one per module
+    assert RingConfig(stale_lr_scale=1.0).lookahead_updates(2) == 3.0  # 2G - 1 is under the cap
+    assert RingConfig(stale_lr_scale=1.0, lookahead=9).lookahead_updates(8) == 9.0  # a number is a number
 
 
 def test_auto_is_the_same_update_as_its_number():

@@ -106,7 +106,7 @@ def test_ring_config_checks_name_the_key(section, message):
     (["--paper", "--lookahead", "1"], "--paper: the paper's update has no staleness mitigation; drop "
                                       "--weight-prediction, --lookahead"),
     (["--schedule", "1f1b", "--lookahead", "1"], "--lookahead: only the ouroboros schedule has a ring"),
-    (["--lookahead", "-1"], "--lookahead: must be .auto. \\(2G - 1 updates\\) or a number >= 0"),
+    (["--lookahead", "-1"], "--lookahead: must be .auto. \\(2G - 1 updates, at most 5 with the delay-scaled lr\\) or a number >= 0"),
     (["--schedule", "1f1b", "--weight-prediction", "1"], "--weight-prediction: only the ouroboros schedule"),
     (["--schedule", "1f1b", "--partition", "fresh"], "--partition: only the ouroboros schedule"),
     (["--schedule", "dualpipev", "--replay", "stash"], "--replay: only the ouroboros schedule"),
@@ -129,7 +129,7 @@ def test_a_config_object_sets_lookahead_and_a_flag_beats_it(tmp_path):
     assert ring(["--deepspeed_config", str(path), "--lookahead", "2"]) == (1.0, 2.0, "fresh", False)
     cfg["ouroboros"] = {"lookahead": -1}
     path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="--lookahead: must be 'auto' \\(2G - 1 updates\\) or a number >= 0"):
+    with pytest.raises(ValueError, match="--lookahead: must be 'auto' \\(2G - 1 updates, at most 5 with the delay-scaled lr\\) or a number >= 0"):
         ring(["--deepspeed_config", str(path)])
     cfg["ouroboros"] = {"lookahead": "far"}
     path.write_text(json.dumps(cfg))
