@@ -116,7 +116,7 @@ def look_ahead(last_update: LastUpdate, horizon: float) -> list:
     Module K computes batch t's loss and backward at step t and sends dL/d(input) upstream, where
     module k applies it ``delay(k)`` steps later: by then module K has moved on. With weight
     prediction, module k's own weights are predicted to where they will be; the look-ahead does
-    the same for module K, ``horizon`` last updates ahead (2G - 1 by default, :meth:`ouroboros_ds.ring.config.RingConfig.lookahead_updates`)::
+    the same for module K, ``horizon`` last updates ahead (2G - 1 by default, at most 5 with the delay-scaled lr, :meth:`ouroboros_ds.ring.config.RingConfig.lookahead_updates`)::
 
         w_K <- w_K + horizon (w_K - w_K(t - 1))     in place, for the losses and backwards of step t
         ... module K's forwards, losses, backwards ...
