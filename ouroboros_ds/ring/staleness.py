@@ -19,6 +19,10 @@ DeepSpeed LR schedule owns the groups' ``lr`` (WarmupLR and OneCycle set every g
 absolute value, which would undo a scaled ``lr`` given to the group), its wrappers (ZeRO, bf16)
 step the scaled value, and the engine and :class:`ouroboros_ds.ring.reference.Reference` register
 the same hooks, so they stay equal bit for bit.
+
+The other functions here are alternatives the Reference screens and the engine does not run
+(:func:`stale_momentum`, :func:`compensate`, :func:`two_timescale_lr`, ``delay_scaled_lr``'s
+``cap``): each measured no better (docs/parity.md).
 """
 from __future__ import annotations
 
@@ -106,7 +110,8 @@ def two_timescale_lr(optimizer, c: float, beta_slow: float) -> None:
     ``stale_slow_ema``): a stale group steps ``f U + (1 - f) U_slow``, with ``U`` the optimizer's
     update at the schedule's lr, ``U_slow`` its EMA (``beta_slow``, from 0) and ``f`` the group's
     ``lr_factor``. Slowly turning directions (flat ones) come to the full lr, oscillating ones (the
-    ones a delay destabilizes) keep ``f`` (``experiments/delay_stability.py``)."""
+    ones a delay destabilizes) keep ``f`` (``experiments/delay_stability.py``). Measured worse
+    (docs/parity.md): the full-lr part lets the sharp directions back in."""
     if not (c > 0 and 0 < beta_slow < 1):
         raise ValueError(f"two_timescale_lr: needs stale_lr_scale > 0 and 0 < beta_slow < 1, got {c}, {beta_slow}")
     before: dict = {}
