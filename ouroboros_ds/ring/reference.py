@@ -146,6 +146,8 @@ class Reference:
         self.compensation, self.compensation_kind = float(compensation), compensation_kind
         self.compensated: list = []  # (live parameter, the weights its stale gradient was taken at)
         self.tied_stale_scale = float(tied_stale_scale)
+        # module K's parameters: the tied embedding is the one module 1 shares with it
+        self.module_k_params = {id(p) for p in unique_parameters(self.module_layers[self.K])}
         self.t = 0
         self.stash: dict = {}    # (module, batch, mb) -> input
         self.pending: dict = {}  # (module, batch, mb) -> dL/d(output of module)
@@ -230,9 +232,8 @@ class Reference:
         if not self.synchronous:
             self._replays(range(K - 1, 0, -1))
             if self.tied_stale_scale != 1.0:
-                shared = {id(p) for p in unique_parameters(self.module_layers[K])}
                 for p in unique_parameters(self.module_layers[1]):
-                    if id(p) in shared and p.grad is not None:
+                    if id(p) in self.module_k_params and p.grad is not None:
                         p.grad.mul_(self.tied_stale_scale)
         # 3. module K: forward, loss and backward of batch t
         losses = []
@@ -297,8 +298,8 @@ class Reference:
                     j += 1
                     if (k, b, j) not in self.stash:
                         if self.compensation:
-                            shared = {id(p) for p in unique_parameters(self.module_layers[self.K])}
-                            self.compensated += [(p, c.detach()) for c, p in snap.live if id(p) not in shared]
+                            self.compensated += [(p, c.detach()) for c, p in snap.live
+                                                 if id(p) not in self.module_k_params]
                         del self.weight_stash[(k, b)]
                     continue
                 if x.is_floating_point():
